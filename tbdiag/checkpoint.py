@@ -1,0 +1,306 @@
+"""Open a checkpoint (file, folder, state dict or live module) as an ordered list of lazy named tensors.
+
+Nothing here executes code from a checkpoint: PyTorch files are read with ``torch.load(weights_only=True)``;
+arbitrary unpickling (and TorchScript) happens only when the caller passes ``trust_pickle=True``.
+Safetensors files are opened with lazy ``safe_open`` handles, so a tensor is read only when its
+``TensorRef.load()`` is called.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import struct
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tbdiag.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".th", ".pkl", ".tar")
+# Keys under which training scripts nest the model's weights, most specific first.
+CONTAINER_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "network",
+                  "ema", "model_ema", "state_dict_ema", "ema_state_dict", "params", "weights")
+# Subtrees of a training checkpoint that hold tensors which are not weights (optimizer moments …).
+NON_WEIGHT_KEY = re.compile(r"optim|sched|scaler|grad|momentum|rng", re.IGNORECASE)
+WRAPPER_PREFIX = re.compile(r"^(module\.)+")
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """One named tensor of a checkpoint, not yet read.
+
+    Attributes:
+        name: tensor name after wrapper prefixes (``module.``, ``_orig_mod.``) are stripped.
+        shape: tensor shape.
+        dtype: tensor dtype.
+        load: reads the tensor (a memory-mapped view where the format allows).
+        kind_hint: layer kind from the module type, when the source was a live module.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    load: Callable[[], torch.Tensor] = field(repr=False, compare=False)
+    kind_hint: str | None = None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """What `open_checkpoint` found: the source, its format, and its tensors in checkpoint order."""
+
+    source: str
+    format: str
+    tensors: tuple[TensorRef, ...]
+
+    @property
+    def n_params(self) -> int:
+        """Number of elements over all floating-point tensors."""
+        return sum(_numel(t.shape) for t in self.tensors if t.dtype.is_floating_point)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def clean_name(name: str) -> str:
+    """Strip DataParallel's leading ``module.`` and torch.compile's ``_orig_mod.`` components."""
+    name = WRAPPER_PREFIX.sub("", name)
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def natural_key(name: str) -> list:
+    """Sort key that puts ``layers.2`` before ``layers.10``."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def open_checkpoint(source: Any, *, key: str | None = None, trust_pickle: bool = False) -> Checkpoint:
+    """Open a path, a state dict or an ``nn.Module`` as a `Checkpoint`.
+
+    Args:
+        source: a file or folder path, a mapping of tensors (possibly nested), or a ``torch.nn.Module``.
+        key: dotted path of the entry that holds the weights in a nested checkpoint (e.g. ``ema``);
+            found automatically when omitted.
+        trust_pickle: allow arbitrary unpickling and TorchScript. Only for files from a trusted origin.
+
+    Raises:
+        CheckpointError: the source is missing, unrecognised, corrupt, or needs code to load.
+    """
+    if isinstance(source, torch.nn.Module):
+        return Checkpoint(type(source).__name__, "module", tuple(_module_refs(source)))
+    if isinstance(source, Mapping):
+        return Checkpoint("<state dict>", "state-dict", tuple(_mapping_refs(source, key, "<state dict>")))
+    path = Path(source)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; check the path")
+    if path.is_dir():
+        return _open_folder(path, key, trust_pickle)
+    return _open_file(path, key, trust_pickle)
+
+
+def _open_folder(folder: Path, key: str | None, trust_pickle: bool) -> Checkpoint:
+    for index_name, fmt in (("model.safetensors.index.json", "safetensors-sharded"),
+                            ("pytorch_model.bin.index.json", "torch-sharded")):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index}: not a valid shard index ({exc}); fix or remove it") from exc
+            files = [folder / f for f in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: shard {missing[0]} is missing; download all shards")
+            return _merge(str(folder), fmt, [_open_file(f, key, trust_pickle) for f in files])
+    shards = sorted(folder.glob("*.safetensors"))
+    fmt = "safetensors-folder"
+    if not shards:
+        shards = sorted(folder.glob("pytorch_model*.bin"))
+        fmt = "torch-folder"
+    if not shards:
+        shards = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in TORCH_SUFFIXES)
+        if len(shards) > 1:
+            names = ", ".join(p.name for p in shards[:3])
+            raise CheckpointError(f"{folder}: holds several checkpoints ({names} …); name one file")
+    if not shards:
+        raise CheckpointError(f"{folder}: no checkpoint found (.safetensors, .bin, .pt …); pass a checkpoint file")
+    if len(shards) == 1:
+        return _open_file(shards[0], key, trust_pickle)
+    return _merge(str(folder), fmt, [_open_file(f, key, trust_pickle) for f in shards])
+
+
+def _merge(source: str, fmt: str, parts: list[Checkpoint]) -> Checkpoint:
+    refs = sorted((t for p in parts for t in p.tensors), key=lambda t: natural_key(t.name))
+    return Checkpoint(source, fmt, tuple(refs))
+
+
+def sniff(path: Path) -> str:
+    """Recognise a file by its content: ``safetensors``, ``torch-zip``, ``torchscript`` or ``torch-legacy``."""
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: empty file; re-save or re-download the checkpoint")
+    with path.open("rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile as exc:
+            raise CheckpointError(f"{path}: truncated or corrupt zip archive; re-save or re-download it") from exc
+        if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
+            return "torchscript"
+        if any(n.endswith("data.pkl") for n in names):
+            return "torch-zip"
+        raise CheckpointError(f"{path}: a zip archive but not a PyTorch checkpoint; pass a checkpoint file")
+    if head[:1] == b"\x80":
+        return "torch-legacy"
+    if len(head) == 9 and head[8:9] == b"{":
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 8 + header_len > size:
+            raise CheckpointError(f"{path}: truncated safetensors file (header says {header_len} bytes, file has "
+                                  f"{size}); re-download it")
+        return "safetensors"
+    raise CheckpointError(f"{path}: not a checkpoint (no safetensors header, zip or pickle signature); "
+                          "pass a .safetensors, .pt or .bin file")
+
+
+def _open_file(path: Path, key: str | None, trust_pickle: bool) -> Checkpoint:
+    fmt = sniff(path)
+    if fmt == "safetensors":
+        return Checkpoint(str(path), fmt, tuple(_safetensors_refs(path)))
+    if fmt == "torchscript":
+        if not trust_pickle:
+            raise CheckpointError(f"{path}: a TorchScript archive, which loads by running its code; re-run with "
+                                  "--trust-pickle if you trust its origin, or save model.state_dict() instead")
+        module = torch.jit.load(str(path), map_location="cpu")
+        refs = _mapping_refs(dict(module.state_dict()), key, str(path))
+        return Checkpoint(str(path), fmt, tuple(refs))
+    obj = _torch_load(path, mmap=fmt == "torch-zip", trust_pickle=trust_pickle)
+    return Checkpoint(str(path), fmt, tuple(_mapping_refs(obj, key, str(path))))
+
+
+def _torch_load(path: Path, *, mmap: bool, trust_pickle: bool) -> Any:
+    try:
+        if trust_pickle:
+            log.warning("%s: loading with full unpickling (--trust-pickle)", path)
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)  # explicit trust opt-in
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # torch raises many types for a bad file; all mean the same to the user
+        text = str(exc)
+        if "Weights only load failed" in text:
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(f"{path}: unpickling it would run code{what}; re-run with --trust-pickle only if "
+                                  "you trust its origin, or re-save it as a plain state dict") from exc
+        first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line[:120]}); "
+                              "re-save or re-download it") from exc
+
+
+def _safetensors_refs(path: Path) -> list[TensorRef]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+        keys = list(handle.keys())
+        slices = {k: handle.get_slice(k) for k in keys}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: corrupt safetensors file ({exc}); re-save or re-download it") from exc
+    refs = []
+    for k in sorted(keys, key=natural_key):
+        sl = slices[k]
+        dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
+        if dtype is None:
+            log.info("%s: skipping %s of unsupported dtype %s", path, k, sl.get_dtype())
+            continue
+        refs.append(TensorRef(clean_name(k), tuple(sl.get_shape()), dtype,
+                              load=lambda k=k: handle.get_tensor(k)))
+    return refs
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def select_state_dict(obj: Any, key: str | None, where: str) -> Mapping:
+    """Find the mapping that holds a checkpoint's weights.
+
+    Descends through container keys (``state_dict``, ``model``, ``module`` …) or ``key`` when given,
+    and converts a pickled ``nn.Module`` to its state dict.
+    """
+    if key:
+        for part in key.split("."):
+            if not isinstance(obj, Mapping) or part not in obj:
+                raise CheckpointError(f"{where}: no entry '{key}' in the checkpoint; check --key")
+            obj = obj[part]
+    while True:
+        if isinstance(obj, torch.nn.Module):
+            obj = obj.state_dict()
+        if not isinstance(obj, Mapping):
+            raise CheckpointError(f"{where}: holds a {type(obj).__name__}, not a state dict; "
+                                  "pass a checkpoint of named tensors")
+        if all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return obj
+        inner = next((obj[k] for k in CONTAINER_KEYS if k in obj and _holds_tensor(obj[k])), None)
+        if inner is None:
+            return obj
+        obj = inner
+
+
+def _holds_tensor(obj: Any) -> bool:
+    if isinstance(obj, (torch.Tensor, torch.nn.Module)):
+        return True
+    return isinstance(obj, Mapping) and any(_holds_tensor(v) for v in obj.values())
+
+
+def _flatten(obj: Mapping, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
+    out = []
+    for k, v in obj.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, torch.Tensor):
+            out.append((name, v))
+        elif isinstance(v, Mapping) and not NON_WEIGHT_KEY.search(str(k)) and "param_groups" not in v:
+            out.extend(_flatten(v, name + "."))
+    return out
+
+
+def _mapping_refs(obj: Any, key: str | None, where: str) -> list[TensorRef]:
+    state = select_state_dict(obj, key, where)
+    refs, seen = [], set()
+    for name, t in _flatten(state):
+        name = clean_name(name)
+        if name in seen:
+            log.warning("%s: tensor %s appears twice; keeping the first", where, name)
+            continue
+        seen.add(name)
+        refs.append(TensorRef(name, tuple(t.shape), t.dtype, load=lambda t=t: t))
+    return refs
+
+
+def _module_refs(module: torch.nn.Module) -> list[TensorRef]:
+    from tbdiag.layers import kind_of_module
+
+    refs, seen = [], set()
+    for mname, mod in module.named_modules():
+        hint = kind_of_module(mod)
+        for pname, p in mod.named_parameters(recurse=False):
+            if id(p) in seen:  # a tied weight (e.g. embedding and LM head) is analysed once
+                continue
+            seen.add(id(p))
+            name = clean_name(f"{mname}.{pname}" if mname else pname)
+            refs.append(TensorRef(name, tuple(p.shape), p.dtype, load=lambda p=p: p.detach(),
+                                  kind_hint=hint if pname.startswith("weight") or pname.endswith("_weight") else None))
+    return refs

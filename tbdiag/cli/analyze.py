@@ -1,0 +1,75 @@
+"""``tbdiag analyze``: every layer's ESD and power-law alpha, as a table, JSON and CSV."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tbdiag.cli.common import err_console, out_console, user_errors, write_output
+
+FIT, LAYERS, INPUT, COMPUTE, OUTPUT = "Power-law fit", "Layers", "Input", "Compute", "Output"
+
+
+def analyze_command(
+    paths: Annotated[list[Path], typer.Argument(help="Checkpoint files or folders (safetensors, HF folders, .pt/.bin/.ckpt …).", show_default=False)],
+    fit: Annotated[str, typer.Option(help="Estimator: median (reference default), ks or peak.", rich_help_panel=FIT)] = "median",
+    xmin_pos: Annotated[float, typer.Option(help="median: xmin is the eigenvalue at index ⌊N / xmin_pos⌋.", rich_help_panel=FIT)] = 2.0,
+    conv_norm: Annotated[float, typer.Option(help="Scale of conv kernel slices (eigenvalues × conv_norm).", rich_help_panel=FIT)] = 0.5,
+    min_evals: Annotated[int, typer.Option(help="Layers with fewer eigenvalues are measured, not fitted.", rich_help_panel=FIT)] = 10,
+    peak_bins: Annotated[int, typer.Option(help="peak: histogram bins over log10 eigenvalues.", rich_help_panel=FIT)] = 100,
+    peak_quirk: Annotated[bool, typer.Option("--peak-quirk", help="peak: reproduce the reference implementation's lower bound.", rich_help_panel=FIT)] = False,
+    include: Annotated[Optional[list[str]], typer.Option(help="Only layers matching this glob (repeatable), e.g. 'layer3.*'.", rich_help_panel=LAYERS)] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Drop layers matching this glob (repeatable).", rich_help_panel=LAYERS)] = None,
+    embeddings: Annotated[bool, typer.Option("--embeddings", help="Analyse embedding matrices too.", rich_help_panel=LAYERS)] = False,
+    key: Annotated[Optional[str], typer.Option(help="Entry of a nested checkpoint holding the weights, e.g. 'ema'.", rich_help_panel=INPUT)] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow full unpickling and TorchScript: runs code from the file; trusted files only.", rich_help_panel=INPUT)] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=COMPUTE)] = "auto",
+    precision: Annotated[str, typer.Option(help="Eigensolver precision: float64 or float32.", rich_help_panel=COMPUTE)] = "float64",
+    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the analysis JSON here ('-' for stdout).", rich_help_panel=OUTPUT)] = None,
+    csv_out: Annotated[Optional[str], typer.Option("--csv", help="Write one CSV row per layer here ('-' for stdout).", rich_help_panel=OUTPUT)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table.", rich_help_panel=OUTPUT)] = False,
+) -> None:
+    """Fit the power-law exponent alpha of every layer's eigenvalue spectrum."""
+    from tbdiag.analysis import AnalyzeOptions, analyze
+    from tbdiag.errors import TbdiagError
+    from tbdiag.export import to_csv, to_json
+
+    with user_errors():
+        if json_out == "-" and csv_out == "-":
+            raise TbdiagError("--json - and --csv -: only one of them can go to stdout; write the other to a file")
+        options = AnalyzeOptions(fit=fit, xmin_pos=xmin_pos, conv_norm=conv_norm, min_evals=min_evals,
+                                 include=tuple(include or ()), exclude=tuple(exclude or ()),
+                                 include_embeddings=embeddings, device=device, precision=precision,
+                                 peak_bins=peak_bins, peak_lower_bound_quirk=peak_quirk, key=key,
+                                 trust_pickle=trust_pickle)
+        analyses = [_analyze_with_progress(analyze, str(p), options) for p in paths]
+        # Everything is computed before anything is written: a failure leaves no partial output.
+        if json_out:
+            write_output(json_out, to_json(analyses))
+        if csv_out:
+            write_output(csv_out, to_csv(analyses))
+        if not quiet:
+            console = err_console if "-" in (json_out, csv_out) else out_console
+            from tbdiag.cli.render import analysis_table, summary_text
+
+            for a in analyses:
+                console.print(analysis_table(a))
+                console.print(summary_text(a))
+
+
+def _analyze_with_progress(analyze, path: str, options):  # noqa: ANN001, ANN202 - thin CLI glue
+    if not sys.stderr.isatty():
+        return analyze(path, options)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task(Path(path).name, total=None)
+
+        def step(spec, index: int, total: int) -> None:  # noqa: ANN001
+            bar.update(task, completed=index + 1, total=total, description=f"{Path(path).name}: {spec.name}")
+
+        return analyze(path, options, progress=step)

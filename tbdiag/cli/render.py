@@ -1,0 +1,59 @@
+"""Rich tables of analyses for the terminal."""
+
+from __future__ import annotations
+
+import math
+
+from rich.table import Table
+from rich.text import Text
+
+from tbdiag.analysis import Analysis
+from tbdiag.metrics import OVER_TRAINED_BELOW, UNDER_TRAINED_ABOVE
+
+
+def fmt(x: float, digits: int = 3) -> str:
+    """A number for a table cell: ``-`` for nan, scientific for very large or small values."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+        return f"{x:.{digits - 1}e}"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def _alpha_cell(alpha: float) -> Text:
+    style = "red" if alpha < OVER_TRAINED_BELOW else "yellow" if alpha > UNDER_TRAINED_ABOVE else ""
+    return Text(fmt(alpha), style=style)
+
+
+def analysis_table(a: Analysis) -> Table:
+    """One row per layer, in model order."""
+    title = f"{a.source}  ({a.format}, {a.n_params:,} weights, fit={a.options.fit})"
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for col in ("layer", "kind", "shape", "#eigs", "alpha", "±err", "D", "n_tail", "λ_max", "alpha_w",
+                "stable_rank", "status"):
+        table.add_column(col, justify="left" if col in ("layer", "kind", "shape", "status") else "right",
+                         no_wrap=col == "layer")
+    for r in a.layers:
+        status = r.status if not r.warning else f"{r.status} ({r.warning})"
+        table.add_row(r.name, r.kind, "×".join(map(str, r.shape)), str(r.n_evals), _alpha_cell(r.alpha),
+                      fmt(r.alpha_err), fmt(r.D), str(r.n_tail or "-"), fmt(r.lambda_max), fmt(r.alpha_weighted),
+                      fmt(r.stable_rank, 1), status)
+    return table
+
+
+def summary_text(a: Analysis) -> Text:
+    """Summary lines under the table: alpha statistics and the layers HT-SR flags."""
+    s = a.summary
+    text = Text()
+    text.append(f"{s['n_fitted']}/{s['n_layers']} layers fitted · mean alpha {fmt(s['alpha_mean'])} · "
+                f"median alpha {fmt(s['alpha_median'])} · mean weighted alpha {fmt(s['alpha_weighted_mean'])}\n")
+    for key, label, style in (("over_trained", f"possibly over-trained (alpha < {OVER_TRAINED_BELOW:g})", "red"),
+                              ("under_trained", f"possibly under-trained (alpha > {UNDER_TRAINED_ABOVE:g})", "yellow")):
+        names = s[key]
+        shown = ", ".join(names[:8]) + (f" … (+{len(names) - 8})" if len(names) > 8 else "")
+        text.append(f"{label}: {len(names)}", style=style if names else "")
+        text.append(f"  {shown}\n" if names else "\n")
+    skipped = s.get("skipped", {})
+    if skipped.get("embedding"):
+        text.append(f"{skipped['embedding']} embedding matrices not analysed (--embeddings to include)\n")
+    return text

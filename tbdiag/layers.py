@@ -1,0 +1,130 @@
+"""Which tensors of a checkpoint are layers, what kind they are, and how to see them as matrices.
+
+A live module decides the kind by type; a file decides it from the tensor's name and shape:
+2-D weights are Linear (or Embedding, by name), 3-D Conv1d, 4-D Conv2d, 5-D Conv3d, and
+``weight_ih_l*``/``weight_hh_l*`` recurrent gate matrices. Norms, biases, 1-D/scalar and integer
+tensors are not layers.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tbdiag.checkpoint import Checkpoint, TensorRef
+
+CONV_KINDS = {3: "conv1d", 4: "conv2d", 5: "conv3d"}
+EMBEDDING_PARTS = {"emb", "wte", "wpe", "shared"}
+KIND_NDIM = {"linear": 2, "embedding": 2, "rnn": 2, "conv1d": 3, "conv2d": 4, "conv3d": 5}
+RNN_WEIGHT = re.compile(r"^weight_(ih|hh)_l\d+(_reverse)?$")
+NOT_A_MATRIX = ("weight_scale", "weight_scale_inv", "weight_g")  # quantisation scales, weight-norm gain
+
+
+def kind_of_module(mod: nn.Module) -> str | None:
+    """Layer kind of a module's ``weight`` by its type, or None for modules whose weight is no layer."""
+    if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding"
+    if isinstance(mod, (nn.Conv1d, nn.ConvTranspose1d)):
+        return "conv1d"
+    if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)):
+        return "conv2d"
+    if isinstance(mod, (nn.Conv3d, nn.ConvTranspose3d)):
+        return "conv3d"
+    if isinstance(mod, nn.RNNBase):
+        return "rnn"
+    if isinstance(mod, (nn.Linear, nn.Bilinear, nn.MultiheadAttention)):
+        return "linear"
+    return None
+
+
+def layer_name(tensor_name: str) -> str:
+    """Layer name of a weight tensor: its name without a trailing ``.weight``."""
+    return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else tensor_name
+
+
+def kind_from_name(name: str, shape: tuple[int, ...]) -> str | None:
+    """Guess a weight tensor's layer kind from its name and shape (no module at hand)."""
+    last = name.rsplit(".", 1)[-1]
+    if last in NOT_A_MATRIX or not (last == "weight" or last.startswith("weight_") or last.endswith("_weight")):
+        return None
+    if RNN_WEIGHT.match(last) and len(shape) == 2:
+        return "rnn"
+    if len(shape) == 2:
+        parts = name.lower().split(".")[:-1]
+        is_embedding = any("embed" in p or p in EMBEDDING_PARTS for p in parts)
+        return "embedding" if is_embedding else "linear"
+    return CONV_KINDS.get(len(shape))
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A layer planned for analysis: known from the header alone, before any data is read."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    ref: TensorRef = field(repr=False, compare=False)
+
+    @property
+    def n_matrices(self) -> int:
+        """Number of matrices the weight is sliced into (kernel positions for convolutions)."""
+        k = 1
+        for s in self.shape[2:]:
+            k *= s
+        return k
+
+    @property
+    def n_evals(self) -> int:
+        """Number of eigenvalues of the pooled ESD."""
+        return self.n_matrices * min(self.shape[0], self.shape[1])
+
+    @property
+    def cost(self) -> float:
+        """Relative eigensolver cost, proportional to k·m·n·min(m, n)."""
+        m, n = self.shape[0], self.shape[1]
+        return float(self.n_matrices) * m * n * min(m, n)
+
+
+def plan_layers(checkpoint: Checkpoint, *, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+                include_embeddings: bool = False) -> tuple[list[LayerSpec], dict[str, int]]:
+    """Pick the layers of a checkpoint, in checkpoint order.
+
+    Args:
+        checkpoint: the opened checkpoint.
+        include: glob patterns on layer names; when given, only matching layers are kept.
+        exclude: glob patterns on layer names to drop.
+        include_embeddings: analyse embedding matrices too.
+
+    Returns:
+        The layers, and counts of what was left out (``embedding``, ``excluded``).
+    """
+    layers, skipped = [], {"embedding": 0, "excluded": 0}
+    for ref in checkpoint.tensors:
+        if not ref.dtype.is_floating_point or len(ref.shape) < 2 or min(ref.shape) == 0:
+            continue
+        kind = ref.kind_hint or kind_from_name(ref.name, ref.shape)
+        if kind is None:
+            continue
+        if len(ref.shape) != KIND_NDIM[kind]:
+            continue  # e.g. a Bilinear's 3-D weight: no matrix view we know of
+        name = layer_name(ref.name)
+        if kind == "embedding" and not include_embeddings:
+            skipped["embedding"] += 1
+            continue
+        if (include and not any(fnmatch.fnmatchcase(name, p) for p in include)) or \
+                any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            skipped["excluded"] += 1
+            continue
+        layers.append(LayerSpec(name, kind, ref.shape, ref))
+    return layers, skipped
+
+
+def as_matrices(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """View a weight as a stack of matrices: ``(k, out, in)``, one per kernel position for convolutions."""
+    if kind in CONV_KINDS.values():
+        return weight.flatten(2).permute(2, 0, 1)  # (out, in, *kernel) -> (k, out, in)
+    return weight.unsqueeze(0)  # (1, out, in)

@@ -1,0 +1,1 @@
+"""Training with TempBalance: models, data sets, the loop, checkpoints and baselines."""

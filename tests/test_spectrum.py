@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from tbdiag.errors import TbdiagError
+from tbdiag.layers import as_matrices
+from tbdiag.spectrum import eigenvalues, eigenvalues_svd, resolve_device
+
+
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300), (64, 64), (64, 32, 3, 3), (48, 16, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_gram_eigvalsh_matches_float64_svdvals(shape, dtype):
+    torch.manual_seed(0)
+    w = torch.randn(shape).to(dtype)
+    kind = {2: "linear", 3: "conv1d", 4: "conv2d"}[len(shape)]
+    mats = as_matrices(w, kind)
+    ev = eigenvalues(mats)
+    ref = eigenvalues_svd(mats.double())
+    assert ev.shape == ref.shape and ev.dtype == torch.float64
+    upper = slice(len(ref) // 2, None)
+    assert torch.allclose(ev[upper], ref[upper], rtol=1e-6, atol=0)
+    assert bool((ev[1:] >= ev[:-1]).all())
+
+
+def test_conv_slices_pool_kernel_positions():
+    w = torch.randn(64, 64, 3, 3)
+    mats = as_matrices(w, "conv2d")
+    assert mats.shape == (9, 64, 64)
+    assert torch.equal(mats[4], w[:, :, 1, 1])
+    assert len(eigenvalues(mats)) == 576
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(TbdiagError, match="not a device"):
+        resolve_device("gpu0")
+    with pytest.raises(TbdiagError, match="only cpu and cuda"):
+        resolve_device("meta")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_requested_without_gpu_is_a_clear_error():
+    with pytest.raises(TbdiagError, match="no CUDA GPU"):
+        resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_eigenvalues_match_cpu(dtype):
+    torch.manual_seed(0)
+    mats = torch.randn(9, 256, 128)
+    cpu = eigenvalues(mats)
+    gpu = eigenvalues(mats, "cuda", dtype).cpu().double()
+    upper = slice(len(cpu) // 2, None)
+    assert torch.allclose(gpu[upper], cpu[upper], rtol=1e-6 if dtype == torch.float64 else 1e-4)
