@@ -95,16 +95,56 @@ def fit_median(evals: torch.Tensor, xmin_pos: float = 2.0) -> PowerLawFit:
     return _fit_at(evals, float(alpha), i, float(D))
 
 
+def ks_bounds(evals: torch.Tensor, alphas: torch.Tensor, idx: torch.Tensor,
+              points: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower and upper bounds of D(i) for the candidates ``idx``, from ``points`` positions of each tail.
+
+    The gap between model and empirical CDF is evaluated at ``points`` evenly spread positions of each
+    candidate's tail (its first and last included); its maximum there is a lower bound of D(i). Both CDFs
+    rise monotonically, so between two evaluated positions p < q every gap lies within
+    [cdf(p) − emp(q), cdf(q) − emp(p)]: the largest of those ends is an upper bound.
+    """
+    n_total = len(evals)
+    log_ev = evals.log()  # (N,)
+    n = (n_total - idx).to(evals.dtype)  # (c,) tail sizes
+    frac = torch.linspace(0, 1, points, device=evals.device, dtype=evals.dtype)  # (p,)
+    k = (frac[None, :] * (n[:, None] - 1)).floor()  # (c, p) positions inside each tail
+    j = idx[:, None] + k.long()  # (c, p) eigenvalue indices
+    cdf = 1 - torch.exp((1 - alphas[idx, None]) * (log_ev[j] - log_ev[idx, None]))  # (c, p)
+    emp = k / n[:, None]  # (c, p)
+    lower = (cdf - emp).abs().amax(dim=1)  # (c,)
+    rise = (cdf[:, 1:] - emp[:, :-1]).amax(dim=1)  # (c,)
+    fall = (emp[:, 1:] - cdf[:, :-1]).amax(dim=1)  # (c,)
+    return lower, torch.maximum(lower, torch.maximum(rise, fall))
+
+
+def ks_argmin(evals: torch.Tensor, alphas: torch.Tensor, idx: torch.Tensor,
+              levels: tuple[int, ...] = (32, 256)) -> tuple[int, float]:
+    """The candidate of smallest D (the first one on ties) and its D, as a full scan would find them.
+
+    Bounds from a few points of every tail discard each candidate whose lower bound exceeds the best
+    upper bound; only the survivors get the exact O(n) scan. The result is exact, not an approximation.
+    """
+    best_upper = math.inf
+    for points in levels:
+        if len(idx) <= 32 or points >= len(evals) // 2:
+            break
+        lower, upper = ks_bounds(evals, alphas, idx, points)
+        best_upper = min(best_upper, float(upper.min()))
+        idx = idx[lower <= best_upper + 1e-9]  # keeps ties and absorbs rounding
+    D = ks_distances(evals, alphas, idx)  # (survivors,)
+    best = int(torch.argmin(D))
+    return int(idx[best]), float(D[best])
+
+
 def fit_over(evals: torch.Tensor, candidates: torch.Tensor) -> PowerLawFit:
     """Hill estimate at the candidate xmin (indices into ``evals``) with the smallest KS distance."""
     alphas = hill_alphas(evals)  # (N,)
     candidates = candidates[torch.isfinite(alphas[candidates]) & (alphas[candidates] > 1)]
     if len(candidates) == 0:
         return failed_fit("degenerate")
-    D = ks_distances(evals, alphas, candidates)  # (c,)
-    best = int(torch.argmin(D))
-    i = int(candidates[best])
-    return _fit_at(evals, float(alphas[i]), i, float(D[best]))
+    i, D = ks_argmin(evals, alphas, candidates)
+    return _fit_at(evals, float(alphas[i]), i, D)
 
 
 def fit_ks(evals: torch.Tensor) -> PowerLawFit:

@@ -84,3 +84,33 @@ def test_degenerate_inputs_give_nan_and_status(fit):
     assert constant.status == "degenerate" and math.isnan(constant.alpha)
     single = fit(torch.ones(1, dtype=torch.float64))
     assert single.status == "too_few_evals" and math.isnan(single.D)
+
+
+def brute_force_ks(ev: torch.Tensor, candidates: torch.Tensor) -> tuple[int, float]:
+    alphas = hill_alphas(ev)
+    candidates = candidates[torch.isfinite(alphas[candidates]) & (alphas[candidates] > 1)]
+    D = ks_distances(ev, alphas, candidates)
+    best = int(torch.argmin(D))
+    return int(candidates[best]), float(D[best])
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_pruned_ks_search_is_exact(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = [300, 1000, 2500][seed % 3]
+    kind = seed % 4
+    if kind == 0:  # Marchenko–Pastur bulk
+        w = torch.randn(n, n // 2, generator=g, dtype=torch.float64)
+        ev = torch.linalg.svdvals(w).square().sort().values
+    elif kind == 1:  # pure power law
+        ev = pareto(2.0 + seed / 5, n, seed)
+    elif kind == 2:  # bulk plus a heavy tail
+        ev = torch.cat([torch.rand(n, generator=g, dtype=torch.float64) + 0.5, pareto(2.5, n // 5, seed) * 2]).sort().values
+    else:  # many repeated values (ties)
+        ev = torch.randint(1, 40, (n,), generator=g).to(torch.float64).sort().values
+    from tbdiag.powerlaw import ks_argmin
+
+    alphas = hill_alphas(ev)
+    cand = torch.arange(len(ev) - 1)
+    cand = cand[torch.isfinite(alphas[cand]) & (alphas[cand] > 1)]
+    assert ks_argmin(ev, alphas, cand) == brute_force_ks(ev, torch.arange(len(ev) - 1))
