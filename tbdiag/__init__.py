@@ -17,6 +17,7 @@ _EXPORTS = {
     "PowerLawFit": "tbdiag.powerlaw",
     "open_checkpoint": "tbdiag.checkpoint",
     "TbdiagError": "tbdiag.errors",
+    "TempBalance": "tbdiag.tempbalance",
 }
 
 __all__ = ["__version__", *_EXPORTS]

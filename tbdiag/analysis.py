@@ -123,7 +123,6 @@ def analyze(source: Any, options: AnalyzeOptions | None = None, *, progress: Pro
     """
     options = dataclasses.replace(options or AnalyzeOptions(), **overrides)
     device = resolve_device(options.device)
-    dtype = PRECISIONS[options.precision]
     t0 = time.perf_counter()
     ckpt = open_checkpoint(source, key=options.key, trust_pickle=options.trust_pickle)
     specs, skipped = plan_layers(ckpt, include=options.include, exclude=options.exclude,
@@ -132,21 +131,28 @@ def analyze(source: Any, options: AnalyzeOptions | None = None, *, progress: Pro
         hint = "loosen --include/--exclude" if skipped["excluded"] else "pass a model checkpoint"
         raise TbdiagError(f"{ckpt.source}: no layers to analyse (no Linear/Conv weights found); {hint}")
     log.info("%s: %s, %d layers", ckpt.source, ckpt.format, len(specs))
-    rows, t_eig = [], 0.0
+    rows = measure_layers(specs, options, device=device, progress=progress)
+    total = time.perf_counter() - t0
+    summary = dict(summarize(rows), skipped=skipped)
+    timing = {"total_s": total, "device": str(device)}
+    return Analysis(ckpt.source, ckpt.format, ckpt.n_params, options, tuple(rows), summary, timing)
+
+
+def measure_layers(specs: list[LayerSpec], options: AnalyzeOptions, *, device: torch.device | None = None,
+                   progress: Progress | None = None) -> list[LayerResult]:
+    """Eigenvalues, fit and metrics of each planned layer, reading one weight tensor at a time."""
+    device = device or resolve_device(options.device)
+    dtype = PRECISIONS[options.precision]
+    rows = []
     for index, spec in enumerate(specs):
-        t1 = time.perf_counter()
-        weight = spec.ref.load()  # one tensor in memory at a time
+        weight = spec.ref.load()
         evals = eigenvalues(as_matrices(weight, spec.kind), device, dtype)  # (n_evals,)
         del weight
         if spec.kind in CONV_KINDS.values():
             evals = evals * options.conv_norm
-        t_eig += time.perf_counter() - t1
         zero_rtol = min(spec.shape[0], spec.shape[1]) * torch.finfo(dtype).eps
         rows.append(layer_result(spec.name, spec.kind, spec.shape, evals, fit=options.fit,
                                  fit_kwargs=options.fit_kwargs(), min_evals=options.min_evals, zero_rtol=zero_rtol))
         if progress is not None:
             progress(spec, index, len(specs))
-    total = time.perf_counter() - t0
-    summary = dict(summarize(rows), skipped=skipped)
-    timing = {"total_s": total, "read_and_spectrum_s": t_eig, "device": str(device)}
-    return Analysis(ckpt.source, ckpt.format, ckpt.n_params, options, tuple(rows), summary, timing)
+    return rows
