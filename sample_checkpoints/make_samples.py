@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from tbdiag.checkpoint import order_metadata
 from tbdiag.train.idx import load_mnist
 from tbdiag.train.models import MLP, SmallCNN
 
@@ -63,12 +64,14 @@ def main() -> None:
     yt = torch.tensor(yte, dtype=torch.long)
 
     cnn = SmallCNN()
-    save_file({k: v.contiguous() for k, v in cnn.state_dict().items()}, HERE / "cnn_untrained.safetensors")
+    order = order_metadata(list(cnn.state_dict()))  # safetensors sorts tensors; keep the model order
+    save_file({k: v.contiguous() for k, v in cnn.state_dict().items()}, HERE / "cnn_untrained.safetensors",
+              metadata=order)
     opt = train(cnn, x, y, epochs=2, lr=0.05)
     acc = accuracy(cnn, xt, yt)
     print(f"cnn test accuracy {acc:.4f}")
     save_file({k: v.contiguous() for k, v in cnn.state_dict().items()}, HERE / "cnn_trained.safetensors",
-              metadata={"test_accuracy": f"{acc:.4f}"})
+              metadata={"test_accuracy": f"{acc:.4f}", **order})
     wrapped = {f"module.{k}": v for k, v in cnn.state_dict().items()}
     torch.save({"epoch": 2, "model": wrapped, "optimizer": opt.state_dict(), "best_acc": acc},
                HERE / "cnn_training_ckpt.pt")

@@ -140,7 +140,10 @@ def _open_folder(folder: Path, key: str | None, trust_pickle: bool) -> Checkpoin
 
 
 def _merge(source: str, fmt: str, parts: list[Checkpoint]) -> Checkpoint:
-    refs = sorted((t for p in parts for t in p.tensors), key=lambda t: natural_key(t.name))
+    if all(p.format == "safetensors" for p in parts):
+        refs = sorted((t for p in parts for t in p.tensors), key=lambda t: natural_key(t.name))
+    else:  # state dicts keep model order within each shard; shards are in order
+        refs = [t for p in parts for t in p.tensors]
     return Checkpoint(source, fmt, tuple(refs))
 
 
@@ -217,7 +220,7 @@ def _safetensors_refs(path: Path) -> list[TensorRef]:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: corrupt safetensors file ({exc}); re-save or re-download it") from exc
     refs = []
-    for k in sorted(keys, key=natural_key):
+    for k in sorted(keys, key=_order_key(handle.metadata())):
         sl = slices[k]
         dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
         if dtype is None:
@@ -226,6 +229,22 @@ def _safetensors_refs(path: Path) -> list[TensorRef]:
         refs.append(TensorRef(clean_name(k), tuple(sl.get_shape()), dtype,
                               load=lambda k=k: handle.get_tensor(k)))
     return refs
+
+
+ORDER_METADATA = "tbdiag_order"  # safetensors metadata: JSON list of tensor names in model order
+
+
+def order_metadata(names: list[str]) -> dict[str, str]:
+    """Safetensors metadata recording model order (safetensors itself stores tensors sorted by dtype)."""
+    return {ORDER_METADATA: json.dumps(list(names))}
+
+
+def _order_key(metadata: dict | None) -> Callable[[str], tuple]:
+    try:
+        order = {n: i for i, n in enumerate(json.loads((metadata or {})[ORDER_METADATA]))}
+    except (KeyError, ValueError, TypeError):
+        order = {}
+    return lambda name: (order.get(name, len(order)), natural_key(name))
 
 
 _SAFETENSORS_DTYPES = {

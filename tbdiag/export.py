@@ -8,7 +8,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,10 @@ from tbdiag.metrics import LayerResult
 CSV_COLUMNS = ["source", *LayerResult.__dataclass_fields__]
 
 
-def atomic_write(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: never a half-written file.
+def atomic_save(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never a half-written file.
 
     Raises:
         TbdiagError: the folder does not exist or is not writable.
@@ -33,15 +35,20 @@ def atomic_write(path: str | Path, text: str) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as exc:
         raise TbdiagError(f"{path}: cannot write in {folder} ({exc.strerror}); choose another path") from exc
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see `atomic_save`)."""
+    atomic_save(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
 
 
 def jsonable(obj: Any) -> Any:

@@ -9,10 +9,14 @@ import typer
 
 from tbdiag import __version__
 from tbdiag.cli.analyze import analyze_command
+from tbdiag.cli.recommend import recommend_command
+from tbdiag.cli.train import train_command
 
 app = typer.Typer(name="tbdiag", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Per-layer heavy-tailed spectral diagnostics (HT-SR alpha) and TempBalance training.")
 app.command("analyze", no_args_is_help=True)(analyze_command)
+app.command("recommend", no_args_is_help=True)(recommend_command)
+app.command("train", no_args_is_help=True)(train_command)
 
 
 def _version(value: bool) -> None:

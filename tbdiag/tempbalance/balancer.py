@@ -28,7 +28,7 @@ from tbdiag.analysis import AnalyzeOptions, measure_layers
 from tbdiag.distributed import assign_by_cost, gather_items, world
 from tbdiag.errors import TbdiagError
 from tbdiag.tempbalance.groups import DEFAULT_GROUP, param_groups, select_layers
-from tbdiag.tempbalance.maps import multipliers
+from tbdiag.tempbalance.maps import multipliers, unit_multipliers
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ class TempBalance:
         min_ratio: smallest multiplier of the ``linear``/``step``/``sigmoid`` maps.
         max_ratio: largest multiplier.
         metric: ``alpha`` (default), ``alpha_weighted`` or ``spectral_norm``.
-        every: rebalance on every ``every``-th call of `step` (an epoch or a number of steps: your choice).
+        every: rebalance on every ``every``-th call of `step` (an epoch or a number of steps: your choice);
+            0 keeps the initial multipliers.
         unit: ``layer`` or ``block`` (one multiplier per transformer block, from its layers' mean metric).
         exclude_first_last: keep the first and last Conv/Linear at the global rate.
         min_evals: keep layers with fewer eigenvalues at the global rate.
@@ -67,8 +68,8 @@ class TempBalance:
             raise TbdiagError(f"metric {metric}: use one of {', '.join(METRICS)}")
         if unit not in ("layer", "block"):
             raise TbdiagError(f"unit {unit}: use layer or block")
-        if every < 1:
-            raise TbdiagError(f"every {every}: must be at least 1")
+        if every < 0:
+            raise TbdiagError(f"every {every}: must be 0 (never rebalance) or more")
         multipliers([], map, min_ratio, max_ratio)  # validates map and ratios
         self.map, self.min_ratio, self.max_ratio, self.metric, self.every = map, min_ratio, max_ratio, metric, every
         self.options = AnalyzeOptions(fit=fit, device=device, min_evals=2)
@@ -117,20 +118,17 @@ class TempBalance:
     def balance(self) -> dict[str, float]:
         """Refit every tuned layer now and set each group's ``lr_scale``; returns the multipliers."""
         self.values = self.measure()
-        per_unit: dict[str, list[float]] = {}
-        for t in self.layers:
-            per_unit.setdefault(t.unit, []).append(self.values[t.name])
-        units = list(per_unit)
-        means = [_finite_mean(v) for v in per_unit.values()]
-        for unit, m in zip(units, multipliers(means, self.map, self.min_ratio, self.max_ratio)):
+        result = unit_multipliers([t.unit for t in self.layers], [self.values[t.name] for t in self.layers],
+                                  self.map, self.min_ratio, self.max_ratio)
+        for unit, m in result.items():
             self._by_name[unit]["lr_scale"] = m
-        log.info("TempBalance: %d groups rebalanced (%s)", len(units), self.metric)
-        return {u: self._by_name[u]["lr_scale"] for u in units}
+        log.info("TempBalance: %d groups rebalanced (%s)", len(result), self.metric)
+        return result
 
     def step(self) -> None:
-        """Count one call; rebalance on every ``every``-th."""
+        """Count one call; rebalance on every ``every``-th (never when ``every`` is 0)."""
         self.calls += 1
-        if self.calls % self.every == 0:
+        if self.every and self.calls % self.every == 0:
             self.balance()
 
     def set_multipliers(self, mapping: Mapping[str, float]) -> None:
@@ -158,11 +156,6 @@ class TempBalance:
         self.values = dict(state["values"])
         for name, m in state["multipliers"].items():
             self._by_name[name]["lr_scale"] = float(m)
-
-
-def _finite_mean(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else math.nan
 
 
 def _scale_lrs(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

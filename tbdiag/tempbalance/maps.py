@@ -81,3 +81,16 @@ def multipliers(values: Sequence[float], map_name: str = "linear", min_ratio: fl
         for i, m in zip(finite, MAPS[map_name]([float(values[i]) for i in finite], min_ratio, max_ratio)):
             out[i] = m
     return out
+
+
+def unit_multipliers(units: Sequence[str], values: Sequence[float], map_name: str = "linear",
+                     min_ratio: float = 0.5, max_ratio: float = 1.5) -> dict[str, float]:
+    """Multipliers per unit (layer or block) from per-layer values: each unit maps its finite mean."""
+    per_unit: dict[str, list[float]] = {}
+    for unit, v in zip(units, values):
+        per_unit.setdefault(unit, []).append(v)
+    means = []
+    for vals in per_unit.values():
+        finite = [v for v in vals if math.isfinite(v)]
+        means.append(sum(finite) / len(finite) if finite else math.nan)
+    return dict(zip(per_unit, multipliers(means, map_name, min_ratio, max_ratio)))

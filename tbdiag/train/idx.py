@@ -29,6 +29,8 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
         raise TbdiagError(f"{path}: not an IDX file (bad magic number); pass MNIST-format files")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise TbdiagError(f"{path}: truncated IDX header; re-download it")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     dtype = np.dtype(IDX_DTYPES[data[2]])
     count = int(np.prod(dims))

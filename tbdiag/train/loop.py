@@ -1,0 +1,246 @@
+"""The training loop: CAL, TempBalance, SNR, TB+SNR and SGDR; resumable; DistributedDataParallel under torchrun.
+
+Determinism: the model is initialised from ``seed``; each epoch's shuffle and augmentation come from a
+generator seeded by (seed, epoch); so a run resumed from its last checkpoint repeats exactly what an
+uninterrupted run does (on CPU).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tbdiag.checkpoint import open_checkpoint
+from tbdiag.distributed import world
+from tbdiag.errors import TbdiagError
+from tbdiag.spectrum import resolve_device
+from tbdiag.tempbalance import TempBalance
+from tbdiag.tempbalance.recommend import load_multipliers
+from tbdiag.train.data import Dataset, load_dataset
+from tbdiag.train.models import MODELS
+from tbdiag.train.run import TrainConfig, load_last, save_best, save_checkpoint, write_metrics
+from tbdiag.train.schedules import cosine, warm_restarts
+from tbdiag.train.snr import SpectralNormRegularizer
+
+log = logging.getLogger(__name__)
+
+METHODS = ("cal", "tb", "snr", "tb+snr", "sgdr")
+OnBatch = Callable[[int, int, int], None]  # (epoch, batch index, number of batches)
+
+
+def check_config(config: TrainConfig) -> None:
+    """Fail early on names that do not exist."""
+    if config.model not in MODELS:
+        raise TbdiagError(f"--model {config.model}: unknown model; use one of {', '.join(MODELS)}")
+    if config.method not in METHODS:
+        raise TbdiagError(f"--method {config.method}: unknown method; use one of {', '.join(METHODS)}")
+    if config.epochs < 1 or config.batch_size < 1:
+        raise TbdiagError("--epochs and --batch-size must be at least 1")
+
+
+def build_model(config: TrainConfig, data: Dataset) -> nn.Module:
+    """The model for the data's image shape and classes, initialised from the seed."""
+    c, h, w = data.shape
+    torch.manual_seed(config.seed)
+    if config.model == "mlp":
+        return MODELS["mlp"](in_features=c * h * w, num_classes=data.num_classes, width=config.width)
+    if config.model.startswith("vgg") and (h, w) != (32, 32):
+        raise TbdiagError(f"--model {config.model}: needs 32×32 images, {config.data} has {h}×{w}; use resnet18, cnn or mlp")
+    return MODELS[config.model](in_channels=c, num_classes=data.num_classes, width=config.width)
+
+
+def load_init(model: nn.Module, path: str) -> None:
+    """Copy weights from any checkpoint ``analyze`` reads; names must match exactly."""
+    refs = {t.name: t for t in open_checkpoint(path).tensors}
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(refs)), sorted(set(refs) - set(own))
+    if missing or unexpected:
+        raise TbdiagError(f"--init-from {path}: names do not match the model (missing: {', '.join(missing[:3]) or '-'}; "
+                          f"unexpected: {', '.join(unexpected[:3]) or '-'}); use a checkpoint of the same --model/--width")
+    for name, tensor in own.items():
+        if tuple(refs[name].shape) != tuple(tensor.shape):
+            raise TbdiagError(f"--init-from {path}: {name} has shape {refs[name].shape}, the model {tuple(tensor.shape)}")
+        tensor.copy_(refs[name].load())
+
+
+def augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Random 32×32 crop of the 4-pixel zero-padded image and random horizontal flip."""
+    b, _, h, w = x.shape  # (B, C, H, W)
+    padded = nn.functional.pad(x, (4, 4, 4, 4))  # (B, C, H+8, W+8)
+    oy, ox = torch.randint(0, 9, (b,), generator=g), torch.randint(0, 9, (b,), generator=g)
+    rows = (oy[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
+    cols = (ox[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
+    out = padded.permute(0, 2, 3, 1)[torch.arange(b)[:, None, None], rows, cols].permute(0, 3, 1, 2)  # (B, C, H, W)
+    flip = torch.rand(b, generator=g) < 0.5
+    out[flip] = out[flip].flip(3)
+    return out
+
+
+def weight_digest(model: nn.Module) -> str:
+    """SHA-256 of every parameter's bytes, for comparing ranks."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def setup_distributed(device: torch.device) -> None:
+    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def train(config: TrainConfig, out: Path, *, device: str = "auto", resume: bool = False,
+          on_batch: OnBatch | None = None, on_start: Callable[[], None] | None = None) -> list[dict]:
+    """Train (or continue) the run in ``out``; returns the per-epoch records.
+
+    ``on_start`` runs on rank 0 once everything is validated and built, before the first epoch (the CLI
+    creates the run folder there, so a bad configuration leaves nothing behind).
+
+    Raises:
+        TbdiagError: bad configuration, data, initial checkpoint or multipliers (before any training).
+    """
+    check_config(config)
+    dev = resolve_device(device)
+    setup_distributed(dev)
+    rank, size = world()
+    if dev.type == "cuda" and size > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    shape = (1, 28, 28) if config.model in ("mlp", "cnn") else (3, 32, 32)
+    data = load_dataset(config.data, config.data_dir, image_shape=shape, synthetic_size=config.synthetic_size,
+                        seed=config.seed)
+    model = build_model(config, data)
+    if config.init_from:
+        load_init(model, config.init_from)
+    model.to(dev)
+    lr0 = config.resolved_lr()
+    tb = None
+    sgd = dict(lr=lr0, momentum=config.momentum, weight_decay=config.weight_decay)
+    initial = load_multipliers(config.multipliers) if config.multipliers else None
+    if config.method in ("tb", "tb+snr") or initial is not None:
+        lo, hi = config.ratios()
+        tb = TempBalance(model, lambda groups: torch.optim.SGD(groups, **sgd), map=config.tb_map, min_ratio=lo,
+                         max_ratio=hi, metric=config.tb_metric, fit=config.tb_fit, device=str(dev), initial=initial,
+                         every=config.tb_every if config.method in ("tb", "tb+snr") else 0)
+        optimizer = tb.optimizer
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), **sgd)
+    if config.method == "sgdr":
+        factor = lambda e: warm_restarts(e, config.sgdr_period, config.sgdr_mult)  # noqa: E731
+    else:
+        factor = lambda e: cosine(e, config.epochs)  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    snr = SpectralNormRegularizer(model, config.snr_strength, config.seed) if "snr" in config.method else None
+    history: list[dict] = []
+    start = 0
+    last = load_last(out) if resume else None
+    if last is not None:
+        start, weights, state = last
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if tb is not None:
+            tb.load_state_dict(state["tempbalance"])
+        if snr is not None:
+            snr.load_state_dict(state["snr"])
+        torch.set_rng_state(state["rng"])
+        history = list(json.loads(state["history"]))
+        log.info("resuming %s after epoch %d", out, start)
+    net = nn.parallel.DistributedDataParallel(model) if size > 1 else model
+    x_train, y_train = data.x_train, data.y_train
+    if config.train_subset:
+        x_train, y_train = x_train[:config.train_subset], y_train[:config.train_subset]
+    mean = x_train.float().mean(dim=(0, 2, 3), keepdim=True)[0] / 255  # (C, 1, 1)
+    std = x_train.float().std(dim=(0, 2, 3), keepdim=True)[0] / 255
+    norm = lambda x: ((x.float() / 255 - mean) / std).to(dev)  # noqa: E731
+    best = max((r["test_acc"] for r in history), default=-1.0)
+    if on_start is not None and rank == 0:
+        on_start()
+    for epoch in range(start, config.epochs):
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(x_train), generator=g)[rank::size]
+        base_lr = optimizer.param_groups[0]["lr"]
+        layer_lrs = {t.name: base_lr * tb.multipliers[t.unit] for t in tb.layers} if tb is not None else {}
+        alphas = dict(tb.values) if tb is not None else {}
+        net.train()
+        sums = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        n_batches = (len(order) + config.batch_size - 1) // config.batch_size
+        for b in range(n_batches):
+            idx = order[b * config.batch_size:(b + 1) * config.batch_size]
+            x = x_train[idx]
+            if data.augment:
+                x = augment(x, g)
+            x, y = norm(x), y_train[idx].to(dev)
+            logits = net(x)
+            loss = nn.functional.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if snr is not None:
+                snr.apply()
+            optimizer.step()
+            sums += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+            if on_batch is not None:
+                on_batch(epoch, b, n_batches)
+        if size > 1:
+            dist.all_reduce(sums)
+        scheduler.step()
+        t_tb = time.perf_counter()
+        if tb is not None:
+            tb.step()
+        t_tb = time.perf_counter() - t_tb
+        test_loss, test_acc = evaluate(model, data, norm, dev)
+        record = {"epoch": epoch + 1, "train_loss": sums[0].item() / sums[2].item(), "train_acc": sums[1].item() / sums[2].item(),
+                  "test_loss": test_loss, "test_acc": test_acc, "lr": base_lr,
+                  "layers": {n: {"alpha": alphas.get(n), "lr": lr} for n, lr in layer_lrs.items()},
+                  "time_s": time.perf_counter() - t0, "tempbalance_s": t_tb}
+        history.append(record)
+        log.info("epoch %d/%d: train loss %.4f acc %.4f, test loss %.4f acc %.4f, lr %.4g", epoch + 1, config.epochs,
+                 record["train_loss"], record["train_acc"], test_loss, test_acc, base_lr)
+        if rank == 0:
+            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "tempbalance": tb.state_dict() if tb is not None else None,
+                     "snr": snr.state_dict() if snr is not None else None, "rng": torch.get_rng_state(),
+                     "history": json.dumps(history)}
+            save_checkpoint(out, epoch + 1, weights, state)
+            write_metrics(out, history)
+            if test_acc > best:
+                best = test_acc
+                save_best(out, weights, record)
+    if size > 1:
+        report_ranks(model, tb, out, rank, size)
+    return history
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, norm: Callable, dev: torch.device) -> tuple[float, float]:
+    """Test loss and accuracy over the whole test set."""
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(data.x_test), 1000):
+        logits = model(norm(data.x_test[i:i + 1000]))
+        y = data.y_test[i:i + 1000].to(dev)
+        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    return loss / len(data.x_test), correct / len(data.x_test)
+
+
+def report_ranks(model: nn.Module, tb: TempBalance | None, out: Path, rank: int, size: int) -> None:
+    """Rank 0 writes every rank's weight digest and multipliers to ``ranks.json`` (they must agree)."""
+    mine = {"rank": rank, "weights_sha256": weight_digest(model), "multipliers": tb.multipliers if tb else {}}
+    parts: list = [None] * size
+    dist.all_gather_object(parts, mine)
+    if rank == 0:
+        from tbdiag.export import atomic_write
+
+        atomic_write(out / "ranks.json", json.dumps(parts, indent=1) + "\n")

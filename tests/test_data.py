@@ -1,0 +1,100 @@
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from tbdiag.errors import TbdiagError
+from tbdiag.train.data import load_dataset
+
+
+def write_idx(path, array, gz):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_mnist_idx(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    suffix = ".gz" if gz else ""
+    write_idx(tmp_path / f"train-images-idx3-ubyte{suffix}", rng.integers(0, 255, (20, 28, 28)), gz)
+    write_idx(tmp_path / f"train-labels-idx1-ubyte{suffix}", rng.integers(0, 10, 20), gz)
+    write_idx(tmp_path / f"t10k-images-idx3-ubyte{suffix}", rng.integers(0, 255, (8, 28, 28)), gz)
+    write_idx(tmp_path / f"t10k-labels-idx1-ubyte{suffix}", np.arange(8) % 10, gz)
+    d = load_dataset("mnist", tmp_path)
+    assert d.x_train.shape == (20, 1, 28, 28) and d.x_test.dtype == torch.uint8 and not d.augment
+    assert d.y_test.tolist() == list(range(8))
+
+
+def fake_cifar_python(folder, classes):
+    rng = np.random.default_rng(1)
+    key = b"labels" if classes == 10 else b"fine_labels"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if classes == 10 else ["train"]
+    for name in [*names, "test_batch" if classes == 10 else "test"]:
+        doc = {b"data": rng.integers(0, 255, (6, 3072)).astype(np.uint8), key: list(rng.integers(0, classes, 6))}
+        with open(folder / name, "wb") as f:
+            pickle.dump(doc, f, protocol=2)
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_cifar_python_batches(tmp_path, classes):
+    fake_cifar_python(tmp_path, classes)
+    d = load_dataset(f"cifar{classes}", tmp_path)
+    assert d.x_train.shape == ((30 if classes == 10 else 6), 3, 32, 32) and d.augment
+
+
+def test_cifar_pickle_with_code_is_refused(tmp_path):
+    fake_cifar_python(tmp_path, 10)
+    with open(tmp_path / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((1, 3072), np.uint8), "labels": [0], "x": pytest.approx}, f)
+    with pytest.raises(TbdiagError, match="refusing to load"):
+        load_dataset("cifar10", tmp_path)
+
+
+def test_cifar100_binary(tmp_path):
+    rng = np.random.default_rng(2)
+    for name, n in (("train.bin", 7), ("test.bin", 3)):
+        rec = np.concatenate([rng.integers(0, 20, (n, 1)), rng.integers(0, 100, (n, 1)),
+                              rng.integers(0, 255, (n, 3072))], axis=1).astype(np.uint8)
+        rec.tofile(tmp_path / name)
+    d = load_dataset("cifar100", tmp_path)
+    assert d.x_train.shape == (7, 3, 32, 32) and len(d.y_test) == 3
+
+
+def test_npz_and_image_folder(tmp_path):
+    rng = np.random.default_rng(3)
+    np.savez(tmp_path / "d.npz", x_train=rng.random((10, 32, 32, 3)), y_train=np.arange(10) % 2,
+             x_test=rng.random((4, 32, 32, 3)), y_test=np.arange(4) % 2)
+    d = load_dataset("npz", tmp_path / "d.npz")
+    assert d.x_train.shape == (10, 3, 32, 32) and d.x_train.dtype == torch.uint8 and d.num_classes == 2
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            (tmp_path / "imgs" / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)).save(tmp_path / "imgs" / split / cls / f"{i}.png")
+    d = load_dataset("folder", tmp_path / "imgs")
+    assert d.x_train.shape == (4, 3, 32, 32) and d.y_train.tolist() == [0, 0, 1, 1]
+
+
+def test_bad_data(tmp_path):
+    with pytest.raises(TbdiagError, match="unknown data set"):
+        load_dataset("imagenet", tmp_path)
+    with pytest.raises(TbdiagError, match="no such file"):
+        load_dataset("mnist", tmp_path / "missing")
+    with pytest.raises(TbdiagError, match="no train-images"):
+        load_dataset("mnist", tmp_path)
+    with pytest.raises(TbdiagError, match="no CIFAR-10 files"):
+        load_dataset("cifar10", tmp_path)
+    (tmp_path / "x.npz").write_bytes(b"junk")
+    with pytest.raises(TbdiagError, match="not a readable .npz"):
+        load_dataset("npz", tmp_path / "x.npz")
+    (tmp_path / "m").mkdir()
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / "m" / stem).write_bytes(b"\x00\x00\x08\x03\x00\x00\x00\x09")
+    with pytest.raises(TbdiagError, match="IDX"):
+        load_dataset("mnist", tmp_path / "m")
