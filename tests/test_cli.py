@@ -123,3 +123,24 @@ def test_python_dash_m_and_no_report_imports():
     assert json.loads(proc.stdout)["format"] == "torch-legacy"
     proc = subprocess.run([sys.executable, "-m", "tbdiag", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.startswith("tbdiag ")
+
+
+def test_recommend_table_file_and_errors(tmp_path):
+    out = tmp_path / "m.json"
+    res = run("recommend", SAMPLES / "cnn_trained.safetensors", "--lr", "0.1", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "features.3" in res.stdout and "features.6" in res.stdout and "fc" not in res.stdout.split("features.6")[1]
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "tbdiag.multipliers/v1" and doc["default_multiplier"] == 1.0
+    assert sorted(e["multiplier"] for e in doc["layers"].values()) == pytest.approx([0.5, 1.5])
+    assert all(e["lr"] == pytest.approx(0.1 * e["multiplier"]) for e in doc["layers"].values())
+    res = run("recommend", SAMPLES / "mlp_sharded", "--keep-first-last", "--min-evals", "5", "--map", "sqrt", "--out", "-")
+    assert res.exit_code == 0 and set(json.loads(res.stdout)["layers"]) == {"net.1", "net.3", "net.5"}
+    out.write_text("keep")
+    for args, message in (([SAMPLES / "cnn_trained.safetensors", "--map", "cubic"], "unknown map"),
+                          ([SAMPLES / "cnn_trained.safetensors", "--metric", "loss"], "--metric loss"),
+                          ([SAMPLES / "mlp_sharded", "--min-evals", "500"], "no layer to tune"),
+                          ([tmp_path / "missing.pt"], "no such file")):
+        res = run("recommend", *args, "--out", out)
+        assert res.exit_code == 2 and message in res.stderr, (args, res.stderr)
+        assert out.read_text() == "keep"

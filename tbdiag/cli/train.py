@@ -46,7 +46,7 @@ def train_command(
     """Train a model with TempBalance (or a baseline), writing a resumable run folder."""
     from tbdiag.errors import TbdiagError
     from tbdiag.train.loop import check_config, train
-    from tbdiag.train.run import TrainConfig, read_config, write_config
+    from tbdiag.train.run import TrainConfig, read_config
 
     given = {k: v for k, v in locals().items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     with user_errors():
@@ -70,23 +70,21 @@ def train_command(
             config = TrainConfig(**given)
             check_config(config)
             folder = out
-        history = _train_with_progress(train, config, folder, device, resume is not None, write_config)
+        history = _train_with_progress(train, config, folder, device, resume is not None)
         if history:
             last = history[-1]
             err_console.print(f"done: epoch {last['epoch']}, test accuracy {last['test_acc']:.4f}, run folder {folder}",
                               markup=False)
 
 
-def _train_with_progress(train, config, folder: Path, device: str, resume: bool, write_config):  # noqa: ANN001, ANN202
+def _train_with_progress(train, config, folder: Path, device: str, resume: bool):  # noqa: ANN001, ANN202
     import logging
 
     from tbdiag.distributed import world
 
-    # A new run's folder is created only once everything is validated, just before the first epoch.
-    on_start = None if resume else (lambda: write_config(folder, config))
     logging.getLogger("tbdiag.train.loop").setLevel(logging.INFO)
     if not sys.stderr.isatty():
-        return train(config, folder, device=device, resume=resume, on_start=on_start)
+        return train(config, folder, device=device, resume=resume)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -97,4 +95,4 @@ def _train_with_progress(train, config, folder: Path, device: str, resume: bool,
             if world()[0] == 0:
                 bar.update(task, completed=b + 1, total=n, description=f"epoch {epoch + 1}/{config.epochs}")
 
-        return train(config, folder, device=device, resume=resume, on_batch=step, on_start=on_start)
+        return train(config, folder, device=device, resume=resume, on_batch=step)

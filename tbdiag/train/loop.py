@@ -27,7 +27,7 @@ from tbdiag.tempbalance import TempBalance
 from tbdiag.tempbalance.recommend import load_multipliers
 from tbdiag.train.data import Dataset, load_dataset
 from tbdiag.train.models import MODELS
-from tbdiag.train.run import TrainConfig, load_last, save_best, save_checkpoint, write_metrics
+from tbdiag.train.run import TrainConfig, load_last, save_best, save_checkpoint, write_config, write_metrics
 from tbdiag.train.schedules import cosine, warm_restarts
 from tbdiag.train.snr import SpectralNormRegularizer
 
@@ -100,11 +100,11 @@ def setup_distributed(device: torch.device) -> None:
 
 
 def train(config: TrainConfig, out: Path, *, device: str = "auto", resume: bool = False,
-          on_batch: OnBatch | None = None, on_start: Callable[[], None] | None = None) -> list[dict]:
+          on_batch: OnBatch | None = None) -> list[dict]:
     """Train (or continue) the run in ``out``; returns the per-epoch records.
 
-    ``on_start`` runs on rank 0 once everything is validated and built, before the first epoch (the CLI
-    creates the run folder there, so a bad configuration leaves nothing behind).
+    A new run's folder is created (with its ``config.json``) only once everything is validated and
+    built, just before the first epoch, so a bad configuration leaves nothing behind.
 
     Raises:
         TbdiagError: bad configuration, data, initial checkpoint or multipliers (before any training).
@@ -163,8 +163,8 @@ def train(config: TrainConfig, out: Path, *, device: str = "auto", resume: bool 
     std = x_train.float().std(dim=(0, 2, 3), keepdim=True)[0] / 255
     norm = lambda x: ((x.float() / 255 - mean) / std).to(dev)  # noqa: E731
     best = max((r["test_acc"] for r in history), default=-1.0)
-    if on_start is not None and rank == 0:
-        on_start()
+    if not resume and rank == 0:
+        write_config(out, config)
     for epoch in range(start, config.epochs):
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
