@@ -92,6 +92,7 @@ class Analysis:
     layers: tuple[LayerResult, ...]
     summary: dict
     timing: dict = field(default_factory=dict, compare=False)
+    spectra: dict = field(default_factory=dict, compare=False, repr=False)  # name -> eigenvalues (keep_spectra)
 
     def to_dict(self) -> dict:
         """The ``tbdiag.analysis/v1`` document (non-finite floats still as ``nan``; see `tbdiag.export`)."""
@@ -107,13 +108,15 @@ class Analysis:
 
 
 def analyze(source: Any, options: AnalyzeOptions | None = None, *, progress: Progress | None = None,
-            **overrides: Any) -> Analysis:
+            keep_spectra: bool = False, **overrides: Any) -> Analysis:
     """Analyse every layer of a checkpoint, state dict or module.
 
     Args:
         source: a path (file or folder), a state dict, or an ``nn.Module``.
         options: analysis options; keyword ``overrides`` replace single fields (``fit="ks"``).
         progress: called after each layer.
+        keep_spectra: keep every layer's eigenvalues (float64 numpy arrays) in ``Analysis.spectra``,
+            for plotting; not part of the JSON.
 
     Returns:
         The `Analysis`.
@@ -131,16 +134,20 @@ def analyze(source: Any, options: AnalyzeOptions | None = None, *, progress: Pro
         hint = "loosen --include/--exclude" if skipped["excluded"] else "pass a model checkpoint"
         raise TbdiagError(f"{ckpt.source}: no layers to analyse (no Linear/Conv weights found); {hint}")
     log.info("%s: %s, %d layers", ckpt.source, ckpt.format, len(specs))
-    rows = measure_layers(specs, options, device=device, progress=progress)
+    spectra: dict = {}
+    rows = measure_layers(specs, options, device=device, progress=progress, spectra=spectra if keep_spectra else None)
     total = time.perf_counter() - t0
     summary = dict(summarize(rows), skipped=skipped)
     timing = {"total_s": total, "device": str(device)}
-    return Analysis(ckpt.source, ckpt.format, ckpt.n_params, options, tuple(rows), summary, timing)
+    return Analysis(ckpt.source, ckpt.format, ckpt.n_params, options, tuple(rows), summary, timing, spectra)
 
 
 def measure_layers(specs: list[LayerSpec], options: AnalyzeOptions, *, device: torch.device | None = None,
-                   progress: Progress | None = None) -> list[LayerResult]:
-    """Eigenvalues, fit and metrics of each planned layer, reading one weight tensor at a time."""
+                   progress: Progress | None = None, spectra: dict | None = None) -> list[LayerResult]:
+    """Eigenvalues, fit and metrics of each planned layer, reading one weight tensor at a time.
+
+    When ``spectra`` is a dict, each layer's eigenvalues are stored there (numpy, by layer name).
+    """
     device = device or resolve_device(options.device)
     dtype = PRECISIONS[options.precision]
     rows = []
@@ -150,6 +157,8 @@ def measure_layers(specs: list[LayerSpec], options: AnalyzeOptions, *, device: t
         del weight
         if spec.kind in CONV_KINDS.values():
             evals = evals * options.conv_norm
+        if spectra is not None:
+            spectra[spec.name] = evals.double().cpu().numpy()
         zero_rtol = min(spec.shape[0], spec.shape[1]) * torch.finfo(dtype).eps
         rows.append(layer_result(spec.name, spec.kind, spec.shape, evals, fit=options.fit,
                                  fit_kwargs=options.fit_kwargs(), min_evals=options.min_evals, zero_rtol=zero_rtol))

@@ -36,7 +36,10 @@ def atomic_save(path: str | Path, write: Callable[[Path], None]) -> None:
     except OSError as exc:
         raise TbdiagError(f"{path}: cannot write in {folder} ({exc.strerror}); choose another path") from exc
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -91,3 +94,43 @@ def to_csv(analyses: Sequence[Analysis]) -> str:
             row["shape"] = "x".join(str(s) for s in row["shape"])
             writer.writerow({"source": a.source, **{k: ("" if v is None else v) for k, v in row.items()}})
     return buf.getvalue()
+
+
+def analysis_from_dict(doc: dict, where: str = "<json>") -> Analysis:
+    """Rebuild an `Analysis` from its ``tbdiag.analysis/v1`` document (``null`` becomes ``nan``).
+
+    Raises:
+        TbdiagError: another schema, or a document missing required fields.
+    """
+    from tbdiag.analysis import SCHEMA, AnalyzeOptions
+
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+        raise TbdiagError(f"{where}: schema is {found!r}, not {SCHEMA}; pass a file written by tbdiag analyze --json")
+    try:
+        known = set(AnalyzeOptions.__dataclass_fields__)
+        raw = {k: v for k, v in doc["options"].items() if k in known}
+        raw["include"], raw["exclude"] = tuple(raw.get("include", ())), tuple(raw.get("exclude", ()))
+        rows = []
+        for r in doc["layers"]:
+            values = {k: (math.nan if r.get(k) is None else r[k]) for k in LayerResult.__dataclass_fields__}
+            values.update(name=r["name"], kind=r["kind"], shape=tuple(r["shape"]), n_evals=int(r["n_evals"]),
+                          n_tail=int(r.get("n_tail") or 0), status=r["status"], warning=r.get("warning") or "")
+            rows.append(LayerResult(**values))
+        return Analysis(doc["source"], doc.get("format", "?"), int(doc.get("n_params") or 0), AnalyzeOptions(**raw),
+                        tuple(rows), doc["summary"], doc.get("timing", {}))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TbdiagError(f"{where}: incomplete {SCHEMA} document ({exc!r}); re-create it with tbdiag analyze --json") from None
+
+
+def read_analyses(path: str | Path) -> list[Analysis]:
+    """The analyses of a JSON file written by ``tbdiag analyze --json`` (one object or an array)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TbdiagError(f"{path}: no such file; check the path") from None
+    except (OSError, ValueError) as exc:
+        raise TbdiagError(f"{path}: not a JSON file ({exc}); pass a file written by tbdiag analyze --json") from None
+    docs = doc if isinstance(doc, list) else [doc]
+    return [analysis_from_dict(d, str(path)) for d in docs]

@@ -10,6 +10,7 @@ import typer
 from tbdiag import __version__
 from tbdiag.cli.analyze import analyze_command
 from tbdiag.cli.recommend import recommend_command
+from tbdiag.cli.report import report_command
 from tbdiag.cli.train import train_command
 
 app = typer.Typer(name="tbdiag", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -17,6 +18,7 @@ app = typer.Typer(name="tbdiag", no_args_is_help=True, add_completion=False, pre
 app.command("analyze", no_args_is_help=True)(analyze_command)
 app.command("recommend", no_args_is_help=True)(recommend_command)
 app.command("train", no_args_is_help=True)(train_command)
+app.command("report", no_args_is_help=True)(report_command)
 
 
 def _version(value: bool) -> None:

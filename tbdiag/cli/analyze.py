@@ -30,6 +30,7 @@ def analyze_command(
     precision: Annotated[str, typer.Option(help="Eigensolver precision: float64 or float32.", rich_help_panel=COMPUTE)] = "float64",
     json_out: Annotated[Optional[str], typer.Option("--json", help="Write the analysis JSON here ('-' for stdout).", rich_help_panel=OUTPUT)] = None,
     csv_out: Annotated[Optional[str], typer.Option("--csv", help="Write one CSV row per layer here ('-' for stdout).", rich_help_panel=OUTPUT)] = None,
+    html: Annotated[Optional[str], typer.Option("--html", help="Write an HTML report here (a comparison for several paths).", rich_help_panel=OUTPUT)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table.", rich_help_panel=OUTPUT)] = False,
 ) -> None:
     """Fit the power-law exponent alpha of every layer's eigenvalue spectrum."""
@@ -45,8 +46,15 @@ def analyze_command(
                                  include_embeddings=embeddings, device=device, precision=precision,
                                  peak_bins=peak_bins, peak_lower_bound_quirk=peak_quirk, key=key,
                                  trust_pickle=trust_pickle)
-        analyses = [_analyze_with_progress(analyze, str(p), options) for p in paths]
+        analyses = [_analyze_with_progress(analyze, str(p), options, keep_spectra=html is not None) for p in paths]
         # Everything is computed before anything is written: a failure leaves no partial output.
+        if html:
+            from tbdiag.export import atomic_write
+            from tbdiag.report.render import checkpoint_report, comparison_report
+
+            page = checkpoint_report(analyses[0]) if len(analyses) == 1 else \
+                comparison_report([(Path(a.source).name, a) for a in analyses])
+            atomic_write(html, page)
         if json_out:
             write_output(json_out, to_json(analyses))
         if csv_out:
@@ -60,9 +68,9 @@ def analyze_command(
                 console.print(summary_text(a))
 
 
-def _analyze_with_progress(analyze, path: str, options):  # noqa: ANN001, ANN202 - thin CLI glue
+def _analyze_with_progress(analyze, path: str, options, keep_spectra: bool):  # noqa: ANN001, ANN202 - CLI glue
     if not sys.stderr.isatty():
-        return analyze(path, options)
+        return analyze(path, options, keep_spectra=keep_spectra)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -72,4 +80,4 @@ def _analyze_with_progress(analyze, path: str, options):  # noqa: ANN001, ANN202
         def step(spec, index: int, total: int) -> None:  # noqa: ANN001
             bar.update(task, completed=index + 1, total=total, description=f"{Path(path).name}: {spec.name}")
 
-        return analyze(path, options, progress=step)
+        return analyze(path, options, progress=step, keep_spectra=keep_spectra)

@@ -22,6 +22,7 @@ def train_command(
     init_from: Annotated[Optional[str], typer.Option(help="Start from the weights of this checkpoint (names must match).", rich_help_panel=RUN)] = None,
     multipliers: Annotated[Optional[str], typer.Option(help="Start with these TempBalance multipliers (tbdiag recommend --out).", rich_help_panel=RUN)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN)] = "auto",
+    report: Annotated[Optional[Path], typer.Option(help="Rewrite this HTML run report after every epoch.", rich_help_panel=RUN)] = None,
     data: Annotated[Optional[str], typer.Option(help="cifar10, cifar100, mnist, svhn, folder, npz or synthetic.", rich_help_panel=DATA)] = None,
     data_dir: Annotated[Optional[str], typer.Option(help="Folder (or .npz file) with the data set's files.", rich_help_panel=DATA)] = None,
     synthetic_size: Annotated[Optional[int], typer.Option(help="Training images of --data synthetic.", rich_help_panel=DATA)] = None,
@@ -70,21 +71,23 @@ def train_command(
             config = TrainConfig(**given)
             check_config(config)
             folder = out
-        history = _train_with_progress(train, config, folder, device, resume is not None)
+        if report is not None and not report.parent.is_dir():
+            raise TbdiagError(f"--report {report}: folder {report.parent} does not exist; create it first")
+        history = _train_with_progress(train, config, folder, device, resume is not None, report)
         if history:
             last = history[-1]
             err_console.print(f"done: epoch {last['epoch']}, test accuracy {last['test_acc']:.4f}, run folder {folder}",
                               markup=False)
 
 
-def _train_with_progress(train, config, folder: Path, device: str, resume: bool):  # noqa: ANN001, ANN202
+def _train_with_progress(train, config, folder: Path, device: str, resume: bool, report):  # noqa: ANN001, ANN202
     import logging
 
     from tbdiag.distributed import world
 
     logging.getLogger("tbdiag.train.loop").setLevel(logging.INFO)
     if not sys.stderr.isatty():
-        return train(config, folder, device=device, resume=resume)
+        return train(config, folder, device=device, resume=resume, report=report)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -95,4 +98,4 @@ def _train_with_progress(train, config, folder: Path, device: str, resume: bool)
             if world()[0] == 0:
                 bar.update(task, completed=b + 1, total=n, description=f"epoch {epoch + 1}/{config.epochs}")
 
-        return train(config, folder, device=device, resume=resume, on_batch=step)
+        return train(config, folder, device=device, resume=resume, on_batch=step, report=report)

@@ -100,8 +100,10 @@ def setup_distributed(device: torch.device) -> None:
 
 
 def train(config: TrainConfig, out: Path, *, device: str = "auto", resume: bool = False,
-          on_batch: OnBatch | None = None) -> list[dict]:
+          on_batch: OnBatch | None = None, report: Path | None = None) -> list[dict]:
     """Train (or continue) the run in ``out``; returns the per-epoch records.
+
+    With ``report``, rank 0 rewrites that HTML run report (atomically) after every epoch.
 
     A new run's folder is created (with its ``config.json``) only once everything is validated and
     built, just before the first epoch, so a bad configuration leaves nothing behind.
@@ -217,6 +219,13 @@ def train(config: TrainConfig, out: Path, *, device: str = "auto", resume: bool 
             if test_acc > best:
                 best = test_acc
                 save_best(out, weights, record)
+            if report is not None:
+                from tbdiag.report.render import write_report
+
+                t_report = time.perf_counter()
+                write_report([str(out)], report)
+                log.info("report %s rewritten in %.2f s (epoch took %.2f s)", report, time.perf_counter() - t_report,
+                         record["time_s"])
     if size > 1:
         report_ranks(model, tb, out, rank, size)
     return history

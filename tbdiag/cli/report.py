@@ -1,0 +1,23 @@
+"""``tbdiag report``: one self-contained HTML file from checkpoints, saved analyses or training runs."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tbdiag.cli.common import err_console, user_errors
+
+
+def report_command(
+    inputs: Annotated[list[str], typer.Argument(help="Analysis JSON files, checkpoints, or training run folders.", show_default=False)],
+    out: Annotated[str, typer.Option("--out", "-o", help="The HTML file to write.")],
+    fit: Annotated[str, typer.Option(help="Estimator for checkpoints analysed here: median, ks or peak.")] = "median",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (checkpoints analysed here).")] = "auto",
+) -> None:
+    """Write an HTML report: one checkpoint, a comparison of several (a trajectory), or training runs."""
+    from tbdiag.report.render import write_report
+
+    with user_errors():
+        kind = write_report(inputs, out, fit=fit, device=device)
+        err_console.print(f"wrote {kind} report {out}", markup=False)
