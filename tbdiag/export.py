@@ -123,14 +123,18 @@ def analysis_from_dict(doc: dict, where: str = "<json>") -> Analysis:
         raise TbdiagError(f"{where}: incomplete {SCHEMA} document ({exc!r}); re-create it with tbdiag analyze --json") from None
 
 
+def read_json(path: str | Path, hint: str) -> Any:
+    """A JSON document, or a one-line `TbdiagError` ending with ``hint`` (what to do)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise TbdiagError(f"{path}: no such file; {hint}") from None
+    except (OSError, ValueError) as exc:
+        raise TbdiagError(f"{path}: not a JSON file ({exc}); {hint}") from None
+
+
 def read_analyses(path: str | Path) -> list[Analysis]:
     """The analyses of a JSON file written by ``tbdiag analyze --json`` (one object or an array)."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TbdiagError(f"{path}: no such file; check the path") from None
-    except (OSError, ValueError) as exc:
-        raise TbdiagError(f"{path}: not a JSON file ({exc}); pass a file written by tbdiag analyze --json") from None
+    doc = read_json(path, "pass a file written by tbdiag analyze --json")
     docs = doc if isinstance(doc, list) else [doc]
     return [analysis_from_dict(d, str(path)) for d in docs]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -65,13 +64,9 @@ def load_multipliers(path: str | Path) -> dict[str, float]:
     Raises:
         TbdiagError: missing file, bad JSON, another schema, or a multiplier that is not a positive number.
     """
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TbdiagError(f"{path}: no such multipliers file; write one with tbdiag recommend --out") from None
-    except (OSError, ValueError) as exc:
-        raise TbdiagError(f"{path}: not a JSON multipliers file ({exc}); write one with tbdiag recommend") from None
+    from tbdiag.export import read_json
+
+    doc = read_json(path, "write a multipliers file with tbdiag recommend --out")
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         raise TbdiagError(f"{path}: schema is {doc.get('schema') if isinstance(doc, dict) else None!r}, "
                           f"not {SCHEMA}; write one with tbdiag recommend --out")
