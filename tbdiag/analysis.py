@@ -17,13 +17,15 @@ from tbdiag.errors import TbdiagError
 from tbdiag.layers import CONV_KINDS, LayerSpec, as_matrices, plan_layers
 from tbdiag.metrics import LayerResult, layer_result, summarize
 from tbdiag.powerlaw import FITS
-from tbdiag.spectrum import eigenvalues, resolve_device
+from tbdiag.distributed import assign_by_cost, gather_items, world
+from tbdiag.spectrum import eigenvalues, farms_windows, resolve_device
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "tbdiag.analysis/v1"
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
-Progress = Callable[[LayerSpec, int, int], None]  # (layer just done, its index, number of layers)
+# (layer just done, its index, number of layers, cost done so far, total cost): bars advance by cost
+Progress = Callable[[LayerSpec, int, int, float, float], None]
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,11 @@ class AnalyzeOptions:
         peak_lower_bound_quirk: reproduce the reference ``peak`` implementation's lower bound.
         key: dotted entry of a nested checkpoint that holds the weights (found automatically when None).
         trust_pickle: allow arbitrary unpickling / TorchScript (trusted files only).
+        split_qkv: analyse fused query/key/value matrices as three parts.
+        estimator: ``full`` (the whole matrix's ESD) or ``farms`` (pooled ESD of fixed-aspect-ratio windows).
+        farms_window: FARMS window rows (0: half the smaller side).
+        farms_per_dim: FARMS windows along each side.
+        farms_ratio: FARMS window columns per row (1: square).
     """
 
     fit: str = "median"
@@ -59,6 +66,11 @@ class AnalyzeOptions:
     peak_lower_bound_quirk: bool = False
     key: str | None = None
     trust_pickle: bool = False
+    split_qkv: bool = False
+    estimator: str = "full"
+    farms_window: int = 0
+    farms_per_dim: int = 4
+    farms_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         if self.fit not in FITS:
@@ -69,6 +81,10 @@ class AnalyzeOptions:
             raise TbdiagError(f"--conv-norm {self.conv_norm}: must be positive (the reference uses 0.5)")
         if self.precision not in PRECISIONS:
             raise TbdiagError(f"--precision {self.precision}: use float64 or float32")
+        if self.estimator not in ("full", "farms"):
+            raise TbdiagError(f"--estimator {self.estimator}: use full or farms")
+        if self.farms_per_dim < 1 or self.farms_ratio <= 0 or self.farms_window < 0:
+            raise TbdiagError("--farms-windows must be ≥ 1, --farms-ratio > 0 and --farms-window ≥ 0")
         if self.min_evals < 2:
             raise TbdiagError(f"--min-evals {self.min_evals}: a fit needs at least 2 eigenvalues")
 
@@ -129,13 +145,13 @@ def analyze(source: Any, options: AnalyzeOptions | None = None, *, progress: Pro
     t0 = time.perf_counter()
     ckpt = open_checkpoint(source, key=options.key, trust_pickle=options.trust_pickle)
     specs, skipped = plan_layers(ckpt, include=options.include, exclude=options.exclude,
-                                 include_embeddings=options.include_embeddings)
+                                 include_embeddings=options.include_embeddings, split_qkv=options.split_qkv)
     if not specs:
         hint = "loosen --include/--exclude" if skipped["excluded"] else "pass a model checkpoint"
         raise TbdiagError(f"{ckpt.source}: no layers to analyse (no Linear/Conv weights found); {hint}")
     log.info("%s: %s, %d layers", ckpt.source, ckpt.format, len(specs))
     spectra: dict = {}
-    rows = measure_layers(specs, options, device=device, progress=progress, spectra=spectra if keep_spectra else None)
+    rows = measure_shared(specs, options, device=device, progress=progress, spectra=spectra if keep_spectra else None)
     total = time.perf_counter() - t0
     summary = dict(summarize(rows), skipped=skipped)
     timing = {"total_s": total, "device": str(device)}
@@ -151,17 +167,50 @@ def measure_layers(specs: list[LayerSpec], options: AnalyzeOptions, *, device: t
     device = device or resolve_device(options.device)
     dtype = PRECISIONS[options.precision]
     rows = []
+    total_cost, done_cost = sum(s.cost for s in specs), 0.0
     for index, spec in enumerate(specs):
-        weight = spec.ref.load()
-        evals = eigenvalues(as_matrices(weight, spec.kind), device, dtype)  # (n_evals,)
-        del weight
+        mats = as_matrices(spec.ref.load(), spec.kind)  # (k, out, in)
+        if options.estimator == "farms":
+            mats = farms_windows(mats, options.farms_window, options.farms_per_dim, options.farms_ratio)
+        evals = eigenvalues(mats, device, dtype)  # (n_evals,)
+        del mats
         if spec.kind in CONV_KINDS.values():
             evals = evals * options.conv_norm
         if spectra is not None:
             spectra[spec.name] = evals.double().cpu().numpy()
-        zero_rtol = min(spec.shape[0], spec.shape[1]) * torch.finfo(dtype).eps
+        zero_rtol = max(spec.shape[0], spec.shape[1]) * torch.finfo(dtype).eps
         rows.append(layer_result(spec.name, spec.kind, spec.shape, evals, fit=options.fit,
                                  fit_kwargs=options.fit_kwargs(), min_evals=options.min_evals, zero_rtol=zero_rtol))
+        done_cost += spec.cost
         if progress is not None:
-            progress(spec, index, len(specs))
+            progress(spec, index, len(specs), done_cost, total_cost)
     return rows
+
+
+def measure_shared(specs: list[LayerSpec], options: AnalyzeOptions, *, device: torch.device | None = None,
+                   progress: Progress | None = None, spectra: dict | None = None) -> list[LayerResult]:
+    """`measure_layers` over the ranks of a torch.distributed group: each rank reads and measures its share
+    (largest cost first), every rank gets all rows, in plan order. One process: plain `measure_layers`.
+
+    Raises:
+        TbdiagError: on every rank, when any rank failed (naming it), instead of leaving the others waiting.
+    """
+    rank, size = world()
+    if size == 1:
+        return measure_layers(specs, options, device=device, progress=progress, spectra=spectra)
+    owners = assign_by_cost([s.cost for s in specs], size)
+    mine = [i for i, o in enumerate(owners) if o == rank]
+    local_spectra: dict | None = {} if spectra is not None else None
+    try:
+        rows = measure_layers([specs[i] for i in mine], options, device=device, progress=progress, spectra=local_spectra)
+        local = {i: (row, (local_spectra or {}).get(row.name)) for i, row in zip(mine, rows)}
+        error = ""
+    except Exception as exc:  # noqa: BLE001 - reported to every rank below, then raised there
+        local, error = {}, f"rank {rank}: {exc}"
+    errors = [e for e in gather_items({-1 - rank: error} if error else {}).values()]
+    if errors:
+        raise TbdiagError(f"distributed analysis failed ({'; '.join(errors)})")
+    merged = gather_items(local)
+    if spectra is not None:
+        spectra.update({merged[i][0].name: merged[i][1] for i in range(len(specs))})
+    return [merged[i][0] for i in range(len(specs))]

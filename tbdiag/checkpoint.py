@@ -43,6 +43,8 @@ class TensorRef:
         dtype: tensor dtype.
         load: reads the tensor (a memory-mapped view where the format allows).
         kind_hint: layer kind from the module type, when the source was a live module.
+        load_slice: reads ``tensor[start:stop]`` along dim 0 without reading the rest, where the format
+            allows (safetensors); otherwise slices what `load` returns.
     """
 
     name: str
@@ -50,6 +52,11 @@ class TensorRef:
     dtype: torch.dtype
     load: Callable[[], torch.Tensor] = field(repr=False, compare=False)
     kind_hint: str | None = None
+    load_rows: Callable[[int, int], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def load_slice(self, start: int, stop: int) -> torch.Tensor:
+        """``tensor[start:stop]`` (dim 0), reading only those rows where the format allows."""
+        return self.load_rows(start, stop) if self.load_rows is not None else self.load()[start:stop]
 
 
 @dataclass(frozen=True)
@@ -226,8 +233,8 @@ def _safetensors_refs(path: Path) -> list[TensorRef]:
         if dtype is None:
             log.info("%s: skipping %s of unsupported dtype %s", path, k, sl.get_dtype())
             continue
-        refs.append(TensorRef(clean_name(k), tuple(sl.get_shape()), dtype,
-                              load=lambda k=k: handle.get_tensor(k)))
+        refs.append(TensorRef(clean_name(k), tuple(sl.get_shape()), dtype, load=lambda k=k: handle.get_tensor(k),
+                              load_rows=lambda a, b, sl=sl: sl[a:b]))
     return refs
 
 
@@ -298,13 +305,18 @@ def _flatten(obj: Mapping, prefix: str = "") -> list[tuple[str, torch.Tensor]]:
 
 def _mapping_refs(obj: Any, key: str | None, where: str) -> list[TensorRef]:
     state = select_state_dict(obj, key, where)
-    refs, seen = [], set()
+    refs, seen, views = [], set(), set()
     for name, t in _flatten(state):
         name = clean_name(name)
         if name in seen:
             log.warning("%s: tensor %s appears twice; keeping the first", where, name)
             continue
         seen.add(name)
+        view = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+        if t.numel() and t.device.type != "meta" and view in views:  # a tied weight (embedding = LM head)
+            log.info("%s: %s shares its storage with an earlier tensor; analysed once", where, name)
+            continue
+        views.add(view)
         refs.append(TensorRef(name, tuple(t.shape), t.dtype, load=lambda t=t: t))
     return refs
 

@@ -16,10 +16,13 @@ import torch
 from torch import nn
 
 from tbdiag.checkpoint import Checkpoint, TensorRef
+from tbdiag.errors import TbdiagError
 
 CONV_KINDS = {3: "conv1d", 4: "conv2d", 5: "conv3d"}
 EMBEDDING_PARTS = {"emb", "wte", "wpe", "shared"}
-KIND_NDIM = {"linear": 2, "embedding": 2, "rnn": 2, "conv1d": 3, "conv2d": 4, "conv3d": 5}
+KIND_NDIM = {"linear": 2, "embedding": 2, "rnn": 2, "conv1d": 3, "conv2d": 4, "conv3d": 5, "moe": 3}
+FUSED_QKV = re.compile(r"(^|[._])(qkv|qkv_proj|c_attn|query_key_value|wqkv|in_proj)($|[._])", re.IGNORECASE)
+FP8 = {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz") if hasattr(torch, n)}
 RNN_WEIGHT = re.compile(r"^weight_(ih|hh)_l\d+(_reverse)?$")
 NOT_A_MATRIX = ("weight_scale", "weight_scale_inv", "weight_g")  # quantisation scales, weight-norm gain
 
@@ -49,6 +52,8 @@ def layer_name(tensor_name: str) -> str:
 def kind_from_name(name: str, shape: tuple[int, ...]) -> str | None:
     """Guess a weight tensor's layer kind from its name and shape (no module at hand)."""
     last = name.rsplit(".", 1)[-1]
+    if len(shape) == 3 and "expert" in name.lower() and last not in NOT_A_MATRIX:
+        return "moe"  # a stack of expert matrices (E, out, in), with or without a .weight suffix
     if last in NOT_A_MATRIX or not (last == "weight" or last.startswith("weight_") or last.endswith("_weight")):
         return None
     if RNN_WEIGHT.match(last) and len(shape) == 2:
@@ -90,7 +95,7 @@ class LayerSpec:
 
 
 def plan_layers(checkpoint: Checkpoint, *, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
-                include_embeddings: bool = False) -> tuple[list[LayerSpec], dict[str, int]]:
+                include_embeddings: bool = False, split_qkv: bool = False) -> tuple[list[LayerSpec], dict[str, int]]:
     """Pick the layers of a checkpoint, in checkpoint order.
 
     Args:
@@ -98,12 +103,22 @@ def plan_layers(checkpoint: Checkpoint, *, include: tuple[str, ...] = (), exclud
         include: glob patterns on layer names; when given, only matching layers are kept.
         exclude: glob patterns on layer names to drop.
         include_embeddings: analyse embedding matrices too.
+        split_qkv: analyse fused query/key/value matrices as three equal parts ``name.q/.k/.v``.
+
+    Mixture-of-experts stacks ``(E, out, in)`` become one layer per expert (``name.0`` …); FP8 weights are
+    dequantised with their ``weight_scale_inv`` (block) or ``weight_scale`` companion.
 
     Returns:
         The layers, and counts of what was left out (``embedding``, ``excluded``).
+
+    Raises:
+        TbdiagError: an FP8 weight whose scale layout is unknown.
     """
     layers, skipped = [], {"embedding": 0, "excluded": 0}
+    by_name = {t.name: t for t in checkpoint.tensors}
     for ref in checkpoint.tensors:
+        if ref.dtype in FP8 and len(ref.shape) == 2:
+            ref = dequantized(ref, by_name, checkpoint.source)
         if not ref.dtype.is_floating_point or len(ref.shape) < 2 or min(ref.shape) == 0:
             continue
         kind = ref.kind_hint or kind_from_name(ref.name, ref.shape)
@@ -119,8 +134,54 @@ def plan_layers(checkpoint: Checkpoint, *, include: tuple[str, ...] = (), exclud
                 any(fnmatch.fnmatchcase(name, p) for p in exclude):
             skipped["excluded"] += 1
             continue
-        layers.append(LayerSpec(name, kind, ref.shape, ref))
+        layers.extend(_expand(LayerSpec(name, kind, ref.shape, ref), split_qkv))
     return layers, skipped
+
+
+def _expand(spec: LayerSpec, split_qkv: bool) -> list[LayerSpec]:
+    """One spec per expert of a MoE stack, or per part of a fused QKV matrix (on request)."""
+    ref = spec.ref
+    if spec.kind == "moe":
+        return [LayerSpec(f"{spec.name}.{e}", "linear", ref.shape[1:],
+                          TensorRef(f"{ref.name}.{e}", ref.shape[1:], ref.dtype, load=lambda e=e: ref.load_slice(e, e + 1)[0]))
+                for e in range(ref.shape[0])]
+    if not (split_qkv and spec.kind == "linear" and FUSED_QKV.search(spec.name.rsplit(".", 1)[-1])):
+        return [spec]
+    m, n = ref.shape
+    if m % 3 == 0:  # (3·d, in): rows
+        part, shape = m // 3, (m // 3, n)
+        loads = [lambda i=i: ref.load_slice(i * part, (i + 1) * part) for i in range(3)]
+    elif n % 3 == 0:  # GPT-2's Conv1D stores (in, 3·d): columns
+        part, shape = n // 3, (m, n // 3)
+        loads = [lambda i=i: ref.load()[:, i * part:(i + 1) * part] for i in range(3)]
+    else:
+        return [spec]
+    return [LayerSpec(f"{spec.name}.{p}", "linear", shape, TensorRef(f"{ref.name}.{p}", shape, ref.dtype, load=load))
+            for p, load in zip("qkv", loads)]
+
+
+def dequantized(ref: TensorRef, by_name: dict[str, TensorRef], where: str) -> TensorRef:
+    """An FP8 weight as float32: × its block scales (``weight_scale_inv``) or its per-tensor/row scale."""
+    block_scale, plain_scale = by_name.get(f"{ref.name}_scale_inv"), by_name.get(f"{ref.name}_scale")
+    if len(ref.shape) != 2 or (block_scale is None and plain_scale is None):
+        raise TbdiagError(f"{where}: {ref.name} is {ref.dtype} without a weight_scale_inv/weight_scale companion; "
+                          "this FP8 layout is unknown: dequantise the checkpoint first, or --exclude the layer")
+    m, n = ref.shape
+    if block_scale is not None:
+        sm, sn = block_scale.shape if len(block_scale.shape) == 2 else (0, 0)
+        bs = -(-m // sm) if sm else 0
+        if not sm or -(-n // bs) != sn:
+            raise TbdiagError(f"{where}: {ref.name}_scale_inv has shape {block_scale.shape}, not a block grid of a "
+                              f"{m}×{n} weight; this FP8 layout is unknown")
+
+        def load() -> torch.Tensor:
+            s = block_scale.load().float().repeat_interleave(bs, 0)[:m].repeat_interleave(bs, 1)[:, :n]  # (m, n)
+            return ref.load().float() * s
+    else:
+        def load() -> torch.Tensor:
+            s = plain_scale.load().float()
+            return ref.load().float() * (s.reshape(-1, 1) if s.numel() == m else s.reshape(()))
+    return TensorRef(ref.name, ref.shape, torch.float32, load=load, kind_hint=ref.kind_hint)
 
 
 def as_matrices(weight: torch.Tensor, kind: str) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 The eigenvalues of WᵀW are the squared singular values of W. They come fastest from ``eigvalsh`` of the
 smaller Gram matrix (WᵀW or WWᵀ, which share their non-zero eigenvalues), batched over the stack;
-``benchmarks/bench_analyze.py`` measures this against ``svdvals``. The Gram matrix is formed in float64 by
-default, which keeps the upper half of the spectrum within 1e-10 relative of float64 ``svdvals``.
+``benchmarks/bench_analyze.py`` measures this against ``svdvals``. The Gram matrix is accumulated in float64
+by default, block by block, which keeps the upper half of the spectrum within 1e-10 relative of float64
+``svdvals`` and memory at the weight's own bytes plus one block and the r×r result.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import torch
 
 from tbdiag.errors import TbdiagError
+
+CHUNK_ELEMENTS = 1 << 24  # entries of one upcast block in `gram` (128 MB in float64)
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -37,12 +40,35 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
+def gram(matrices: torch.Tensor, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
+         chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """The smaller Gram matrix of each matrix of a stack, accumulated over row blocks.
+
+    Only one block (``chunk_elements`` entries) is upcast at a time, so a bf16 matrix of any size needs
+    its own bytes, one float64 block and the r×r result — never a full float64 copy.
+
+    Args:
+        matrices: ``(k, m, n)`` stack, any float dtype, on any device.
+
+    Returns:
+        ``(k, r, r)`` with r = min(m, n): WᵀW when m ≥ n, else WWᵀ.
+    """
+    tall = matrices if matrices.shape[1] >= matrices.shape[2] else matrices.mT  # (k, M, r), M ≥ r
+    k, rows, r = tall.shape
+    step = max(1, chunk_elements // max(1, k * r))
+    out = torch.zeros((k, r, r), device=device, dtype=dtype)
+    for start in range(0, rows, step):
+        block = tall[:, start:start + step].to(device=device, dtype=dtype)  # (k, b, r)
+        out.baddbmm_(block.mT, block)  # (k, r, r) += blockᵀ block
+    return out
+
+
 def eigenvalues(matrices: torch.Tensor, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Pooled, ascending eigenvalues of WᵀW over a stack of matrices.
 
     Args:
-        matrices: ``(k, m, n)`` stack of matrices (any float dtype; upcast here, one stack at a time).
+        matrices: ``(k, m, n)`` stack of matrices (any float dtype; upcast block by block).
         device: where to compute.
         dtype: compute precision of the Gram matrix and the eigensolver.
 
@@ -50,12 +76,36 @@ def eigenvalues(matrices: torch.Tensor, device: torch.device | str = "cpu",
         ``(k·min(m, n),)`` eigenvalues in ascending order, on ``device``, clamped at zero; all ``nan`` when
         the matrices hold a non-finite value (the eigensolver cannot run on them).
     """
-    w = matrices.to(device=device, dtype=dtype)  # (k, m, n)
-    if not bool(torch.isfinite(w).all()):
-        return torch.full((w.shape[0] * min(w.shape[1], w.shape[2]),), torch.nan, device=device, dtype=dtype)
-    gram = w.mT @ w if w.shape[1] >= w.shape[2] else w @ w.mT  # (k, r, r), r = min(m, n)
-    evals = torch.linalg.eigvalsh(gram)  # (k, r)
+    g = gram(matrices, device, dtype)  # (k, r, r)
+    if not bool(torch.isfinite(g).all()):
+        return torch.full((g.shape[0] * g.shape[1],), torch.nan, device=device, dtype=dtype)
+    evals = torch.linalg.eigvalsh(g)  # (k, r)
     return evals.flatten().clamp_min(0).sort().values  # (k·r,)
+
+
+def farms_windows(matrices: torch.Tensor, window: int = 0, per_dim: int = 4, ratio: float = 1.0) -> torch.Tensor:
+    """FARMS submatrices: ``per_dim`` × ``per_dim`` evenly spread windows of one fixed aspect ratio.
+
+    Fixed-aspect-ratio matrix subsampling (Hu et al., ICML 2025) measures the pooled ESD of same-shaped
+    submatrices instead of the whole matrix, removing the bias aspect ratio puts on alpha.
+
+    Args:
+        matrices: ``(k, m, n)`` stack.
+        window: rows of a window (0: half the smaller side, at least 2).
+        per_dim: windows along each side (fewer where the side is too short to hold them apart).
+        ratio: columns per row of a window (1: square).
+
+    Returns:
+        ``(k·w, rows, cols)`` stack of windows.
+    """
+    k, m, n = matrices.shape
+    rows = window or max(2, min(m, n) // 2)
+    cols = max(1, round(rows * ratio))
+    rows, cols = min(rows, m), min(cols, n)
+    starts_r = torch.linspace(0, m - rows, min(per_dim, m - rows + 1)).round().long().unique()
+    starts_c = torch.linspace(0, n - cols, min(per_dim, n - cols + 1)).round().long().unique()
+    windows = [matrices[:, i:i + rows, j:j + cols] for i in starts_r.tolist() for j in starts_c.tolist()]
+    return torch.cat(windows)  # (k·w, rows, cols)
 
 
 def eigenvalues_svd(matrices: torch.Tensor, device: torch.device | str = "cpu",

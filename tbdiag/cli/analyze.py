@@ -21,9 +21,14 @@ def analyze_command(
     min_evals: Annotated[int, typer.Option(help="Layers with fewer eigenvalues are measured, not fitted.", rich_help_panel=FIT)] = 10,
     peak_bins: Annotated[int, typer.Option(help="peak: histogram bins over log10 eigenvalues.", rich_help_panel=FIT)] = 100,
     peak_quirk: Annotated[bool, typer.Option("--peak-quirk", help="peak: reproduce the reference implementation's lower bound.", rich_help_panel=FIT)] = False,
+    estimator: Annotated[str, typer.Option(help="ESD of the full matrix, or farms: pooled fixed-aspect-ratio windows.", rich_help_panel=FIT)] = "full",
+    farms_window: Annotated[int, typer.Option(help="farms: window rows (0: half the smaller side).", rich_help_panel=FIT)] = 0,
+    farms_windows: Annotated[int, typer.Option(help="farms: windows along each side.", rich_help_panel=FIT)] = 4,
+    farms_ratio: Annotated[float, typer.Option(help="farms: window columns per row.", rich_help_panel=FIT)] = 1.0,
     include: Annotated[Optional[list[str]], typer.Option(help="Only layers matching this glob (repeatable), e.g. 'layer3.*'.", rich_help_panel=LAYERS)] = None,
     exclude: Annotated[Optional[list[str]], typer.Option(help="Drop layers matching this glob (repeatable).", rich_help_panel=LAYERS)] = None,
     embeddings: Annotated[bool, typer.Option("--embeddings", help="Analyse embedding matrices too.", rich_help_panel=LAYERS)] = False,
+    split_qkv: Annotated[bool, typer.Option("--split-qkv", help="Analyse fused q/k/v matrices as three parts.", rich_help_panel=LAYERS)] = False,
     key: Annotated[Optional[str], typer.Option(help="Entry of a nested checkpoint holding the weights, e.g. 'ema'.", rich_help_panel=INPUT)] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow full unpickling and TorchScript: runs code from the file; trusted files only.", rich_help_panel=INPUT)] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=COMPUTE)] = "auto",
@@ -32,6 +37,7 @@ def analyze_command(
     csv_out: Annotated[Optional[str], typer.Option("--csv", help="Write one CSV row per layer here ('-' for stdout).", rich_help_panel=OUTPUT)] = None,
     html: Annotated[Optional[str], typer.Option("--html", help="Write an HTML report here (a comparison for several paths).", rich_help_panel=OUTPUT)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table.", rich_help_panel=OUTPUT)] = False,
+    plan: Annotated[bool, typer.Option("--plan", help="Only print what would be analysed and an estimate of the time.", rich_help_panel=OUTPUT)] = False,
 ) -> None:
     """Fit the power-law exponent alpha of every layer's eigenvalue spectrum."""
     from tbdiag.analysis import AnalyzeOptions, analyze
@@ -45,9 +51,20 @@ def analyze_command(
                                  include=tuple(include or ()), exclude=tuple(exclude or ()),
                                  include_embeddings=embeddings, device=device, precision=precision,
                                  peak_bins=peak_bins, peak_lower_bound_quirk=peak_quirk, key=key,
-                                 trust_pickle=trust_pickle)
+                                 trust_pickle=trust_pickle, split_qkv=split_qkv, estimator=estimator,
+                                 farms_window=farms_window, farms_per_dim=farms_windows, farms_ratio=farms_ratio)
+        if plan:
+            from tbdiag.cli.render import plan_table
+            from tbdiag.plan import make_plan
+
+            for p in paths:
+                out_console.print(plan_table(make_plan(str(p), options)))
+            return
+        rank = _join_torchrun()
         analyses = [_analyze_with_progress(analyze, str(p), options, keep_spectra=html is not None) for p in paths]
         # Everything is computed before anything is written: a failure leaves no partial output.
+        if rank != 0:
+            return  # under torchrun, rank 0 alone writes and prints
         if html:
             from tbdiag.export import atomic_write
             from tbdiag.report.render import checkpoint_report, comparison_report
@@ -68,16 +85,33 @@ def analyze_command(
                 console.print(summary_text(a))
 
 
+def _join_torchrun() -> int:
+    """Under torchrun (WORLD_SIZE > 1) join the process group; returns this process' rank."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # gloo carries the gathered rows; eigenvalues stay on each rank's device
+        dist.init_process_group("gloo", timeout=timedelta(minutes=int(os.environ.get("TBDIAG_TIMEOUT_MIN", "60"))))
+    return dist.get_rank()
+
+
 def _analyze_with_progress(analyze, path: str, options, keep_spectra: bool):  # noqa: ANN001, ANN202 - CLI glue
     if not sys.stderr.isatty():
         return analyze(path, options, keep_spectra=keep_spectra)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
+    from rich.progress import TimeRemainingColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}% of the work"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task(Path(path).name, total=None)
 
-        def step(spec, index: int, total: int) -> None:  # noqa: ANN001
-            bar.update(task, completed=index + 1, total=total, description=f"{Path(path).name}: {spec.name}")
+        def step(spec, index: int, total: int, done_cost: float, total_cost: float) -> None:  # noqa: ANN001
+            bar.update(task, completed=done_cost, total=total_cost, description=f"{Path(path).name}: {spec.name}")
 
         return analyze(path, options, progress=step, keep_spectra=keep_spectra)

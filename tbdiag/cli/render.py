@@ -57,3 +57,21 @@ def summary_text(a: Analysis) -> Text:
     if skipped.get("embedding"):
         text.append(f"{skipped['embedding']} embedding matrices not analysed (--embeddings to include)\n")
     return text
+
+
+def plan_table(plan) -> Table:  # noqa: ANN001 - tbdiag.plan.Plan, imported lazily
+    """The analysis plan: one row per layer with its read size and estimated time, and totals."""
+    table = Table(title=f"plan: {plan.source} ({plan.format}, {len(plan.layers)} layers, device {plan.device})",
+                  title_justify="left", header_style="bold", show_footer=True)
+    total_s = plan.seconds or 1.0
+    table.add_column("layer", footer="total", no_wrap=True)
+    table.add_column("kind")
+    table.add_column("shape")
+    table.add_column("#eigs", justify="right", footer=str(sum(layer.n_evals for layer in plan.layers)))
+    table.add_column("MB", justify="right", footer=f"{plan.bytes / 1e6:,.1f}")
+    table.add_column("est. s", justify="right", footer=f"{plan.seconds:.1f}")
+    table.add_column("share", justify="right")
+    for layer in plan.layers:
+        table.add_row(layer.name, layer.kind, "×".join(map(str, layer.shape)), str(layer.n_evals),
+                      f"{layer.bytes / 1e6:,.1f}", f"{layer.seconds:.2f}", f"{100 * layer.seconds / total_s:.1f}%")
+    return table

@@ -1,0 +1,89 @@
+"""``--plan``: what an analysis will do, from the checkpoint header alone, and roughly how long it takes.
+
+Costs are k·m·n·r (Gram) + k·r³ (eigensolver) per layer, r = min(m, n); the seconds come from timing one
+Gram product and one eigensolve on this machine and device, scaled by those counts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tbdiag.analysis import PRECISIONS, AnalyzeOptions
+from tbdiag.checkpoint import open_checkpoint
+from tbdiag.layers import LayerSpec, plan_layers
+from tbdiag.spectrum import eigenvalues, resolve_device
+
+
+@dataclass(frozen=True)
+class PlannedLayer:
+    """One layer of the plan."""
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    n_evals: int
+    bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The layers to analyse, in order, with totals."""
+
+    source: str
+    format: str
+    layers: tuple[PlannedLayer, ...]
+    skipped: dict
+    device: str
+
+    @property
+    def seconds(self) -> float:
+        """Estimated eigen-computation time."""
+        return sum(layer.seconds for layer in self.layers)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of weights to read."""
+        return sum(layer.bytes for layer in self.layers)
+
+
+def _rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """(seconds per Gram multiply-add, seconds per r³ of eigensolve), measured on a 384-sized problem."""
+    n = 384
+    w = torch.randn(1, 4 * n, n)
+    eigenvalues(w, device, dtype)  # warm up
+    t = time.perf_counter()
+    for _ in range(3):
+        g = (w.to(device, dtype).mT @ w.to(device, dtype))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    gram_s = (time.perf_counter() - t) / 3 / (4 * n * n * n)
+    t = time.perf_counter()
+    for _ in range(3):
+        torch.linalg.eigvalsh(g)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return gram_s, (time.perf_counter() - t) / 3 / n ** 3
+
+
+def make_plan(source: str, options: AnalyzeOptions) -> Plan:
+    """Plan an analysis without reading any weight data (beyond what the format needs to list tensors)."""
+    ckpt = open_checkpoint(source, key=options.key, trust_pickle=options.trust_pickle)
+    specs, skipped = plan_layers(ckpt, include=options.include, exclude=options.exclude,
+                                 include_embeddings=options.include_embeddings, split_qkv=options.split_qkv)
+    device = resolve_device(options.device)
+    gram_s, eig_s = _rates(device, PRECISIONS[options.precision])
+    layers = tuple(_planned(s, gram_s, eig_s) for s in specs)
+    return Plan(ckpt.source, ckpt.format, layers, skipped, str(device))
+
+
+def _planned(spec: LayerSpec, gram_s: float, eig_s: float) -> PlannedLayer:
+    m, n = spec.shape[0], spec.shape[1]
+    r = min(m, n)
+    k = spec.n_matrices
+    seconds = k * m * n * r * gram_s + k * r ** 3 * eig_s
+    size = torch.empty((), dtype=spec.ref.dtype).element_size() * k * m * n
+    return PlannedLayer(spec.name, spec.kind, spec.shape, spec.n_evals, size, seconds)
