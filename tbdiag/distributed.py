@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -38,3 +41,21 @@ def gather_items(local: dict[int, Any]) -> dict[int, Any]:
     for part in parts:
         merged.update(part or {})
     return merged
+
+
+@contextmanager
+def process_group(backend: str = "gloo") -> Iterator[int]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1) and leave it on exit; yields the rank.
+
+    Leaving matters: a process that exits with the group still up aborts in gloo's destructor.
+    ``TBDIAG_TIMEOUT_MIN`` (default 60) bounds how long a rank waits for the others.
+    """
+    created = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(minutes=int(os.environ.get("TBDIAG_TIMEOUT_MIN", "60"))))
+        created = True
+    try:
+        yield world()[0]
+    finally:
+        if created:
+            dist.destroy_process_group()

@@ -126,6 +126,7 @@ def _failing_rank(rank: int, init: str, out: str) -> None:
     except TbdiagError as exc:
         message = str(exc)
     Path(out, f"rank{rank}.txt").write_text(message)
+    dist.destroy_process_group()
 
 
 def test_a_failing_rank_fails_every_rank_with_its_message(tmp_path):

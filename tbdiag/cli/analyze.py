@@ -60,8 +60,10 @@ def analyze_command(
             for p in paths:
                 out_console.print(plan_table(make_plan(str(p), options)))
             return
-        rank = _join_torchrun()
-        analyses = [_analyze_with_progress(analyze, str(p), options, keep_spectra=html is not None) for p in paths]
+        from tbdiag.distributed import process_group
+
+        with process_group("gloo") as rank:  # gloo carries the gathered rows; eigenvalues stay on each rank's device
+            analyses = [_analyze_with_progress(analyze, str(p), options, keep_spectra=html is not None) for p in paths]
         # Everything is computed before anything is written: a failure leaves no partial output.
         if rank != 0:
             return  # under torchrun, rank 0 alone writes and prints
@@ -83,21 +85,6 @@ def analyze_command(
             for a in analyses:
                 console.print(analysis_table(a))
                 console.print(summary_text(a))
-
-
-def _join_torchrun() -> int:
-    """Under torchrun (WORLD_SIZE > 1) join the process group; returns this process' rank."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    if not dist.is_initialized():  # gloo carries the gathered rows; eigenvalues stay on each rank's device
-        dist.init_process_group("gloo", timeout=timedelta(minutes=int(os.environ.get("TBDIAG_TIMEOUT_MIN", "60"))))
-    return dist.get_rank()
 
 
 def _analyze_with_progress(analyze, path: str, options, keep_spectra: bool):  # noqa: ANN001, ANN202 - CLI glue

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tbdiag.checkpoint import open_checkpoint
-from tbdiag.distributed import world
+from tbdiag.distributed import process_group, world
 from tbdiag.errors import TbdiagError
 from tbdiag.spectrum import resolve_device
 from tbdiag.tempbalance import TempBalance
@@ -93,27 +93,26 @@ def weight_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def setup_distributed(device: torch.device) -> None:
-    """Join the process group torchrun describes (gloo on CPU, nccl on CUDA)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
 def train(config: TrainConfig, out: Path, *, device: str = "auto", resume: bool = False,
           on_batch: OnBatch | None = None, report: Path | None = None) -> list[dict]:
     """Train (or continue) the run in ``out``; returns the per-epoch records.
 
+    Under torchrun (WORLD_SIZE > 1) the processes form a group (gloo on CPU, nccl on CUDA) and train with
+    DistributedDataParallel. A new run's folder is created (with its ``config.json``) only once everything
+    is validated and built, just before the first epoch, so a bad configuration leaves nothing behind.
     With ``report``, rank 0 rewrites that HTML run report (atomically) after every epoch.
-
-    A new run's folder is created (with its ``config.json``) only once everything is validated and
-    built, just before the first epoch, so a bad configuration leaves nothing behind.
 
     Raises:
         TbdiagError: bad configuration, data, initial checkpoint or multipliers (before any training).
     """
     check_config(config)
     dev = resolve_device(device)
-    setup_distributed(dev)
+    with process_group("nccl" if dev.type == "cuda" else "gloo"):
+        return _train(config, out, dev, resume, on_batch, report)
+
+
+def _train(config: TrainConfig, out: Path, dev: torch.device, resume: bool, on_batch: OnBatch | None,
+           report: Path | None) -> list[dict]:
     rank, size = world()
     if dev.type == "cuda" and size > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
