@@ -5,7 +5,8 @@
 
 (a) ResNet18 at CIFAR size (32×32×3, 10 classes, batch 128, 391 steps an epoch). A full CPU epoch takes
     long here, so it times ``--steps`` SGD steps and scales to 391 (printed as an estimate), and times
-    TempBalance's per-epoch work (an ESD + fit of every tuned layer and the group update) directly.
+    TempBalance's per-epoch work (an ESD + fit of every tuned layer and the group update) directly, and
+    the HTML report of every layer's spectrum that ``train --report`` redraws each epoch.
 (b) The small CNN on a harder MNIST task (the first ``--train-size`` training images, full test set) with
     the paper's setup (SGD 0.9, wd 5e-4, cosine annealing), ``cal`` and ``tb`` for each seed, through
     ``tbdiag.train.loop.train``. Prints mean ± std of the final test accuracy per method.
@@ -54,6 +55,15 @@ def overhead(steps: int) -> None:
     print(f"  training step (batch 128), median of {steps}: {step * 1000:.0f} ms → epoch (391 steps) ≈ {epoch:.0f} s (estimate)")
     print(f"  TempBalance per epoch (ESD + fit + group update), median of 3: {bal * 1000:.0f} ms")
     print(f"  overhead ratio: {bal / epoch:.5f} ({100 * bal / epoch:.3f}% of an epoch)")
+    from tbdiag.analysis import analyze
+    from tbdiag.report.render import checkpoint_report
+
+    checkpoint_report(analyze(model, keep_spectra=True, device="cpu"))  # imports matplotlib/jinja2 once
+    t = time.perf_counter()
+    html = checkpoint_report(analyze(model, keep_spectra=True, device="cpu"))
+    rep = time.perf_counter() - t
+    print(f"  live report (analysis + {len(html) // 1000} KB HTML with every layer's ESD): {rep:.2f} s = "
+          f"{rep / epoch:.5f} of an epoch")
 
 
 def accuracy(mnist: str, seeds: int, epochs: int, train_size: int, model: str) -> None:

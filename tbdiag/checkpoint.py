@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from tbdiag.errors import CheckpointError
+from tbdiag.st_reader import DTYPES, read_header, tensor_loader
 
 log = logging.getLogger(__name__)
 
@@ -218,23 +219,15 @@ def _torch_load(path: Path, *, mmap: bool, trust_pickle: bool) -> Any:
 
 
 def _safetensors_refs(path: Path) -> list[TensorRef]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-        keys = list(handle.keys())
-        slices = {k: handle.get_slice(k) for k in keys}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: corrupt safetensors file ({exc}); re-save or re-download it") from exc
+    header, metadata, start = read_header(path)
     refs = []
-    for k in sorted(keys, key=_order_key(handle.metadata())):
-        sl = slices[k]
-        dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype())
-        if dtype is None:
-            log.info("%s: skipping %s of unsupported dtype %s", path, k, sl.get_dtype())
+    for k in sorted(header, key=_order_key(metadata)):
+        info = header[k]
+        if info.get("dtype") not in DTYPES:
+            log.info("%s: skipping %s of unsupported dtype %s", path, k, info.get("dtype"))
             continue
-        refs.append(TensorRef(clean_name(k), tuple(sl.get_shape()), dtype, load=lambda k=k: handle.get_tensor(k),
-                              load_rows=lambda a, b, sl=sl: sl[a:b]))
+        load, load_rows = tensor_loader(path, info, start)
+        refs.append(TensorRef(clean_name(k), tuple(info["shape"]), DTYPES[info["dtype"]], load=load, load_rows=load_rows))
     return refs
 
 
@@ -252,13 +245,6 @@ def _order_key(metadata: dict | None) -> Callable[[str], tuple]:
     except (KeyError, ValueError, TypeError):
         order = {}
     return lambda name: (order.get(name, len(order)), natural_key(name))
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 
 
 def select_state_dict(obj: Any, key: str | None, where: str) -> Mapping:

@@ -13,7 +13,7 @@ import torch
 
 from tbdiag.errors import TbdiagError
 
-CHUNK_ELEMENTS = 1 << 24  # entries of one upcast block in `gram` (128 MB in float64)
+CHUNK_ELEMENTS = 1 << 22  # entries of one upcast block in `gram` (32 MB in float64)
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -76,11 +76,35 @@ def eigenvalues(matrices: torch.Tensor, device: torch.device | str = "cpu",
         ``(k·min(m, n),)`` eigenvalues in ascending order, on ``device``, clamped at zero; all ``nan`` when
         the matrices hold a non-finite value (the eigensolver cannot run on them).
     """
-    g = gram(matrices, device, dtype)  # (k, r, r)
+    return gram_eigenvalues(gram(matrices, device, dtype))
+
+
+def gram_eigenvalues(g: torch.Tensor) -> torch.Tensor:
+    """Pooled, ascending eigenvalues of a ``(k, r, r)`` stack of Gram matrices (all ``nan`` if any entry is)."""
     if not bool(torch.isfinite(g).all()):
-        return torch.full((g.shape[0] * g.shape[1],), torch.nan, device=device, dtype=dtype)
+        return torch.full((g.shape[0] * g.shape[1],), torch.nan, device=g.device, dtype=g.dtype)
     evals = torch.linalg.eigvalsh(g)  # (k, r)
     return evals.flatten().clamp_min(0).sort().values  # (k·r,)
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and peak RSS creeps up layer by layer)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():  # noqa: ANN202
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _libc()
 
 
 def farms_windows(matrices: torch.Tensor, window: int = 0, per_dim: int = 4, ratio: float = 1.0) -> torch.Tensor:
