@@ -107,7 +107,9 @@ def main() -> None:
         base_s, base_mb, _ = peak_rss([*tb, str(tiny), "--json", str(Path(tmp) / "t.json")])
         print(f"baseline (interpreter + torch + tbdiag, tiny file): {base_mb:.0f} MB peak RSS")
         runs = {"tbdiag": [*tb, str(folder), "--json", str(Path(tmp) / "a.json")],
-                "tbdiag --embeddings": [*tb, str(folder), "--embeddings", "--json", str(Path(tmp) / "b.json")]}
+                "tbdiag --embeddings": [*tb, str(folder), "--embeddings", "--json", str(Path(tmp) / "b.json")],
+                "tbdiag --embeddings f32": [*tb, str(folder), "--embeddings", "--precision", "float32",
+                                            "--json", str(Path(tmp) / "c.json")]}
         if args.ww:
             code = ("import logging, weightwatcher as ww; logging.disable(logging.INFO);"
                     f"ww.WeightWatcher(model={str(folder)!r}).analyze()")
@@ -116,7 +118,7 @@ def main() -> None:
         for label, cmd in runs.items():
             seconds, mb, rc = peak_rss(cmd)
             results[label] = (seconds, mb)
-            layer = emb if "embeddings" in label else largest
+            layer = emb if "embeddings" in label or "weightwatcher" in label else largest
             layer_mb = layer[0] * layer[1] * 4 / 1e6
             target = 3 * layer_mb + base_mb
             print(f"{label:22s} {seconds:7.1f} s  peak RSS {mb:7.0f} MB  (exit {rc}); "
@@ -124,9 +126,11 @@ def main() -> None:
                   f"target ≤ 3×layer + baseline = {target:.0f} MB: {'met' if mb <= target else 'MISSED'}; "
                   f"{seconds / (size / 1e9):.1f} s per GB")
         if "weightwatcher default" in results:
-            (ts, tm), (ws, wm) = results["tbdiag --embeddings"], results["weightwatcher default"]
-            print(f"WeightWatcher / tbdiag --embeddings: time {ws / ts:.1f}× (target ≥ 5×), memory {tm / wm:.2f} of "
-                  f"WeightWatcher's (target ≤ 1/3)")
+            ws, wm = results["weightwatcher default"]
+            for label in ("tbdiag --embeddings", "tbdiag --embeddings f32"):
+                ts, tm = results[label]
+                print(f"WeightWatcher / {label}: time {ws / ts:.1f}× (target ≥ 5×), memory {tm / wm:.2f} of "
+                      f"WeightWatcher's (target ≤ 1/3)")
 
 
 if __name__ == "__main__":

@@ -41,11 +41,12 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 
 def gram(matrices: torch.Tensor, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
-         chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+         chunk_elements: int | None = None) -> torch.Tensor:
     """The smaller Gram matrix of each matrix of a stack, accumulated over row blocks.
 
     Only one block (``chunk_elements`` entries) is upcast at a time, so a bf16 matrix of any size needs
-    its own bytes, one float64 block and the r×r result — never a full float64 copy.
+    its own bytes, one float64 block and the r×r result — never a full float64 copy. On CUDA the block is
+    sized to a quarter of the free GPU memory (fewer, larger products); on CPU it is `CHUNK_ELEMENTS`.
 
     Args:
         matrices: ``(k, m, n)`` stack, any float dtype, on any device.
@@ -53,6 +54,12 @@ def gram(matrices: torch.Tensor, device: torch.device | str = "cpu", dtype: torc
     Returns:
         ``(k, r, r)`` with r = min(m, n): WᵀW when m ≥ n, else WWᵀ.
     """
+    device = torch.device(device)
+    if chunk_elements is None:
+        chunk_elements = CHUNK_ELEMENTS
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            chunk_elements = max(CHUNK_ELEMENTS, free // 4 // torch.empty((), dtype=dtype).element_size())
     tall = matrices if matrices.shape[1] >= matrices.shape[2] else matrices.mT  # (k, M, r), M ≥ r
     k, rows, r = tall.shape
     step = max(1, chunk_elements // max(1, k * r))
