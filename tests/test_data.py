@@ -98,3 +98,13 @@ def test_bad_data(tmp_path):
         (tmp_path / "m" / stem).write_bytes(b"\x00\x00\x08\x03\x00\x00\x00\x09")
     with pytest.raises(TbdiagError, match="IDX"):
         load_dataset("mnist", tmp_path / "m")
+
+
+def test_svhn_mat(tmp_path):
+    scipy_io = pytest.importorskip("scipy.io", reason="SVHN's .mat files need scipy (optional)")
+    rng = np.random.default_rng(4)
+    for split, n in (("train", 6), ("test", 3)):
+        scipy_io.savemat(tmp_path / f"{split}_32x32.mat", {"X": rng.integers(0, 255, (32, 32, 3, n)).astype(np.uint8),
+                                                           "y": np.array([[10], [1], [2], [3], [4], [5]][:n])})
+    d = load_dataset("svhn", tmp_path)
+    assert d.x_train.shape == (6, 3, 32, 32) and d.y_train.tolist()[:2] == [0, 1] and d.augment

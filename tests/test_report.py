@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 from tbdiag import analyze
 from tbdiag.cli import app
-from tbdiag.errors import TbdiagError
 from tbdiag.report.render import checkpoint_report, write_report
 from tbdiag.train.loop import train
 from tbdiag.train.run import TrainConfig

@@ -1,7 +1,6 @@
 """LLM-scale features: bounded-memory Gram, FP8, MoE stacks, fused QKV, tied weights, FARMS, plans, ranks."""
 
 import json
-import math
 import os
 import subprocess
 import sys

@@ -7,6 +7,7 @@ rendered with Jinja2 from the ``templates/`` folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -112,7 +113,7 @@ def run_report(folders: Sequence[Path]) -> str:
         if pointer.is_file():
             weights = folder / "checkpoints" / json.loads(pointer.read_text())["weights"]
             analysis = _view(analyze(str(weights), device="cpu", keep_spectra=True), f"r{i}")
-        runs.append({"label": label, "config": json.loads((folder / "config.json").read_text()), "history": history,
+        runs.append({"label": label, "config": dataclasses.asdict(config), "history": history,
                      "final": history[-1], "best_acc": max(r["test_acc"] for r in history),
                      "lr_figure": figures.learning_rates(history), "alpha_heatmap": heat, "analysis": analysis})
     return _env().get_template("run.html.j2").render(
