@@ -42,32 +42,26 @@ def tiny_state(tiny: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in tiny.state_dict().items()}
 
 
-def write_sharded_safetensors(folder: Path, state: dict[str, torch.Tensor]) -> Path:
+def write_shards(folder: Path, state: dict[str, torch.Tensor], save, pattern: str, index_name: str) -> Path:
+    """Two shards written with ``save(tensors, path)``, named by ``pattern``, with their index and a config."""
     folder.mkdir(parents=True, exist_ok=True)
     names = list(state)
     half = len(names) // 2
     weight_map = {}
     for i, keys in enumerate((names[:half], names[half:]), start=1):
-        fname = f"model-0000{i}-of-00002.safetensors"
-        save_file({k: state[k] for k in keys}, folder / fname)
-        weight_map.update({k: fname for k in keys})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        save({k: state[k] for k in keys}, folder / pattern.format(i))
+        weight_map.update({k: pattern.format(i) for k in keys})
+    (folder / index_name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (folder / "config.json").write_text("{}")
     return folder
+
+
+def write_sharded_safetensors(folder: Path, state: dict[str, torch.Tensor]) -> Path:
+    return write_shards(folder, state, save_file, "model-0000{}-of-00002.safetensors", "model.safetensors.index.json")
 
 
 def write_bin_shards(folder: Path, state: dict[str, torch.Tensor]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    names = list(state)
-    half = len(names) // 2
-    weight_map = {}
-    for i, keys in enumerate((names[:half], names[half:]), start=1):
-        fname = f"pytorch_model-0000{i}-of-00002.bin"
-        torch.save({k: state[k] for k in keys}, folder / fname)
-        weight_map.update({k: fname for k in keys})
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    (folder / "config.json").write_text("{}")
-    return folder
+    return write_shards(folder, state, torch.save, "pytorch_model-0000{}-of-00002.bin", "pytorch_model.bin.index.json")
 
 
 @pytest.fixture
