@@ -66,20 +66,20 @@ def overhead(steps: int) -> None:
           f"{rep / epoch:.5f} of an epoch")
 
 
-def accuracy(mnist: str, seeds: int, epochs: int, train_size: int, model: str) -> None:
+def accuracy(mnist: str, seeds: int, epochs: int, train_size: int, model: str, width: float) -> None:
     results: dict[str, list[float]] = {"cal": [], "tb": []}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(seeds):
             for method in ("cal", "tb"):  # interleaved, so machine noise hits both alike
                 config = TrainConfig(model=model, data="mnist", data_dir=mnist, method=method, epochs=epochs,
-                                     seed=seed, train_subset=train_size)
+                                     seed=seed, train_subset=train_size, width=width)
                 out = Path(tmp) / f"{method}-{seed}"
                 t = time.perf_counter()
                 history = train(config, out, device="cpu")
                 results[method].append(history[-1]["test_acc"])
                 print(f"  seed {seed} {method:3s}: test accuracy {history[-1]['test_acc']:.4f} "
                       f"({time.perf_counter() - t:.0f} s)", flush=True)
-    print(f"{model} on MNIST, first {train_size} training images, {epochs} epochs, {seeds} seeds:")
+    print(f"{model} (width {width:g}) on MNIST, first {train_size} training images, {epochs} epochs, {seeds} seeds:")
     for method, accs in results.items():
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         print(f"  {method:3s}: {100 * statistics.fmean(accs):.2f} ± {100 * sd:.2f} %  ({', '.join(f'{a:.4f}' for a in accs)})")
@@ -99,11 +99,12 @@ def main() -> None:
     a.add_argument("--epochs", type=int, default=15)
     a.add_argument("--train-size", type=int, default=5000)
     a.add_argument("--model", default="cnn")
+    a.add_argument("--width", type=float, default=1.0)
     args = parser.parse_args()
     if args.what == "overhead":
         overhead(args.steps)
     else:
-        accuracy(args.mnist, args.seeds, args.epochs, args.train_size, args.model)
+        accuracy(args.mnist, args.seeds, args.epochs, args.train_size, args.model, args.width)
 
 
 if __name__ == "__main__":

@@ -137,3 +137,25 @@ def test_bad_train_inputs_fail_before_training(tmp_path):
     assert res.exit_code == 2 and "already holds a run" in res.stderr
     res = run("train", "--resume", tmp_path / "nothing")
     assert res.exit_code == 2 and "not a training run" in res.stderr
+
+
+def test_augmentation_crops_and_flips():
+    from tbdiag.train.loop import augment
+
+    x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    out = augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    for i in range(2):  # every output is a 32×32 window of the zero-padded image, possibly mirrored
+        padded = torch.nn.functional.pad(x[i], (4, 4, 4, 4))
+        windows = [padded[:, a:a + 32, b:b + 32] for a in range(9) for b in range(9)]
+        assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(2)) for w in windows)
+    again = augment(x, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+
+
+def test_cifar_sized_resnet_trains(tmp_path):
+    res = run("train", "--model", "resnet18", "--width", "0.125", "--data", "synthetic", "--synthetic-size", "64",
+              "--batch-size", "32", "--epochs", "1", "--device", "cpu", "--out", tmp_path / "r")
+    assert res.exit_code == 0, res.output
+    rec = records(tmp_path / "r")[0]
+    assert rec["lr"] == pytest.approx(0.1) and len(rec["layers"]) >= 10
