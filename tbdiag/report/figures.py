@@ -78,18 +78,23 @@ def esd(evals: np.ndarray, row: dict) -> str:
     counts, edges = np.histogram(evals, bins=min(60, max(10, len(evals) // 8)))
     ax_lin.stairs(counts, edges, fill=True, color="#93c47d")
     for ax, title in ((ax_log, "log–log ESD"), (ax_lin, "linear scale")):
-        # Few ticks and text titles: tick and title layout are most of a small figure's drawing time.
         ax.text(0.5, 1.03, title, transform=ax.transAxes, ha="center", fontsize=8)
-        ax.minorticks_off()
-        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
-            if scale == "log":  # plain "1e-02" labels: mathtext labels cost a parse each
-                axis.set_major_locator(LogLocator(numticks=4))
-                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
-            else:
-                axis.set_major_locator(MaxNLocator(4))
-        ax.tick_params(labelsize=6)
+        _light_ticks(ax)
         ax.set_xlabel("eigenvalue", fontsize=7)
     return to_data_uri(fig, tight=False)
+
+
+def _light_ticks(ax) -> None:  # noqa: ANN001 - a matplotlib Axes
+    """Few ticks, no minor ticks, plain "1e-02" log labels: tick layout and mathtext parsing are most of a
+    small figure's drawing time."""
+    ax.minorticks_off()
+    for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+        if scale == "log":
+            axis.set_major_locator(LogLocator(numticks=4))
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
+        else:
+            axis.set_major_locator(MaxNLocator(4))
+    ax.tick_params(labelsize=6)
 
 
 def esd_overlay(spectra: Sequence[tuple[str, np.ndarray]]) -> str:
@@ -104,7 +109,8 @@ def esd_overlay(spectra: Sequence[tuple[str, np.ndarray]]) -> str:
             ax.hist(p, bins=bins, density=True, histtype="step", lw=1.3, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.tick_params(labelsize=6)
+    _light_ticks(ax)
+    ax.set_xlabel("eigenvalue", fontsize=7)
     ax.legend(fontsize=6)
     return to_data_uri(fig)
 
@@ -117,8 +123,12 @@ def grouped_alphas(names: Sequence[str], series: Sequence[tuple[str, Sequence]])
     x = np.arange(len(names))
     for i, (label, alphas) in enumerate(series):
         ax.plot(x + (i - (len(series) - 1) / 2) * 0.12, _finite(alphas), "o-", ms=3, lw=0.8, label=label)
+    finite = np.concatenate([_finite(a) for _, a in series]) if series else np.array([])
+    finite = finite[np.isfinite(finite)]
+    top = max(8.0, float(finite.max()) * 1.05) if len(finite) else 8.0
     for lo, hi, color, _ in BANDS:
-        ax.axhspan(lo, min(hi, 20), color=color, alpha=0.35, lw=0)
+        ax.axhspan(lo, min(hi, top), color=color, alpha=0.35, lw=0)
+    ax.set_ylim(min(1.0, float(finite.min()) - 0.2) if len(finite) else 1.0, top)
     ax.set_ylabel("alpha")
     if len(names) <= 60:
         ax.set_xticks(x, names, rotation=90, fontsize=7)

@@ -71,10 +71,11 @@ def comparison_report(items: Sequence[tuple[str, Analysis]]) -> str:
     matrix = np.array([[table[label].get(n, math.nan) for label, _ in items] for n in names], dtype=float)
     first, last = items[0][0], items[-1][0]
     changes = []
-    for i, n in enumerate(names):
-        if np.isfinite(matrix[i, 0]) and np.isfinite(matrix[i, -1]):
+    for i, n in enumerate(names):  # from the first to the last checkpoint where the layer has an alpha
+        present = np.flatnonzero(np.isfinite(matrix[i]))
+        if len(present) >= 2:
             changes.append({"name": n, "alphas": [None if not np.isfinite(v) else float(v) for v in matrix[i]],
-                            "delta": float(matrix[i, -1] - matrix[i, 0])})
+                            "delta": float(matrix[i, present[-1]] - matrix[i, present[0]])})
     changes.sort(key=lambda c: -abs(c["delta"]))
     only_some = [n for n in names if sum(n in table[label] for label, _ in items) < len(items)]
     overlays = {}
