@@ -206,14 +206,13 @@ def measure_shared(specs: list[LayerSpec], options: AnalyzeOptions, *, device: t
     local_spectra: dict | None = {} if spectra is not None else None
     try:
         rows = measure_layers([specs[i] for i in mine], options, device=device, progress=progress, spectra=local_spectra)
-        local = {i: (row, (local_spectra or {}).get(row.name)) for i, row in zip(mine, rows)}
-        error = ""
-    except Exception as exc:  # noqa: BLE001 - reported to every rank below, then raised there
-        local, error = {}, f"rank {rank}: {exc}"
-    errors = [e for e in gather_items({-1 - rank: error} if error else {}).values()]
+        local: dict = {i: (row, (local_spectra or {}).get(row.name)) for i, row in zip(mine, rows)}
+    except Exception as exc:  # noqa: BLE001 - gathered below and raised on every rank
+        local = {-1 - rank: f"rank {rank}: {exc}"}  # negative keys carry errors through the same gather
+    merged = gather_items(local)
+    errors = [message for key, message in sorted(merged.items()) if key < 0]
     if errors:
         raise TbdiagError(f"distributed analysis failed ({'; '.join(errors)})")
-    merged = gather_items(local)
     if spectra is not None:
         spectra.update({merged[i][0].name: merged[i][1] for i in range(len(specs))})
     return [merged[i][0] for i in range(len(specs))]

@@ -159,3 +159,13 @@ def test_cifar_sized_resnet_trains(tmp_path):
     assert res.exit_code == 0, res.output
     rec = records(tmp_path / "r")[0]
     assert rec["lr"] == pytest.approx(0.1) and len(rec["layers"]) >= 10
+
+
+@pytest.mark.parametrize("method", ["cal", "sgdr"])
+def test_resume_continues_runs_without_tempbalance(tmp_path, method):
+    out = tmp_path / "r"
+    assert run("train", *SMALL, "--epochs", "1", "--method", method, "--out", out).exit_code == 0
+    res = run("train", "--resume", out, "--epochs", "2")
+    assert res.exit_code == 0, res.output
+    assert [r["epoch"] for r in records(out)] == [1, 2]
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2  # the extension is recorded

@@ -27,7 +27,8 @@ from tbdiag.tempbalance import TempBalance
 from tbdiag.tempbalance.recommend import load_multipliers
 from tbdiag.train.data import Dataset, load_dataset
 from tbdiag.train.models import MODELS
-from tbdiag.train.run import TrainConfig, load_last, save_best, save_checkpoint, write_config, write_metrics
+from tbdiag.train.run import (TrainConfig, load_last, read_config, save_best, save_checkpoint, write_config,
+                             write_metrics)
 from tbdiag.train.schedules import cosine, warm_restarts
 from tbdiag.train.snr import SpectralNormRegularizer
 
@@ -126,8 +127,11 @@ def _train(config: TrainConfig, out: Path, dev: torch.device, resume: bool, on_b
     lr0 = config.resolved_lr()
     tb = None
     sgd = dict(lr=lr0, momentum=config.momentum, weight_decay=config.weight_decay)
+    last = load_last(out) if resume else None
     initial = load_multipliers(config.multipliers) if config.multipliers else None
     if config.method in ("tb", "tb+snr") or initial is not None:
+        if last is not None and initial is None:
+            initial = {}  # the checkpoint's TempBalance state replaces the first balance: skip computing it
         lo, hi = config.ratios()
         tb = TempBalance(model, lambda groups: torch.optim.SGD(groups, **sgd), map=config.tb_map, min_ratio=lo,
                          max_ratio=hi, metric=config.tb_metric, fit=config.tb_fit, device=str(dev), initial=initial,
@@ -143,7 +147,6 @@ def _train(config: TrainConfig, out: Path, dev: torch.device, resume: bool, on_b
     snr = SpectralNormRegularizer(model, config.snr_strength, config.seed) if "snr" in config.method else None
     history: list[dict] = []
     start = 0
-    last = load_last(out) if resume else None
     if last is not None:
         start, weights, state = last
         model.load_state_dict(weights)
@@ -164,7 +167,7 @@ def _train(config: TrainConfig, out: Path, dev: torch.device, resume: bool, on_b
     std = x_train.float().std(dim=(0, 2, 3), keepdim=True)[0] / 255
     norm = lambda x: ((x.float() / 255 - mean) / std).to(dev)  # noqa: E731
     best = max((r["test_acc"] for r in history), default=-1.0)
-    if not resume and rank == 0:
+    if rank == 0 and (not resume or read_config(out) != config):  # a resume may extend --epochs
         write_config(out, config)
     for epoch in range(start, config.epochs):
         t0 = time.perf_counter()
