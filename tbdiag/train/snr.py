@@ -29,7 +29,7 @@ class SpectralNormRegularizer:
             if m.weight.grad is None:
                 continue
             w = m.weight.detach().flatten(1).double()  # (out, rest)
-            u = self.u[name]
+            u = self.u[name].to(w.device)
             for _ in range(self.iterations):
                 v = nn.functional.normalize(w.T @ u, dim=0)  # (rest,)
                 u = nn.functional.normalize(w @ v, dim=0)  # (out,)
