@@ -169,3 +169,19 @@ def test_resume_continues_runs_without_tempbalance(tmp_path, method):
     assert res.exit_code == 0, res.output
     assert [r["epoch"] for r in records(out)] == [1, 2]
     assert json.loads((out / "config.json").read_text())["epochs"] == 2  # the extension is recorded
+
+
+def test_snr_adds_the_top_singular_term_to_the_gradient():
+    from tbdiag.train.snr import SpectralNormRegularizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Conv2d(3, 8, 3))
+    for m in model:
+        m.weight.grad = torch.zeros_like(m.weight)
+    snr = SpectralNormRegularizer(model, strength=0.1, iterations=200)
+    snr.apply()
+    for m in model:
+        w = m.weight.detach().flatten(1).double()
+        u, s, vh = torch.linalg.svd(w)
+        expected = 0.1 * s[0] * torch.outer(u[:, 0], vh[0])
+        assert torch.allclose(m.weight.grad.flatten(1).double(), expected, atol=1e-5)
