@@ -114,6 +114,11 @@ def main() -> None:
             code = ("import logging, weightwatcher as ww; logging.disable(logging.INFO);"
                     f"ww.WeightWatcher(model={str(folder)!r}).analyze()")
             runs["weightwatcher default"] = ["-c", code]
+        from tbdiag.analysis import AnalyzeOptions
+        from tbdiag.plan import make_plan
+
+        estimates = {"tbdiag": make_plan(str(folder), AnalyzeOptions(device="cpu")).seconds,
+                     "tbdiag --embeddings": make_plan(str(folder), AnalyzeOptions(device="cpu", include_embeddings=True)).seconds}
         results = {}
         for label, cmd in runs.items():
             seconds, mb, rc = peak_rss(cmd)
@@ -124,7 +129,8 @@ def main() -> None:
             print(f"{label:22s} {seconds:7.1f} s  peak RSS {mb:7.0f} MB  (exit {rc}); "
                   f"checkpoint {size / 1e6:.0f} MB; largest layer {layer[0]}×{layer[1]} = {layer_mb:.0f} MB in float32; "
                   f"target ≤ 3×layer + baseline = {target:.0f} MB: {'met' if mb <= target else 'MISSED'}; "
-                  f"{seconds / (size / 1e9):.1f} s per GB")
+                  f"{seconds / (size / 1e9):.1f} s per GB"
+                  + (f"; --plan estimated {estimates[label]:.0f} s of eigen-work" if label in estimates else ""))
         if "weightwatcher default" in results:
             ws, wm = results["weightwatcher default"]
             for label in ("tbdiag --embeddings", "tbdiag --embeddings f32"):

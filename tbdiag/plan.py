@@ -1,7 +1,7 @@
 """``--plan``: what an analysis will do, from the checkpoint header alone, and roughly how long it takes.
 
-Costs are k·m·n·r (Gram) + k·r³ (eigensolver) per layer, r = min(m, n); the seconds come from timing one
-Gram product and one eigensolve on this machine and device, scaled by those counts.
+Costs are k·m·n·r (Gram) + k·r³ (eigensolver) per layer, r = min(m, n); the seconds come from timing a
+4096×1024 Gram product and a 1024² eigensolve on this machine and device, scaled by those counts.
 """
 
 from __future__ import annotations
@@ -51,10 +51,11 @@ class Plan:
 
 
 def _rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
-    """(seconds per Gram multiply-add, seconds per r³ of eigensolve), measured on a 384-sized problem."""
-    n = 384
+    """(seconds per Gram multiply-add, seconds per r³ of eigensolve), measured on a 1024-sized problem
+    (smaller ones run at lower FLOP rates and overestimate the large layers that dominate big models)."""
+    n = 1024
     w = torch.randn(1, 4 * n, n)
-    eigenvalues(w, device, dtype)  # warm up
+    eigenvalues(w[:, :256, :128], device, dtype)  # warm up
     t = time.perf_counter()
     for _ in range(3):
         g = (w.to(device, dtype).mT @ w.to(device, dtype))
