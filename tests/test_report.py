@@ -143,3 +143,12 @@ def test_hundreds_of_layers_stay_usable():
     html = checkpoint_report(analyze(state, keep_spectra=True))
     assert html.count("<details") == 120 and html.count("<details open") == 6  # collapsed beyond the first few
     assert len(html) < 120 * 20_000  # ~13 KB a layer: a few MB for hundreds of layers
+
+
+def test_comparison_of_same_named_files_keeps_them_apart(tmp_path):
+    from tbdiag.report.render import comparison_report
+
+    a = analyze(SAMPLES / "cnn_trained.safetensors")
+    b = analyze(SAMPLES / "cnn_untrained.safetensors")
+    html = comparison_report([("model.safetensors", a), ("model.safetensors", b)])
+    assert f"model.safetensors ({a.source})" in html and f"model.safetensors ({b.source})" in html

@@ -47,6 +47,9 @@ def analyze_command(
     with user_errors():
         if json_out == "-" and csv_out == "-":
             raise TbdiagError("--json - and --csv -: only one of them can go to stdout; write the other to a file")
+        for flag, target in (("--json", json_out), ("--csv", csv_out), ("--html", html)):
+            if target and target != "-" and not Path(target).resolve().parent.is_dir():
+                raise TbdiagError(f"{flag} {target}: folder {Path(target).parent} does not exist; create it first")
         options = AnalyzeOptions(fit=fit, xmin_pos=xmin_pos, conv_norm=conv_norm, min_evals=min_evals,
                                  include=tuple(include or ()), exclude=tuple(exclude or ()),
                                  include_embeddings=embeddings, device=device, precision=precision,
@@ -90,9 +93,7 @@ def analyze_command(
 def _analyze_with_progress(analyze, path: str, options, keep_spectra: bool):  # noqa: ANN001, ANN202 - CLI glue
     if not sys.stderr.isatty():
         return analyze(path, options, keep_spectra=keep_spectra)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from rich.progress import TimeRemainingColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}% of the work"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True) as bar:

@@ -66,6 +66,8 @@ def checkpoint_report(a: Analysis) -> str:
 
 def comparison_report(items: Sequence[tuple[str, Analysis]]) -> str:
     """Several analyses side by side: alphas, a layer × checkpoint heat map, the largest changes, ESDs."""
+    if len({label for label, _ in items}) < len(items):  # same file names in different folders
+        items = [(f"{label} ({a.source})", a) for label, a in items]
     names = list(dict.fromkeys(r.name for _, a in items for r in a.layers))
     table = {label: {r.name: r.alpha for r in a.layers} for label, a in items}
     matrix = np.array([[table[label].get(n, math.nan) for label, _ in items] for n in names], dtype=float)
@@ -141,9 +143,6 @@ def load_inputs(paths: Sequence[str], **analyze_options) -> tuple[str, list]:
             analyses.append((path.name or str(path), analyze(str(path), keep_spectra=True, **analyze_options)))
     if runs and analyses:
         raise TbdiagError("mixing training runs with checkpoints or analyses: make one report of each")
-    labels = [label for label, _ in analyses]
-    if len(set(labels)) < len(labels):  # same file names in different folders
-        analyses = [(f"{label} ({a.source})", a) for label, a in analyses]
     return ("runs", runs) if runs else ("analyses", analyses)
 
 
