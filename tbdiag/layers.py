@@ -94,6 +94,13 @@ class LayerSpec:
         return float(self.n_matrices) * m * n * min(m, n)
 
 
+def selected(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    """Whether a layer name passes the glob filters (``include``: any of them, when given; ``exclude``: none)."""
+    if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
 def plan_layers(checkpoint: Checkpoint, *, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
                 include_embeddings: bool = False, split_qkv: bool = False) -> tuple[list[LayerSpec], dict[str, int]]:
     """Pick the layers of a checkpoint, in checkpoint order.
@@ -130,8 +137,7 @@ def plan_layers(checkpoint: Checkpoint, *, include: tuple[str, ...] = (), exclud
         if kind == "embedding" and not include_embeddings:
             skipped["embedding"] += 1
             continue
-        if (include and not any(fnmatch.fnmatchcase(name, p) for p in include)) or \
-                any(fnmatch.fnmatchcase(name, p) for p in exclude):
+        if not selected(name, include, exclude):
             skipped["excluded"] += 1
             continue
         layers.extend(_expand(LayerSpec(name, kind, ref.shape, ref), split_qkv))

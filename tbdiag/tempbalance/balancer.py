@@ -24,8 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tbdiag.analysis import AnalyzeOptions, measure_layers
-from tbdiag.distributed import assign_by_cost, gather_items, world
+from tbdiag.analysis import AnalyzeOptions, measure_shared
 from tbdiag.errors import TbdiagError
 from tbdiag.tempbalance.groups import DEFAULT_GROUP, param_groups, select_layers
 from tbdiag.tempbalance.maps import multipliers, unit_multipliers
@@ -107,13 +106,8 @@ class TempBalance:
 
     def measure(self) -> dict[str, float]:
         """The metric of every tuned layer (``nan`` where a fit failed), shared across ranks under DDP."""
-        rank, size = world()
-        owners = assign_by_cost([t.spec.cost for t in self.layers], size)
-        mine = [i for i, o in enumerate(owners) if o == rank]
-        rows = measure_layers([self.layers[i].spec for i in mine], self.options)
-        field = METRICS[self.metric]
-        values = gather_items({i: getattr(r, field) for i, r in zip(mine, rows)})
-        return {t.name: values[i] for i, t in enumerate(self.layers)}
+        rows = measure_shared([t.spec for t in self.layers], self.options)
+        return {t.name: getattr(row, METRICS[self.metric]) for t, row in zip(self.layers, rows)}
 
     def balance(self) -> dict[str, float]:
         """Refit every tuned layer now and set each group's ``lr_scale``; returns the multipliers."""

@@ -9,14 +9,13 @@ trainable parameter is in the group ``default``. Each group carries ``lr_scale``
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from tbdiag.checkpoint import TensorRef
-from tbdiag.layers import LayerSpec, kind_of_module
+from tbdiag.layers import LayerSpec, kind_of_module, selected
 
 TUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
@@ -79,8 +78,7 @@ def select_layers(model: nn.Module, *, exclude_first_last: bool = True, min_eval
                                    load=lambda m=module: m.weight.detach()))
         if spec.n_evals < min_evals:
             continue
-        if (include and not any(fnmatch.fnmatchcase(name, p) for p in include)) or \
-                any(fnmatch.fnmatchcase(name, p) for p in exclude):
+        if not selected(name, include, exclude):
             continue
         out.append(TunedLayer(name, block_of(name) if unit == "block" else name, spec, module))
     return out

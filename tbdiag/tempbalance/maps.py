@@ -86,11 +86,17 @@ def multipliers(values: Sequence[float], map_name: str = "linear", min_ratio: fl
 def unit_multipliers(units: Sequence[str], values: Sequence[float], map_name: str = "linear",
                      min_ratio: float = 0.5, max_ratio: float = 1.5) -> dict[str, float]:
     """Multipliers per unit (layer or block) from per-layer values: each unit maps its finite mean."""
+    means = unit_means(units, values)
+    return dict(zip(means, multipliers(list(means.values()), map_name, min_ratio, max_ratio)))
+
+
+def unit_means(units: Sequence[str], values: Sequence[float]) -> dict[str, float]:
+    """Mean of the finite values of each unit, in first-seen order (``nan`` for a unit with none)."""
     per_unit: dict[str, list[float]] = {}
     for unit, v in zip(units, values):
         per_unit.setdefault(unit, []).append(v)
-    means = []
-    for vals in per_unit.values():
+    out = {}
+    for unit, vals in per_unit.items():
         finite = [v for v in vals if math.isfinite(v)]
-        means.append(sum(finite) / len(finite) if finite else math.nan)
-    return dict(zip(per_unit, multipliers(means, map_name, min_ratio, max_ratio)))
+        out[unit] = sum(finite) / len(finite) if finite else math.nan
+    return out

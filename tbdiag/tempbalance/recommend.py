@@ -10,7 +10,7 @@ from tbdiag.errors import TbdiagError
 from tbdiag.metrics import LayerResult
 from tbdiag.tempbalance.balancer import METRICS
 from tbdiag.tempbalance.groups import block_of
-from tbdiag.tempbalance.maps import unit_multipliers
+from tbdiag.tempbalance.maps import unit_means, unit_multipliers
 
 SCHEMA = "tbdiag.multipliers/v1"
 TUNABLE_KINDS = ("linear", "conv1d", "conv2d", "conv3d")
@@ -41,21 +41,22 @@ def recommend(analysis: Analysis, *, map: str = "linear", min_ratio: float = 0.5
     units = [block_of(r.name) if unit == "block" else r.name for r in rows]
     values = [getattr(r, METRICS[metric]) for r in rows]
     mult = unit_multipliers(units, values, map, min_ratio, max_ratio)
+    alphas, means = unit_means(units, [r.alpha for r in rows]), unit_means(units, values)
     layers = {}
-    for u in dict.fromkeys(units):
-        members = [r for r, uu in zip(rows, units) if uu == u]
-        finite = [r.alpha for r in members if math.isfinite(r.alpha)]
-        vals = [getattr(r, METRICS[metric]) for r in members if math.isfinite(getattr(r, METRICS[metric]))]
-        entry = {"alpha": sum(finite) / len(finite) if finite else None,
-                 "value": sum(vals) / len(vals) if vals else None, "multiplier": mult[u]}
+    for u in mult:
+        entry = {"alpha": _or_none(alphas[u]), "value": _or_none(means[u]), "multiplier": mult[u]}
         if unit == "block":
-            entry["layers"] = [r.name for r in members]
+            entry["layers"] = [r.name for r, uu in zip(rows, units) if uu == u]
         if lr is not None:
             entry["lr"] = lr * mult[u]
         layers[u] = entry
     return {"schema": SCHEMA, "source": analysis.source, "metric": metric, "map": map, "min_ratio": min_ratio,
             "max_ratio": max_ratio, "unit": unit, "fit": analysis.options.fit, "lr": lr,
             "layers": layers, "default_multiplier": 1.0}
+
+
+def _or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def load_multipliers(path: str | Path) -> dict[str, float]:
