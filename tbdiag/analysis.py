@@ -172,7 +172,7 @@ def measure_layers(specs: list[LayerSpec], options: AnalyzeOptions, *, device: t
         mats = as_matrices(spec.ref.load(), spec.kind)  # (k, out, in)
         if options.estimator == "farms":
             mats = farms_windows(mats, options.farms_window, options.farms_per_dim, options.farms_ratio)
-        g = gram(mats, device, dtype)  # (k, r, r)
+        g = gram(mats, device, dtype, full=False)  # (k, r, r), lower triangle
         del mats  # the weight is not needed for the eigensolve
         evals = gram_eigenvalues(g)  # (n_evals,)
         del g

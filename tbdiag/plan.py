@@ -1,7 +1,8 @@
 """``--plan``: what an analysis will do, from the checkpoint header alone, and roughly how long it takes.
 
-Costs are k·m·n·r (Gram) + k·r³ (eigensolver) per layer, r = min(m, n); the seconds come from timing a
-4096×1024 Gram product and a 1024² eigensolve on this machine and device, scaled by those counts.
+Costs are k·`gram_macs`(m, n) (the Gram's lower triangle, ≈ k·m·n·r·9/16) + k·r³ (eigensolver) per layer,
+r = min(m, n); the seconds come from timing a 4096×1024 Gram and a 1024² eigensolve on this machine and
+device, scaled by those counts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from tbdiag.analysis import PRECISIONS, AnalyzeOptions
 from tbdiag.checkpoint import open_checkpoint
 from tbdiag.layers import LayerSpec, plan_layers
-from tbdiag.spectrum import eigenvalues, resolve_device
+from tbdiag.spectrum import eigenvalues, gram, gram_macs, resolve_device
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,10 @@ def _rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
     eigenvalues(w[:, :256, :128], device, dtype)  # warm up
     t = time.perf_counter()
     for _ in range(3):
-        g = (w.to(device, dtype).mT @ w.to(device, dtype))
+        g = gram(w, device, dtype, full=False)  # (1, n, n)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    gram_s = (time.perf_counter() - t) / 3 / (4 * n * n * n)
+    gram_s = (time.perf_counter() - t) / 3 / gram_macs(4 * n, n)
     t = time.perf_counter()
     for _ in range(3):
         torch.linalg.eigvalsh(g)
@@ -85,6 +86,6 @@ def _planned(spec: LayerSpec, gram_s: float, eig_s: float) -> PlannedLayer:
     m, n = spec.shape[0], spec.shape[1]
     r = min(m, n)
     k = spec.n_matrices
-    seconds = k * m * n * r * gram_s + k * r ** 3 * eig_s
+    seconds = k * gram_macs(m, n) * gram_s + k * r ** 3 * eig_s
     size = torch.empty((), dtype=spec.ref.dtype).element_size() * k * m * n
     return PlannedLayer(spec.name, spec.kind, spec.shape, spec.n_evals, size, seconds)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from tbdiag import analyze
+from tbdiag import AnalyzeOptions, analyze
 from tbdiag.metrics import layer_result
 
 
@@ -43,3 +43,14 @@ def test_failed_layers_get_nan_and_a_status():
         assert math.isnan(rows[name].alpha) and math.isnan(rows[name].D), name
     assert rows["small"].lambda_max > 0  # measured though not fitted
     assert math.isnan(rows["nonfinite"].lambda_max)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 1e30])
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_non_finite_weights_and_overflow_are_caught(bad, precision):
+    w = torch.randn(300, 280)  # wide enough for two Gram panels
+    w[123, 270] = bad  # in the second panel; 1e30 overflows the Gram in float32 (1e60), not in float64
+    row = analyze({"w.weight": w}, AnalyzeOptions(precision=precision)).layers[0]
+    overflow = bad == 1e30 and precision == "float64"
+    assert (row.status == "non_finite") != overflow  # in float64 it is measured (one eigenvalue dwarfs the rest)
+    assert math.isfinite(row.lambda_max) == overflow

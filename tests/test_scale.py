@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from tbdiag import analyze
 from tbdiag.cli import app
 from tbdiag.errors import TbdiagError
-from tbdiag.spectrum import gram
+from tbdiag.spectrum import gram, gram_macs
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
 runner = CliRunner()
@@ -26,13 +26,21 @@ def alphas(a):
 
 def test_blockwise_gram_equals_one_product():
     torch.manual_seed(0)
-    for shape in ((3, 700, 50), (2, 40, 900)):
+    for shape in ((3, 700, 50), (2, 40, 900), (1, 600, 530)):  # the last: three column panels
         w = torch.randn(shape, dtype=torch.bfloat16)
         whole = gram(w, chunk_elements=1 << 30)
         blocks = gram(w, chunk_elements=1000)
         assert torch.allclose(whole, blocks, rtol=1e-12, atol=1e-9)
         tall = w.double() if shape[1] >= shape[2] else w.double().mT
         assert torch.allclose(whole, tall.mT @ tall, rtol=1e-12, atol=1e-9)
+        lower = gram(w, chunk_elements=5000, full=False)
+        assert torch.allclose(lower.tril(), torch.tril(tall.mT @ tall), rtol=1e-12, atol=1e-9)  # the lower triangle
+
+
+def test_gram_macs_counts_the_lower_triangle_panels():
+    assert gram_macs(700, 50) == 700 * 50 * 50  # one panel: the whole product
+    assert gram_macs(530, 600) == 600 * (530 * 256 + 274 * 256 + 18 * 18)
+    assert gram_macs(8192, 2048) == 8192 * 2048 * 2048 * 36 // 64  # 8 panels: 36 of 64 tiles
 
 
 def test_fp8_block_quantised_weights_are_dequantised(tmp_path):
