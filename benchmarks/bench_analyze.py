@@ -12,6 +12,8 @@ Per model and round, interleaved, it times:
   (a) tbdiag     analyze() end to end, for each fit (median, ks, peak)
   (b) naive      per-layer torch.linalg.svdvals (float64, like tbdiag) and, for ks/peak, a
                  Python loop over candidate xmin, written here from the formulas of ARCHITECTURE.md §2
+  (s) search     the ks/peak fit alone on the same (pre-computed, float64) spectra: tbdiag's fit
+                 against the Python loop of (b)
   (w) ww         WeightWatcher's default analyze(), when the package is installed (pip install -e '.[bench]')
 and prints medians over rounds, the ratios against the targets, and how well the alphas agree.
 """
@@ -30,6 +32,7 @@ from torch import nn
 from tbdiag.analysis import analyze
 from tbdiag.checkpoint import open_checkpoint
 from tbdiag.layers import CONV_KINDS, as_matrices, plan_layers
+from tbdiag.powerlaw import FITS as TB_FITS
 from tbdiag.spectrum import eigenvalues
 from tbdiag.train.models import MODELS
 
@@ -140,11 +143,16 @@ def bench(name: str, rounds: int, with_ww: bool) -> None:
     mats = [as_matrices(w, k) for w, k in stacks.values()]
     print(f"\n== {name}: {sum(v.numel() for v in state.values()) / 1e6:.1f}M weights, {len(layers)} layers, "
           f"{sum(s.n_evals for s in layers)} eigenvalues; torch threads {torch.get_num_threads()}")
+    spectra = [eigenvalues(m) for m in mats]
+    spectra = [ev[ev > ev[-1] * min(m.shape[1:]) * torch.finfo(ev.dtype).eps] for ev, m in zip(spectra, mats)]
     times: dict[str, list[float]] = {}
     alphas: dict[str, dict[str, float]] = {}
     ww_alphas = None
     for r in range(rounds):
         times.setdefault("floor", []).append(timed(lambda: [eigenvalues(m) for m in mats])[0])
+        for fit in ("ks", "peak"):
+            times.setdefault(f"search {fit} naive", []).append(timed(lambda: [naive_fit(ev, fit, 0.0) for ev in spectra])[0])
+            times.setdefault(f"search {fit} tbdiag", []).append(timed(lambda: [TB_FITS[fit](ev) for ev in spectra])[0])
         for fit in FITS:
             t, res = timed(lambda: analyze(state, fit=fit, device="cpu", include_embeddings=include_emb))
             times.setdefault(f"tbdiag {fit}", []).append(t)
@@ -164,16 +172,15 @@ def bench(name: str, rounds: int, with_ww: bool) -> None:
                 times.setdefault("ww default", []).append(t)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
-        print(f"  {k:14s} {v * 1000:9.1f} ms   (rounds: {', '.join(f'{x * 1000:.0f}' for x in times[k])})")
+        print(f"  {k:19s} {v * 1000:9.1f} ms   (rounds: {', '.join(f'{x * 1000:.0f}' for x in times[k])})")
     print("  ratios (median times):")
     for fit in FITS:
         print(f"    tbdiag {fit:6s} / floor      = {med[f'tbdiag {fit}'] / med['floor']:.2f}   (target ≤ 1.3)")
     for fit in FITS:
         print(f"    naive {fit:6s} / tbdiag {fit:6s} = {med[f'naive {fit}'] / med[f'tbdiag {fit}']:.1f}×  end to end")
-    for fit in ("ks", "peak"):  # the xmin search alone: time beyond each side's median fit
-        ours = max(med[f"tbdiag {fit}"] - med["tbdiag median"], 1e-4)
-        theirs = med[f"naive {fit}"] - med["naive median"]
-        print(f"    xmin search {fit:4s}: naive loop {theirs * 1000:.0f} ms / tbdiag {ours * 1000:.0f} ms = "
+    for fit in ("ks", "peak"):  # the fit alone, on the same spectra
+        ours, theirs = med[f"search {fit} tbdiag"], med[f"search {fit} naive"]
+        print(f"    xmin search {fit:4s}: naive loop {theirs * 1000:.0f} ms / tbdiag {ours * 1000:.1f} ms = "
               f"{theirs / ours:.1f}×" + ("   (target ≥ 10×)" if fit == "ks" else ""))
     if "ww default" in med:
         for fit in FITS:

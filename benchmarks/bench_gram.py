@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from tbdiag.spectrum import CHUNK_ELEMENTS, gram, resolve_device
+from tbdiag.spectrum import block_elements, gram, resolve_device
 
 SHAPES = {"MLP up 8192×2048": (1, 8192, 2048), "attention q 2048×2048": (1, 2048, 2048),
           "embedding slice 32064×2048": (1, 32064, 2048), "conv 3×3, 512→512": (9, 512, 512),
@@ -24,10 +24,10 @@ SHAPES = {"MLP up 8192×2048": (1, 8192, 2048), "attention q 2048×2048": (1, 20
 
 
 def full_product(matrices: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The reference: the same row blocks, each multiplied out in full."""
+    """The reference: the same row blocks as `gram`, each multiplied out in full."""
     tall = matrices if matrices.shape[1] >= matrices.shape[2] else matrices.mT  # (k, M, r)
     k, rows, r = tall.shape
-    step = max(1, CHUNK_ELEMENTS // max(1, k * r))
+    step = max(1, block_elements(device, dtype) // max(1, k * r))
     out = torch.zeros((k, r, r), device=device, dtype=dtype)
     for start in range(0, rows, step):
         block = tall[:, start:start + step].to(device=device, dtype=dtype)  # (k, b, r)

@@ -12,5 +12,7 @@ echo "== analyze on the GPU (CLI)"
 $PY -m tbdiag analyze sample_checkpoints/cnn_trained.safetensors --device cuda --fit ks -q --json - | $PY -c "import json,sys; d=json.load(sys.stdin); print('device', d['timing']['device'], 'layers', len(d['layers']))"
 echo "== GPU benchmarks"
 $PY benchmarks/bench_gpu.py "$@"
+echo "== Gram: lower-triangle panels vs the full product on the GPU"
+$PY benchmarks/bench_gram.py --device cuda --rounds 3
 echo "== analyze benchmark (CPU vs CUDA figures above)"
 $PY benchmarks/bench_analyze.py --rounds 1 --models resnet18 --no-ww

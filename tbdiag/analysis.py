@@ -18,7 +18,7 @@ from tbdiag.layers import CONV_KINDS, LayerSpec, as_matrices, plan_layers
 from tbdiag.metrics import LayerResult, layer_result, summarize
 from tbdiag.powerlaw import FITS
 from tbdiag.distributed import assign_by_cost, gather_items, world
-from tbdiag.spectrum import farms_windows, gram, gram_eigenvalues, release_memory, resolve_device
+from tbdiag.spectrum import eigenvalues, farms_windows, release_memory, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +172,8 @@ def measure_layers(specs: list[LayerSpec], options: AnalyzeOptions, *, device: t
         mats = as_matrices(spec.ref.load(), spec.kind)  # (k, out, in)
         if options.estimator == "farms":
             mats = farms_windows(mats, options.farms_window, options.farms_per_dim, options.farms_ratio)
-        g = gram(mats, device, dtype, full=False)  # (k, r, r), lower triangle
-        del mats  # the weight is not needed for the eigensolve
-        evals = gram_eigenvalues(g)  # (n_evals,)
-        del g
+        evals = eigenvalues(mats, device, dtype)  # (n_evals,)
+        del mats
         release_memory()
         if spec.kind in CONV_KINDS.values():
             evals = evals * options.conv_norm

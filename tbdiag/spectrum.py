@@ -1,10 +1,11 @@
 """Eigenvalues of WᵀW for a stack of same-shaped matrices, on a chosen device.
 
 The eigenvalues of WᵀW are the squared singular values of W. They come fastest from ``eigvalsh`` of the
-smaller Gram matrix (WᵀW or WWᵀ, which share their non-zero eigenvalues), batched over the stack;
-``benchmarks/bench_analyze.py`` measures this against ``svdvals``. The Gram matrix is accumulated in float64
-by default, block by block, which keeps the upper half of the spectrum within 1e-10 relative of float64
-``svdvals`` and memory at the weight's own bytes plus one block and the r×r result.
+smaller Gram matrix (WᵀW or WWᵀ, which share their non-zero eigenvalues), batched over the stack in
+batches sized to the memory at hand; ``benchmarks/bench_analyze.py`` measures this against ``svdvals``.
+The Gram matrix is accumulated in float64 by default, block by block, which keeps the upper half of the
+spectrum within 1e-10 relative of float64 ``svdvals`` and memory at the weight's own bytes plus one
+block and the r×r results of one batch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from tbdiag.errors import TbdiagError
 
 CHUNK_ELEMENTS = 1 << 22  # entries of one upcast block in `gram` (32 MB in float64)
+BATCH_BYTES = 1 << 30  # Gram matrices (and eigensolver workspace) of one CPU eigensolve batch
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -40,13 +42,21 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
+def block_elements(device: torch.device, dtype: torch.dtype) -> int:
+    """Entries of one upcast block in `gram`: `CHUNK_ELEMENTS` on CPU, a quarter of the free memory on CUDA."""
+    if device.type != "cuda":
+        return CHUNK_ELEMENTS
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(CHUNK_ELEMENTS, free // 4 // torch.empty((), dtype=dtype).element_size())
+
+
 def gram(matrices: torch.Tensor, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
          chunk_elements: int | None = None, full: bool = True) -> torch.Tensor:
     """The smaller Gram matrix of each matrix of a stack, accumulated over row blocks.
 
-    Only one block (``chunk_elements`` entries) is upcast at a time, so a bf16 matrix of any size needs
-    its own bytes, one float64 block and the r×r result — never a full float64 copy. On CUDA the block is
-    sized to a quarter of the free GPU memory (fewer, larger products); on CPU it is `CHUNK_ELEMENTS`.
+    Only one block of rows (``chunk_elements`` entries, default `block_elements`) is upcast at a time, so a
+    bf16 matrix of any size needs its own bytes, one float64 block and the r×r result — never a full
+    float64 copy.
     Only the lower triangle is multiplied out, in column panels (`gram_macs`: ≈ 9/16 of the full product's
     work; 1.1–1.4× faster than it on CPU, ``benchmarks/bench_gram.py``); ``full`` mirrors it upwards.
 
@@ -59,11 +69,7 @@ def gram(matrices: torch.Tensor, device: torch.device | str = "cpu", dtype: torc
         ``(k, r, r)`` with r = min(m, n): WᵀW when m ≥ n, else WWᵀ.
     """
     device = torch.device(device)
-    if chunk_elements is None:
-        chunk_elements = CHUNK_ELEMENTS
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            chunk_elements = max(CHUNK_ELEMENTS, free // 4 // torch.empty((), dtype=dtype).element_size())
+    chunk_elements = chunk_elements or block_elements(device, dtype)
     tall = matrices if matrices.shape[1] >= matrices.shape[2] else matrices.mT  # (k, M, r), M ≥ r
     k, rows, r = tall.shape
     step = max(1, chunk_elements // max(1, k * r))
@@ -91,7 +97,7 @@ def gram_macs(m: int, n: int) -> int:
 
 def eigenvalues(matrices: torch.Tensor, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Pooled, ascending eigenvalues of WᵀW over a stack of matrices.
+    """Pooled, ascending eigenvalues of WᵀW over a stack of matrices, in batches of `batch_matrices`.
 
     Args:
         matrices: ``(k, m, n)`` stack of matrices (any float dtype; upcast block by block).
@@ -102,7 +108,25 @@ def eigenvalues(matrices: torch.Tensor, device: torch.device | str = "cpu",
         ``(k·min(m, n),)`` eigenvalues in ascending order, on ``device``, clamped at zero; all ``nan`` when
         the matrices hold a non-finite value (the eigensolver cannot run on them).
     """
-    return gram_eigenvalues(gram(matrices, device, dtype, full=False))
+    device = torch.device(device)
+    k, m, n = matrices.shape
+    step = batch_matrices(min(m, n), device, dtype)
+    parts = []
+    for start in range(0, k, step):
+        g = gram(matrices[start:start + step], device, dtype, full=False)  # (b, r, r)
+        parts.append(gram_eigenvalues(g))
+        del g
+    evals = parts[0] if len(parts) == 1 else torch.cat(parts).sort().values  # (k·r,)
+    return evals if len(parts) == 1 or bool(torch.isfinite(evals).all()) else torch.full_like(evals, torch.nan)
+
+
+def batch_matrices(r: int, device: torch.device, dtype: torch.dtype) -> int:
+    """How many r×r Gram matrices one eigensolve batch holds: as many as fit, with the eigensolver's
+    workspace (counted as two more copies), in `BATCH_BYTES` on CPU or half the free memory on CUDA."""
+    budget = BATCH_BYTES
+    if device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] // 2
+    return max(1, budget // (3 * r * r * torch.empty((), dtype=dtype).element_size()))
 
 
 def gram_eigenvalues(g: torch.Tensor) -> torch.Tensor:

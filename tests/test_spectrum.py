@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from tbdiag import spectrum
 from tbdiag.errors import TbdiagError
 from tbdiag.layers import as_matrices
 from tbdiag.spectrum import eigenvalues, eigenvalues_svd, resolve_device
@@ -53,3 +54,14 @@ def test_cuda_eigenvalues_match_cpu(dtype):
     gpu = eigenvalues(mats, "cuda", dtype).cpu().double()
     upper = slice(len(cpu) // 2, None)
     assert torch.allclose(gpu[upper], cpu[upper], rtol=1e-6 if dtype == torch.float64 else 1e-4)
+
+
+def test_eigensolve_batches_give_the_same_pooled_spectrum(monkeypatch):
+    torch.manual_seed(0)
+    mats = torch.randn(7, 40, 30)
+    whole = eigenvalues(mats)
+    monkeypatch.setattr(spectrum, "BATCH_BYTES", 3 * 30 * 30 * 8 * 2)  # two matrices per batch
+    assert spectrum.batch_matrices(30, torch.device("cpu"), torch.float64) == 2
+    assert torch.allclose(eigenvalues(mats), whole, rtol=1e-12, atol=1e-12)
+    mats[5, 3, 4] = float("inf")  # in the third batch: the whole pooled spectrum is nan
+    assert bool(eigenvalues(mats).isnan().all())
