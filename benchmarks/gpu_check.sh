@@ -13,6 +13,6 @@ $PY -m tbdiag analyze sample_checkpoints/cnn_trained.safetensors --device cuda -
 echo "== GPU benchmarks"
 $PY benchmarks/bench_gpu.py "$@"
 echo "== Gram: lower-triangle panels vs the full product on the GPU"
-$PY benchmarks/bench_gram.py --device cuda --rounds 3
+$PY benchmarks/bench_spectrum.py --device cuda --rounds 3
 echo "== analyze benchmark (CPU vs CUDA figures above)"
 $PY benchmarks/bench_analyze.py --rounds 1 --models resnet18 --no-ww

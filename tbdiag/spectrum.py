@@ -10,12 +10,15 @@ block and the r×r results of one batch.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from tbdiag.errors import TbdiagError
 
 CHUNK_ELEMENTS = 1 << 22  # entries of one upcast block in `gram` (32 MB in float64)
 BATCH_BYTES = 1 << 30  # Gram matrices (and eigensolver workspace) of one CPU eigensolve batch
+PARALLEL_MIN_WORK = 1 << 25  # k·r³ below which a stack's eigensolves are not worth handing to threads
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -54,11 +57,10 @@ def gram(matrices: torch.Tensor, device: torch.device | str = "cpu", dtype: torc
          chunk_elements: int | None = None, full: bool = True) -> torch.Tensor:
     """The smaller Gram matrix of each matrix of a stack, accumulated over row blocks.
 
-    Only one block of rows (``chunk_elements`` entries, default `block_elements`) is upcast at a time, so a
-    bf16 matrix of any size needs its own bytes, one float64 block and the r×r result — never a full
-    float64 copy.
-    Only the lower triangle is multiplied out, in column panels (`gram_macs`: ≈ 9/16 of the full product's
-    work; 1.1–1.4× faster than it on CPU, ``benchmarks/bench_gram.py``); ``full`` mirrors it upwards.
+    Only one block of rows (``chunk_elements`` entries, default `block_elements`) is upcast at a time, so
+    a bf16 matrix of any size needs its own bytes, one float64 block and the r×r result — never a full
+    float64 copy. Only the lower triangle is multiplied out, in column panels (`gram_macs`: ≈ 9/16 of the
+    full product's work; 1.1–1.4× faster on CPU, ``benchmarks/bench_spectrum.py``); ``full`` mirrors it up.
 
     Args:
         matrices: ``(k, m, n)`` stack, any float dtype, on any device.
@@ -138,8 +140,28 @@ def gram_eigenvalues(g: torch.Tensor) -> torch.Tensor:
     """
     if not bool(torch.isfinite(g.diagonal(dim1=-2, dim2=-1)).all()):
         return torch.full((g.shape[0] * g.shape[1],), torch.nan, device=g.device, dtype=g.dtype)
-    evals = torch.linalg.eigvalsh(g)  # (k, r)
+    evals = eigvalsh_stack(g)  # (k, r)
     return evals.flatten().clamp_min(0).sort().values  # (k·r,)
+
+
+def eigvalsh_stack(g: torch.Tensor) -> torch.Tensor:
+    """``eigvalsh`` of a ``(k, r, r)`` stack (lower triangles), ``(k, r)`` ascending.
+
+    On CPU, a stack with enough work is shared out over torch's threads, one BLAS thread each: LAPACK's
+    own threading of a single eigensolve scales poorly (measured in ``benchmarks/bench_spectrum.py``).
+    """
+    k, r = g.shape[0], g.shape[-1]
+    threads = min(torch.get_num_threads(), k)
+    if g.device.type != "cpu" or threads < 2 or k * r ** 3 < PARALLEL_MIN_WORK:
+        return torch.linalg.eigvalsh(g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(torch.linalg.eigvalsh, torch.tensor_split(g, threads)))  # [(k_i, r)]
+    finally:
+        torch.set_num_threads(before)
+    return torch.cat(parts)
 
 
 def release_memory() -> None:

@@ -1,3 +1,5 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -65,3 +67,20 @@ def test_eigensolve_batches_give_the_same_pooled_spectrum(monkeypatch):
     assert torch.allclose(eigenvalues(mats), whole, rtol=1e-12, atol=1e-12)
     mats[5, 3, 4] = float("inf")  # in the third batch: the whole pooled spectrum is nan
     assert bool(eigenvalues(mats).isnan().all())
+
+
+def test_stack_eigensolves_shared_over_threads_match_one_call(monkeypatch):
+    torch.manual_seed(0)
+    w = torch.randn(5, 90, 80, dtype=torch.float64)
+    grams = w.mT @ w  # (5, 80, 80)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        calls = []
+        monkeypatch.setattr(spectrum, "ThreadPoolExecutor", lambda n: calls.append(n) or ThreadPoolExecutor(n))
+        monkeypatch.setattr(spectrum, "PARALLEL_MIN_WORK", 1)
+        got = spectrum.eigvalsh_stack(grams)
+        assert calls == [2] and torch.get_num_threads() == 2  # shared out, and the thread count restored
+        assert torch.allclose(got, torch.linalg.eigvalsh(grams), rtol=1e-12, atol=1e-9)
+    finally:
+        torch.set_num_threads(before)

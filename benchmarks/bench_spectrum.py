@@ -1,11 +1,15 @@
-"""The Gram matrix: tbdiag's lower-triangle panels against the full product, side by side.
+"""The two halves of the spectrum computation against the plain way, side by side.
 
-    python benchmarks/bench_gram.py [--rounds 3] [--device cpu]
+    python benchmarks/bench_spectrum.py [--rounds 3] [--device cpu]
 
-For LLM- and CNN-shaped bf16 weights it times `tbdiag.spectrum.gram(..., full=False)` (what `analyze`
-runs: only the lower triangle, in column panels) and the same blockwise accumulation as one full
-``baddbmm`` per block (what tbdiag did before), in float64 and float32, interleaved, and prints the median
-times, their ratio and the largest difference in the lower triangle relative to the largest entry.
+1. Gram matrix. For LLM- and CNN-shaped bf16 weights it times `tbdiag.spectrum.gram(..., full=False)`
+   (what `analyze` runs: only the lower triangle, in column panels) and the same blockwise accumulation
+   as one full ``baddbmm`` per block (what tbdiag did before), in float64 and float32, and prints the
+   median times, their ratio and the largest difference in the lower triangle relative to the largest entry.
+2. Eigensolve of a stack (CPU only). For stacks of Gram matrices (conv kernel positions, FARMS windows)
+   it times `tbdiag.spectrum.eigvalsh_stack` (the stack shared out over torch's threads, one BLAS thread
+   each) against one ``torch.linalg.eigvalsh`` call (LAPACK's own threading), float64, and prints the
+   largest difference of the eigenvalues relative to the largest.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 
 import torch
 
-from tbdiag.spectrum import block_elements, gram, resolve_device
+from tbdiag.spectrum import block_elements, eigvalsh_stack, gram, resolve_device
 
 SHAPES = {"MLP up 8192×2048": (1, 8192, 2048), "attention q 2048×2048": (1, 2048, 2048),
           "embedding slice 32064×2048": (1, 32064, 2048), "conv 3×3, 512→512": (9, 512, 512),
@@ -65,6 +69,22 @@ def main() -> None:
             a, b = statistics.median(t_full), statistics.median(t_panel)
             print(f"{label:28s} {str(dtype).removeprefix('torch.'):8s} full {a:7.3f} s   panels {b:7.3f} s   "
                   f"full/panels {a / b:4.2f}×   max rel. diff {err:.1e}")
+
+    if device.type != "cpu":
+        return
+    print("eigensolve of a float64 stack: one eigvalsh call vs shared over threads")
+    for k, r in ((9, 256), (9, 512), (16, 1024), (2, 2048)):
+        w = torch.randn(k, r + r // 2, r, generator=g, dtype=torch.float64)
+        grams = w.mT @ w  # (k, r, r)
+        t_one, t_shared = [], []
+        for _ in range(args.rounds):
+            s, ref = timed(lambda: torch.linalg.eigvalsh(grams), device)
+            t_one.append(s)
+            s, got = timed(lambda: eigvalsh_stack(grams), device)
+            t_shared.append(s)
+        a, b = statistics.median(t_one), statistics.median(t_shared)
+        print(f"{k:3d} × {r}²{'':17s} one call {a:7.3f} s   shared {b:7.3f} s   one/shared {a / b:4.2f}×   "
+              f"max rel. diff {float((got - ref).abs().max() / ref.abs().max()):.1e}")
 
 
 if __name__ == "__main__":
