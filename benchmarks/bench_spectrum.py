@@ -7,7 +7,7 @@
    as one full ``baddbmm`` per block (what tbdiag did before), in float64 and float32, and prints the
    median times, their ratio and the largest difference in the lower triangle relative to the largest entry.
 2. Eigensolve of a stack (CPU only). For stacks of Gram matrices (conv kernel positions, FARMS windows)
-   it times `tbdiag.spectrum.eigvalsh_stack` (the stack shared out over torch's threads, one BLAS thread
+   it times `tbdiag.spectrum.eigvalsh_shared` (the stack shared out over torch's threads, one BLAS thread
    each) against one ``torch.linalg.eigvalsh`` call (LAPACK's own threading), float64, and prints the
    largest difference of the eigenvalues relative to the largest.
 """
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from tbdiag.spectrum import block_elements, eigvalsh_stack, gram, resolve_device
+from tbdiag.spectrum import block_elements, eigvalsh_shared, gram, resolve_device
 
 SHAPES = {"MLP up 8192×2048": (1, 8192, 2048), "attention q 2048×2048": (1, 2048, 2048),
           "embedding slice 32064×2048": (1, 32064, 2048), "conv 3×3, 512→512": (9, 512, 512),
@@ -80,7 +80,7 @@ def main() -> None:
         for _ in range(args.rounds):
             s, ref = timed(lambda: torch.linalg.eigvalsh(grams), device)
             t_one.append(s)
-            s, got = timed(lambda: eigvalsh_stack(grams), device)
+            s, got = timed(lambda: eigvalsh_shared([grams])[0], device)
             t_shared.append(s)
         a, b = statistics.median(t_one), statistics.median(t_shared)
         print(f"{k:3d} × {r}²{'':17s} one call {a:7.3f} s   shared {b:7.3f} s   one/shared {a / b:4.2f}×   "

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,8 @@ from tbdiag.layers import CONV_KINDS, LayerSpec, as_matrices, plan_layers
 from tbdiag.metrics import LayerResult, layer_result, summarize
 from tbdiag.powerlaw import FITS
 from tbdiag.distributed import assign_by_cost, gather_items, world
-from tbdiag.spectrum import eigenvalues, farms_windows, release_memory, resolve_device
+from tbdiag.spectrum import (batch_matrices, eigenvalues, farms_windows, gram, gram_eigenvalues, release_memory,
+                             resolve_device)
 
 log = logging.getLogger(__name__)
 
@@ -168,13 +170,11 @@ def measure_layers(specs: list[LayerSpec], options: AnalyzeOptions, *, device: t
     dtype = PRECISIONS[options.precision]
     rows = []
     total_cost, done_cost = sum(s.cost for s in specs), 0.0
-    for index, spec in enumerate(specs):
-        mats = as_matrices(spec.ref.load(), spec.kind)  # (k, out, in)
-        if options.estimator == "farms":
-            mats = farms_windows(mats, options.farms_window, options.farms_per_dim, options.farms_ratio)
-        evals = eigenvalues(mats, device, dtype)  # (n_evals,)
-        del mats
-        release_memory()
+    # Layers are solved in small groups of one Gram size, whose eigensolves share the CPU threads.
+    threads = torch.get_num_threads() if device.type == "cpu" and options.estimator != "farms" else 1
+    groups = _groups(specs, threads, device, dtype)
+    solved = itertools.chain.from_iterable(zip(g, _spectra(g, options, device, dtype)) for g in groups)
+    for index, (spec, evals) in enumerate(solved):
         if spec.kind in CONV_KINDS.values():
             evals = evals * options.conv_norm
         if spectra is not None:
@@ -186,6 +186,41 @@ def measure_layers(specs: list[LayerSpec], options: AnalyzeOptions, *, device: t
         if progress is not None:
             progress(spec, index, len(specs), done_cost, total_cost)
     return rows
+
+
+def _groups(specs: list[LayerSpec], threads: int, device: torch.device, dtype: torch.dtype) -> Iterator[list[LayerSpec]]:
+    """Runs of consecutive layers whose eigensolves are shared out together (`eigvalsh_shared`): up to
+    ``threads`` layers with Gram matrices of one size that fit in one eigensolve batch."""
+    group: list[LayerSpec] = []
+    for spec in specs:
+        r = min(spec.shape[0], spec.shape[1])
+        if group and (len(group) == threads or min(group[0].shape[0], group[0].shape[1]) != r
+                      or sum(s.n_matrices for s in group) + spec.n_matrices > batch_matrices(r, device, dtype)):
+            yield group
+            group = []
+        group.append(spec)
+    if group:
+        yield group
+
+
+def _spectra(group: list[LayerSpec], options: AnalyzeOptions, device: torch.device,
+             dtype: torch.dtype) -> list[torch.Tensor]:
+    """Pooled eigenvalues of each layer of a group, reading one weight tensor at a time."""
+    if len(group) == 1:
+        spectra = [eigenvalues(_matrices(group[0], options), device, dtype)]  # (n_evals,), in batches
+    else:
+        grams = [gram(_matrices(spec, options), device, dtype, full=False) for spec in group]  # [(k, r, r)]
+        spectra = gram_eigenvalues(grams)
+        del grams
+    release_memory()
+    return spectra
+
+
+def _matrices(spec: LayerSpec, options: AnalyzeOptions) -> torch.Tensor:
+    mats = as_matrices(spec.ref.load(), spec.kind)  # (k, out, in)
+    if options.estimator == "farms":
+        mats = farms_windows(mats, options.farms_window, options.farms_per_dim, options.farms_ratio)
+    return mats
 
 
 def measure_shared(specs: list[LayerSpec], options: AnalyzeOptions, *, device: torch.device | None = None,

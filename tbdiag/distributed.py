@@ -20,7 +20,7 @@ def world() -> tuple[int, int]:
 
 
 def assign_by_cost(costs: Sequence[float], world_size: int) -> list[int]:
-    """Owner rank of each item: largest cost first, each to the least loaded rank (ties: lowest rank)."""
+    """Owner (rank, or thread) of each item: largest cost first, each to the least loaded (ties: lowest)."""
     owners = [0] * len(costs)
     loads = [(0.0, r) for r in range(world_size)]
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):

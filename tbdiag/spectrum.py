@@ -2,7 +2,8 @@
 
 The eigenvalues of WᵀW are the squared singular values of W. They come fastest from ``eigvalsh`` of the
 smaller Gram matrix (WᵀW or WWᵀ, which share their non-zero eigenvalues), batched over the stack in
-batches sized to the memory at hand; ``benchmarks/bench_analyze.py`` measures this against ``svdvals``.
+batches sized to the memory at hand and, on CPU, shared out over the threads (`eigvalsh_shared`);
+``benchmarks/bench_analyze.py`` measures this against ``svdvals``.
 The Gram matrix is accumulated in float64 by default, block by block, which keeps the upper half of the
 spectrum within 1e-10 relative of float64 ``svdvals`` and memory at the weight's own bytes plus one
 block and the r×r results of one batch.
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from tbdiag.distributed import assign_by_cost
 from tbdiag.errors import TbdiagError
 
 CHUNK_ELEMENTS = 1 << 22  # entries of one upcast block in `gram` (32 MB in float64)
@@ -116,7 +118,7 @@ def eigenvalues(matrices: torch.Tensor, device: torch.device | str = "cpu",
     parts = []
     for start in range(0, k, step):
         g = gram(matrices[start:start + step], device, dtype, full=False)  # (b, r, r)
-        parts.append(gram_eigenvalues(g))
+        parts.append(gram_eigenvalues([g])[0])
         del g
     evals = parts[0] if len(parts) == 1 else torch.cat(parts).sort().values  # (k·r,)
     return evals if len(parts) == 1 or bool(torch.isfinite(evals).all()) else torch.full_like(evals, torch.nan)
@@ -131,37 +133,48 @@ def batch_matrices(r: int, device: torch.device, dtype: torch.dtype) -> int:
     return max(1, budget // (3 * r * r * torch.empty((), dtype=dtype).element_size()))
 
 
-def gram_eigenvalues(g: torch.Tensor) -> torch.Tensor:
-    """Pooled, ascending eigenvalues of a ``(k, r, r)`` stack of Gram matrices (all ``nan`` if one is not finite).
+def gram_eigenvalues(grams: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Pooled, ascending eigenvalues of each ``(k, r, r)`` stack of Gram matrices (all ``nan`` for a stack
+    with a non-finite entry), their eigensolves shared out by `eigvalsh_shared`.
 
-    Only the lower triangle is read (``gram(..., full=False)`` is enough). Finiteness is checked on the
+    Only the lower triangles are read (``gram(..., full=False)`` is enough). Finiteness is checked on the
     diagonal alone: a non-finite weight in column i makes G_ii = Σ_k W_ki² non-finite, and |G_ij| ≤
     √(G_ii G_jj) keeps every other entry finite when the diagonal is.
     """
-    if not bool(torch.isfinite(g.diagonal(dim1=-2, dim2=-1)).all()):
-        return torch.full((g.shape[0] * g.shape[1],), torch.nan, device=g.device, dtype=g.dtype)
-    evals = eigvalsh_stack(g)  # (k, r)
-    return evals.flatten().clamp_min(0).sort().values  # (k·r,)
+    finite = [bool(torch.isfinite(g.diagonal(dim1=-2, dim2=-1)).all()) for g in grams]
+    solved = iter(eigvalsh_shared([g for g, ok in zip(grams, finite) if ok]))
+    return [next(solved).flatten().clamp_min(0).sort().values if ok  # (k·r,)
+            else torch.full((g.shape[0] * g.shape[1],), torch.nan, device=g.device, dtype=g.dtype)
+            for g, ok in zip(grams, finite)]
 
 
-def eigvalsh_stack(g: torch.Tensor) -> torch.Tensor:
-    """``eigvalsh`` of a ``(k, r, r)`` stack (lower triangles), ``(k, r)`` ascending.
+def eigvalsh_shared(grams: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``eigvalsh`` of each ``(k, r, r)`` stack (lower triangles): ``(k, r)`` ascending per matrix.
 
-    On CPU, a stack with enough work is shared out over torch's threads, one BLAS thread each: LAPACK's
-    own threading of a single eigensolve scales poorly (measured in ``benchmarks/bench_spectrum.py``).
+    On CPU, when there is enough work, the matrices of all stacks are shared out over torch's threads
+    (largest first, each to the least loaded thread) and solved with one BLAS thread each: LAPACK's own
+    threading of a single eigensolve scales poorly (measured in ``benchmarks/bench_spectrum.py``).
     """
-    k, r = g.shape[0], g.shape[-1]
-    threads = min(torch.get_num_threads(), k)
-    if g.device.type != "cpu" or threads < 2 or k * r ** 3 < PARALLEL_MIN_WORK:
-        return torch.linalg.eigvalsh(g)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    items = [(i, j) for i, g in enumerate(grams) for j in range(g.shape[0])]  # one per matrix
+    costs = [float(grams[i].shape[-1]) ** 3 for i, _ in items]
+    if threads < 2 or len(items) < 2 or grams[0].device.type != "cpu" or sum(costs) < PARALLEL_MIN_WORK:
+        return [torch.linalg.eigvalsh(g) for g in grams]
+    owners = assign_by_cost(costs, min(threads, len(items)))
+    out = [torch.empty(g.shape[:2], dtype=g.dtype) for g in grams]
+
+    def solve(thread: int) -> None:
+        torch.set_num_threads(1)  # this thread's OpenMP team and MKL: one thread (else they oversubscribe)
+        for (i, j), owner in zip(items, owners):
+            if owner == thread:
+                out[i][j] = torch.linalg.eigvalsh(grams[i][j])  # (r,)
+
     try:
-        with ThreadPoolExecutor(threads) as pool:
-            parts = list(pool.map(torch.linalg.eigvalsh, torch.tensor_split(g, threads)))  # [(k_i, r)]
+        with ThreadPoolExecutor(max(owners) + 1) as pool:
+            list(pool.map(solve, range(max(owners) + 1)))
     finally:
-        torch.set_num_threads(before)
-    return torch.cat(parts)
+        torch.set_num_threads(threads)
+    return out
 
 
 def release_memory() -> None:

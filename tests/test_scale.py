@@ -13,7 +13,9 @@ from typer.testing import CliRunner
 
 from tbdiag import analyze
 from tbdiag.cli import app
+from tbdiag.checkpoint import open_checkpoint
 from tbdiag.errors import TbdiagError
+from tbdiag.layers import plan_layers
 from tbdiag.spectrum import gram, gram_macs
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
@@ -158,3 +160,27 @@ def test_torchrun_two_processes_give_the_single_process_result(tmp_path):
     for doc in (a, b):
         doc.pop("timing")
     assert a == b
+
+
+def test_layers_solved_in_groups_give_the_same_rows(monkeypatch):
+    from tbdiag import analysis, spectrum
+
+    torch.manual_seed(0)
+    state = {f"blocks.{i}.{n}.weight": torch.randn(*shape) for i in range(2)
+             for n, shape in (("q", (96, 96)), ("k", (32, 96)), ("v", (32, 96)), ("up", (192, 96)), ("down", (96, 192)))}
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = analyze(state)
+        torch.set_num_threads(2)
+        specs, _ = plan_layers(open_checkpoint(state))
+        groups = [[s.name for s in g] for g in analysis._groups(specs, 2, torch.device("cpu"), torch.float64)]
+        assert groups == [["blocks.0.q"], ["blocks.0.k", "blocks.0.v"], ["blocks.0.up", "blocks.0.down"],
+                          ["blocks.1.q"], ["blocks.1.k", "blocks.1.v"], ["blocks.1.up", "blocks.1.down"]]
+        monkeypatch.setattr(spectrum, "PARALLEL_MIN_WORK", 1)  # share even these small eigensolves
+        grouped = analyze(state)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(alone.layers, grouped.layers):
+        assert a.name == b.name and a.status == b.status == "ok"
+        assert a.alpha == pytest.approx(b.alpha, rel=1e-9) and a.lambda_max == pytest.approx(b.lambda_max, rel=1e-12)
