@@ -172,7 +172,7 @@ def measure_layers(specs: list[LayerSpec], options: AnalyzeOptions, *, device: t
     total_cost, done_cost = sum(s.cost for s in specs), 0.0
     # Layers are solved in small groups of one Gram size, whose eigensolves share the CPU threads.
     threads = torch.get_num_threads() if device.type == "cpu" and options.estimator != "farms" else 1
-    groups = _groups(specs, threads, device, dtype)
+    groups = solve_groups(specs, threads, device, dtype)
     solved = itertools.chain.from_iterable(zip(g, _spectra(g, options, device, dtype)) for g in groups)
     for index, (spec, evals) in enumerate(solved):
         if spec.kind in CONV_KINDS.values():
@@ -188,7 +188,7 @@ def measure_layers(specs: list[LayerSpec], options: AnalyzeOptions, *, device: t
     return rows
 
 
-def _groups(specs: list[LayerSpec], threads: int, device: torch.device, dtype: torch.dtype) -> Iterator[list[LayerSpec]]:
+def solve_groups(specs: list[LayerSpec], threads: int, device: torch.device, dtype: torch.dtype) -> Iterator[list[LayerSpec]]:
     """Runs of consecutive layers whose eigensolves are shared out together (`eigvalsh_shared`): up to
     ``threads`` layers with Gram matrices of one size that fit in one eigensolve batch."""
     group: list[LayerSpec] = []

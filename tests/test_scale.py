@@ -174,7 +174,7 @@ def test_layers_solved_in_groups_give_the_same_rows(monkeypatch):
         alone = analyze(state)
         torch.set_num_threads(2)
         specs, _ = plan_layers(open_checkpoint(state))
-        groups = [[s.name for s in g] for g in analysis._groups(specs, 2, torch.device("cpu"), torch.float64)]
+        groups = [[s.name for s in g] for g in analysis.solve_groups(specs, 2, torch.device("cpu"), torch.float64)]
         assert groups == [["blocks.0.q"], ["blocks.0.k", "blocks.0.v"], ["blocks.0.up", "blocks.0.down"],
                           ["blocks.1.q"], ["blocks.1.k", "blocks.1.v"], ["blocks.1.up", "blocks.1.down"]]
         monkeypatch.setattr(spectrum, "PARALLEL_MIN_WORK", 1)  # share even these small eigensolves
