@@ -158,9 +158,11 @@ def eigvalsh_shared(grams: list[torch.Tensor]) -> list[torch.Tensor]:
     threads = torch.get_num_threads()
     items = [(i, j) for i, g in enumerate(grams) for j in range(g.shape[0])]  # one per matrix
     costs = [float(grams[i].shape[-1]) ** 3 for i, _ in items]
-    if threads < 2 or len(items) < 2 or grams[0].device.type != "cpu" or sum(costs) < PARALLEL_MIN_WORK:
+    if (threads < 2 or len(items) < 2 or grams[0].device.type != "cpu" or sum(costs) < PARALLEL_MIN_WORK
+            or not torch.backends.openmp.is_available()):  # per-thread settings need OpenMP's thread-local ones
         return [torch.linalg.eigvalsh(g) for g in grams]
-    owners = assign_by_cost(costs, min(threads, len(items)))
+    workers = min(threads, len(items))
+    owners = assign_by_cost(costs, workers)
     out = [torch.empty(g.shape[:2], dtype=g.dtype) for g in grams]
 
     def solve(thread: int) -> None:
@@ -170,8 +172,8 @@ def eigvalsh_shared(grams: list[torch.Tensor]) -> list[torch.Tensor]:
                 out[i][j] = torch.linalg.eigvalsh(grams[i][j])  # (r,)
 
     try:
-        with ThreadPoolExecutor(max(owners) + 1) as pool:
-            list(pool.map(solve, range(max(owners) + 1)))
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(solve, range(workers)))
     finally:
         torch.set_num_threads(threads)
     return out
