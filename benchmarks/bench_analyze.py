@@ -30,11 +30,10 @@ import time
 import torch
 from torch import nn
 
-from tbdiag.analysis import analyze, solve_groups
+from tbdiag.analysis import analyze, group_spectra, solve_groups
 from tbdiag.checkpoint import open_checkpoint
 from tbdiag.layers import CONV_KINDS, as_matrices, plan_layers
 from tbdiag.powerlaw import FITS as TB_FITS
-from tbdiag.spectrum import eigenvalues, gram, gram_eigenvalues
 from tbdiag.train.models import MODELS
 
 FITS = ("median", "ks", "peak")
@@ -106,17 +105,6 @@ def naive_analyze(stacks: dict[str, tuple[torch.Tensor, str]], fit: str) -> dict
     return out
 
 
-def floor(groups: list[list[int]], mats: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The eigensolver alone, as analyze runs it: a group's Gram matrices, then their shared eigensolves."""
-    out = []
-    for group in groups:
-        if len(group) == 1:
-            out.append(eigenvalues(mats[group[0]]))
-        else:
-            out.extend(gram_eigenvalues([gram(mats[i], full=False) for i in group]))
-    return out
-
-
 # ---- harness ---------------------------------------------------------------------------------------------
 
 def timed(fn):
@@ -155,19 +143,25 @@ def bench(name: str, rounds: int, with_ww: bool) -> None:
     mats = [as_matrices(w, k) for w, k in stacks.values()]
     print(f"\n== {name}: {sum(v.numel() for v in state.values()) / 1e6:.1f}M weights, {len(layers)} layers, "
           f"{sum(s.n_evals for s in layers)} eigenvalues; torch threads {torch.get_num_threads()}")
-    index = {spec.name: i for i, spec in enumerate(layers)}
-    groups = [[index[s.name] for s in g] for g in solve_groups(layers, torch.get_num_threads(), torch.device("cpu"),
-                                                              torch.float64)]
-    spectra = floor(groups, mats)
+    matrices = dict(zip((spec.name for spec in layers), mats))
+    groups = list(solve_groups(layers, torch.get_num_threads(), torch.device("cpu"), torch.float64))
+
+    def floor() -> list[torch.Tensor]:  # the eigensolver alone, on pre-loaded matrices, grouped as analyze does
+        cpu = torch.device("cpu")
+        return [ev for g in groups for ev in group_spectra(g, lambda s: matrices[s.name], cpu, torch.float64)]
+
+    spectra = floor()
     spectra = [ev[ev > ev[-1] * min(m.shape[1:]) * torch.finfo(ev.dtype).eps] for ev, m in zip(spectra, mats)]
     times: dict[str, list[float]] = {}
     alphas: dict[str, dict[str, float]] = {}
     ww_alphas = None
     for r in range(rounds):
-        times.setdefault("floor", []).append(timed(lambda: floor(groups, mats))[0])
+        times.setdefault("floor", []).append(timed(floor)[0])
         for fit in ("ks", "peak"):
-            times.setdefault(f"search {fit} naive", []).append(timed(lambda: [naive_fit(ev, fit, 0.0) for ev in spectra])[0])
-            times.setdefault(f"search {fit} tbdiag", []).append(timed(lambda: [TB_FITS[fit](ev) for ev in spectra])[0])
+            t, _ = timed(lambda: [naive_fit(ev, fit, 0.0) for ev in spectra])
+            times.setdefault(f"search {fit} naive", []).append(t)
+            t, _ = timed(lambda: [TB_FITS[fit](ev) for ev in spectra])
+            times.setdefault(f"search {fit} tbdiag", []).append(t)
         for fit in FITS:
             t, res = timed(lambda: analyze(state, fit=fit, device="cpu", include_embeddings=include_emb))
             times.setdefault(f"tbdiag {fit}", []).append(t)

@@ -173,7 +173,8 @@ def measure_layers(specs: list[LayerSpec], options: AnalyzeOptions, *, device: t
     # Layers are solved in small groups of one Gram size, whose eigensolves share the CPU threads.
     threads = torch.get_num_threads() if device.type == "cpu" and options.estimator != "farms" else 1
     groups = solve_groups(specs, threads, device, dtype)
-    solved = itertools.chain.from_iterable(zip(g, _spectra(g, options, device, dtype)) for g in groups)
+    load = lambda spec: _matrices(spec, options)  # noqa: E731
+    solved = itertools.chain.from_iterable(zip(g, group_spectra(g, load, device, dtype)) for g in groups)
     for index, (spec, evals) in enumerate(solved):
         if spec.kind in CONV_KINDS.values():
             evals = evals * options.conv_norm
@@ -188,7 +189,8 @@ def measure_layers(specs: list[LayerSpec], options: AnalyzeOptions, *, device: t
     return rows
 
 
-def solve_groups(specs: list[LayerSpec], threads: int, device: torch.device, dtype: torch.dtype) -> Iterator[list[LayerSpec]]:
+def solve_groups(specs: list[LayerSpec], threads: int, device: torch.device,
+                 dtype: torch.dtype) -> Iterator[list[LayerSpec]]:
     """Runs of consecutive layers whose eigensolves are shared out together (`eigvalsh_shared`): up to
     ``threads`` layers with Gram matrices of one size that fit in one eigensolve batch."""
     group: list[LayerSpec] = []
@@ -203,13 +205,14 @@ def solve_groups(specs: list[LayerSpec], threads: int, device: torch.device, dty
         yield group
 
 
-def _spectra(group: list[LayerSpec], options: AnalyzeOptions, device: torch.device,
-             dtype: torch.dtype) -> list[torch.Tensor]:
-    """Pooled eigenvalues of each layer of a group, reading one weight tensor at a time."""
+def group_spectra(group: list[LayerSpec], load: Callable[[LayerSpec], torch.Tensor], device: torch.device,
+                  dtype: torch.dtype) -> list[torch.Tensor]:
+    """Pooled eigenvalues of each layer of a group (`solve_groups`), with ``load`` giving a layer's
+    ``(k, m, n)`` matrices; one layer's weight is held at a time."""
     if len(group) == 1:
-        spectra = [eigenvalues(_matrices(group[0], options), device, dtype)]  # (n_evals,), in batches
+        spectra = [eigenvalues(load(group[0]), device, dtype)]  # (n_evals,), in batches
     else:
-        grams = [gram(_matrices(spec, options), device, dtype, full=False) for spec in group]  # [(k, r, r)]
+        grams = [gram(load(spec), device, dtype, full=False) for spec in group]  # [(k, r, r)]
         spectra = gram_eigenvalues(grams)
         del grams
     release_memory()
