@@ -84,3 +84,13 @@ def test_stack_eigensolves_shared_over_threads_match_one_call(monkeypatch):
         assert torch.allclose(torch.cat(got), torch.linalg.eigvalsh(grams), rtol=1e-12, atol=1e-9)
     finally:
         torch.set_num_threads(before)
+
+
+def test_cuda_blocks_and_batches_are_sized_to_free_memory(monkeypatch):
+    free = 8 << 30  # a GPU with 8 GiB free (CUDA itself is not needed: only the sizing is checked)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 16 << 30))
+    cuda = torch.device("cuda")
+    assert spectrum.block_elements(cuda, torch.float64) == free // 4 // 8  # a quarter of it per Gram block
+    assert spectrum.batch_matrices(4096, cuda, torch.float64) == (free // 2) // (3 * 4096 * 4096 * 8)  # 21
+    assert spectrum.batch_matrices(65536, cuda, torch.float32) == 1  # never zero
+    assert spectrum.block_elements(torch.device("cpu"), torch.float64) == spectrum.CHUNK_ELEMENTS
