@@ -34,7 +34,7 @@ def full_product(matrices: torch.Tensor, device: torch.device, dtype: torch.dtyp
     step = max(1, block_elements(device, dtype) // max(1, k * r))
     out = torch.zeros((k, r, r), device=device, dtype=dtype)
     for start in range(0, rows, step):
-        block = tall[:, start:start + step].to(device=device, dtype=dtype)  # (k, b, r)
+        block = tall[:, start:start + step].to(device).to(dtype)  # (k, b, r)
         out.baddbmm_(block.mT, block)
     return out
 

@@ -79,7 +79,7 @@ def gram(matrices: torch.Tensor, device: torch.device | str = "cpu", dtype: torc
     step = max(1, chunk_elements // max(1, k * r))
     out = torch.zeros((k, r, r), device=device, dtype=dtype)
     for start in range(0, rows, step):
-        block = tall[:, start:start + step].to(device=device, dtype=dtype)  # (k, b, r)
+        block = tall[:, start:start + step].to(device).to(dtype)  # (k, b, r); upcast where it is computed
         for i0, i1 in panels(r):  # lower triangle, panel by panel: G[i0:, i0:i1] += block[:, i0:]ᵀ block[:, i0:i1]
             out[:, i0:, i0:i1].baddbmm_(block[:, :, i0:].mT, block[:, :, i0:i1])  # (k, r - i0, i1 - i0)
     if full:
