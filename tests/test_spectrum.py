@@ -49,9 +49,10 @@ def test_cuda_requested_without_gpu_is_a_clear_error():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cuda_eigenvalues_match_cpu(dtype):
+@pytest.mark.parametrize("shape", [(9, 256, 128), (2, 600, 530)])  # the second: three Gram panels
+def test_cuda_eigenvalues_match_cpu(dtype, shape):
     torch.manual_seed(0)
-    mats = torch.randn(9, 256, 128)
+    mats = torch.randn(shape).to(torch.bfloat16)
     cpu = eigenvalues(mats)
     gpu = eigenvalues(mats, "cuda", dtype).cpu().double()
     upper = slice(len(cpu) // 2, None)
