@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import time
@@ -173,7 +174,7 @@ def measure_layers(specs: list[LayerSpec], options: AnalyzeOptions, *, device: t
     # Layers are solved in small groups of one Gram size, whose eigensolves share the CPU threads.
     threads = torch.get_num_threads() if device.type == "cpu" and options.estimator != "farms" else 1
     groups = solve_groups(specs, threads, device, dtype)
-    load = lambda spec: _matrices(spec, options)  # noqa: E731
+    load = functools.partial(_matrices, options=options)
     solved = itertools.chain.from_iterable(zip(g, group_spectra(g, load, device, dtype)) for g in groups)
     for index, (spec, evals) in enumerate(solved):
         if spec.kind in CONV_KINDS.values():
@@ -194,13 +195,15 @@ def solve_groups(specs: list[LayerSpec], threads: int, device: torch.device,
     """Runs of consecutive layers whose eigensolves are shared out together (`eigvalsh_shared`): up to
     ``threads`` layers with Gram matrices of one size that fit in one eigensolve batch."""
     group: list[LayerSpec] = []
+    group_r = matrices = 0
     for spec in specs:
         r = min(spec.shape[0], spec.shape[1])
-        if group and (len(group) == threads or min(group[0].shape[0], group[0].shape[1]) != r
-                      or sum(s.n_matrices for s in group) + spec.n_matrices > batch_matrices(r, device, dtype)):
+        if group and (len(group) == threads or r != group_r
+                      or matrices + spec.n_matrices > batch_matrices(r, device, dtype)):
             yield group
-            group = []
+            group, matrices = [], 0
         group.append(spec)
+        group_r, matrices = r, matrices + spec.n_matrices
     if group:
         yield group
 

@@ -90,5 +90,5 @@ def _planned(spec: LayerSpec, gram_s: float, eig_s: float) -> PlannedLayer:
     r = min(m, n)
     k = spec.n_matrices
     seconds = k * gram_macs(m, n) * gram_s + k * r ** 3 * eig_s
-    size = torch.empty((), dtype=spec.ref.dtype).element_size() * k * m * n
+    size = spec.ref.dtype.itemsize * k * m * n
     return PlannedLayer(spec.name, spec.kind, spec.shape, spec.n_evals, size, seconds)

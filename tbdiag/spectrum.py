@@ -52,7 +52,7 @@ def block_elements(device: torch.device, dtype: torch.dtype) -> int:
     if device.type != "cuda":
         return CHUNK_ELEMENTS
     free, _ = torch.cuda.mem_get_info(device)
-    return max(CHUNK_ELEMENTS, free // 4 // torch.empty((), dtype=dtype).element_size())
+    return max(CHUNK_ELEMENTS, free // 4 // dtype.itemsize)
 
 
 def gram(matrices: torch.Tensor, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64,
@@ -120,8 +120,8 @@ def eigenvalues(matrices: torch.Tensor, device: torch.device | str = "cpu",
         g = gram(matrices[start:start + step], device, dtype, full=False)  # (b, r, r)
         parts.append(gram_eigenvalues([g])[0])
         del g
-    evals = parts[0] if len(parts) == 1 else torch.cat(parts).sort().values  # (k·r,)
-    return evals if len(parts) == 1 or bool(torch.isfinite(evals).all()) else torch.full_like(evals, torch.nan)
+    evals = parts[0] if len(parts) == 1 else torch.cat(parts).sort().values  # (k·r,); a nan sorts last
+    return torch.full_like(evals, torch.nan) if bool(evals[-1].isnan()) else evals  # one bad batch: all nan
 
 
 def batch_matrices(r: int, device: torch.device, dtype: torch.dtype) -> int:
@@ -130,7 +130,7 @@ def batch_matrices(r: int, device: torch.device, dtype: torch.dtype) -> int:
     budget = BATCH_BYTES
     if device.type == "cuda":
         budget = torch.cuda.mem_get_info(device)[0] // 2
-    return max(1, budget // (3 * r * r * torch.empty((), dtype=dtype).element_size()))
+    return max(1, budget // (3 * r * r * dtype.itemsize))
 
 
 def gram_eigenvalues(grams: list[torch.Tensor]) -> list[torch.Tensor]:
