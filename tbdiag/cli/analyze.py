@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tbdiag.cli.common import err_console, out_console, user_errors, write_output
+from tbdiag.cli.common import Outputs, err_console, out_console, user_errors
 
 FIT, LAYERS, INPUT, COMPUTE, OUTPUT = "Power-law fit", "Layers", "Input", "Compute", "Output"
 
@@ -45,11 +45,9 @@ def analyze_command(
     from tbdiag.export import to_csv, to_json
 
     with user_errors():
-        if json_out == "-" and csv_out == "-":
-            raise TbdiagError("--json - and --csv -: only one of them can go to stdout; write the other to a file")
-        for flag, target in (("--json", json_out), ("--csv", csv_out), ("--html", html)):
-            if target and target != "-" and not Path(target).resolve().parent.is_dir():
-                raise TbdiagError(f"{flag} {target}: folder {Path(target).parent} does not exist; create it first")
+        if html == "-":
+            raise TbdiagError("--html -: an HTML report goes to a file; name one")
+        outputs = Outputs.check({"--json": json_out, "--csv": csv_out, "--html": html}, paths)
         options = AnalyzeOptions(fit=fit, xmin_pos=xmin_pos, conv_norm=conv_norm, min_evals=min_evals,
                                  include=tuple(include or ()), exclude=tuple(exclude or ()),
                                  include_embeddings=embeddings, device=device, precision=precision,
@@ -70,19 +68,19 @@ def analyze_command(
         # Everything is computed before anything is written: a failure leaves no partial output.
         if rank != 0:
             return  # under torchrun, rank 0 alone writes and prints
+        texts = {}
         if html:
-            from tbdiag.export import atomic_write
             from tbdiag.report.render import checkpoint_report, comparison_report
 
-            page = checkpoint_report(analyses[0]) if len(analyses) == 1 else \
+            texts["--html"] = checkpoint_report(analyses[0]) if len(analyses) == 1 else \
                 comparison_report([(Path(a.source).name, a) for a in analyses])
-            atomic_write(html, page)
         if json_out:
-            write_output(json_out, to_json(analyses))
+            texts["--json"] = to_json(analyses)
         if csv_out:
-            write_output(csv_out, to_csv(analyses))
+            texts["--csv"] = to_csv(analyses)
+        outputs.write(texts)  # all files or none, then standard output
         if not quiet:
-            console = err_console if "-" in (json_out, csv_out) else out_console
+            console = err_console if outputs.stdout else out_console
             from tbdiag.cli.render import analysis_table, summary_text
 
             for a in analyses:

@@ -1,15 +1,23 @@
-"""What every command shares: consoles (data to stdout, the rest to stderr) and user-error handling."""
+"""What every command shares: consoles (data to stdout, the rest to stderr), user-error handling, the
+choices of options, and output files (checked before any work, written all or none)."""
 
 from __future__ import annotations
 
+import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
 
 import typer
 from rich.console import Console
 
 from tbdiag.errors import TbdiagError
+
+STDOUT = "-"
+
 
 def _console(stderr: bool) -> Console:
     stream = sys.stderr if stderr else sys.stdout
@@ -34,11 +42,89 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def write_output(target: str, text: str) -> None:
-    """Write ``text`` to a file atomically, or to stdout when ``target`` is ``-``."""
-    from tbdiag.export import atomic_write
+# Choices of options: str-valued enums, so that --help lists them and a typo fails with exit code 2.
+class Fit(str, Enum):
+    median = "median"
+    ks = "ks"
+    peak = "peak"
 
-    if target == "-":
-        typer.echo(text, nl=False)
-    else:
-        atomic_write(target, text)
+
+class Precision(str, Enum):
+    float64 = "float64"
+    float32 = "float32"
+
+
+class Estimator(str, Enum):
+    full = "full"
+    farms = "farms"
+
+
+class MapName(str, Enum):
+    linear = "linear"
+    sqrt = "sqrt"
+    log2 = "log2"
+    step = "step"
+    sigmoid = "sigmoid"
+
+
+class Metric(str, Enum):
+    alpha = "alpha"
+    alpha_weighted = "alpha_weighted"
+    spectral_norm = "spectral_norm"
+
+
+class Unit(str, Enum):
+    layer = "layer"
+    block = "block"
+
+
+def choices(enum: type[Enum]) -> str:
+    """The metavar of a choice option, ``[a|b|c]``: written here so that help does not depend on Typer."""
+    return "[" + "|".join(str(m.value) for m in enum) + "]"
+
+
+FLAG = ""  # metavar of on/off and counting options: nothing after the option name
+
+
+def require(ok: bool, option: str, value: object, why: str) -> None:
+    """Raise ``<option> <value>: <why>`` (one line, exit code 2 through `user_errors`) unless ``ok``."""
+    if not ok:
+        raise TbdiagError(f"{option} {value}: {why}")
+
+
+def require_finite(value: float, option: str, why: str) -> None:
+    """`require` a finite number: ``nan`` and ``inf`` are accepted by the number parser."""
+    require(math.isfinite(value), option, value, why)
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """A command's output targets (option name → where it goes), checked before any work starts.
+
+    Files are checked with `tbdiag.export.check_outputs` (no folder, no missing folder, no two options on one
+    file, never an input or a file of an input folder) and written together with
+    `tbdiag.export.write_outputs` (all or none); one option at most may name ``-``, standard output.
+    """
+
+    files: Mapping[str, Path]
+    stdout: str | None
+
+    @classmethod
+    def check(cls, targets: Mapping[str, str | None], inputs: Sequence[str | Path]) -> Outputs:
+        from tbdiag.export import check_outputs
+
+        chosen = {option: t for option, t in targets.items() if t is not None}
+        to_stdout = [option for option, t in chosen.items() if t == STDOUT]
+        if len(to_stdout) > 1:
+            raise TbdiagError(f"{' and '.join(f'{o} -' for o in to_stdout)}: only one of them can go to stdout; "
+                              "write the other to a file")
+        files = {option: t for option, t in chosen.items() if t != STDOUT}
+        return cls(dict(zip(files, check_outputs(list(files.values()), inputs))), to_stdout[0] if to_stdout else None)
+
+    def write(self, texts: Mapping[str, str]) -> None:
+        """Write every file (all or none), then the standard-output one."""
+        from tbdiag.export import write_outputs
+
+        write_outputs([(path, texts[option]) for option, path in self.files.items()])
+        if self.stdout is not None:
+            typer.echo(texts[self.stdout], nl=False)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tbdiag.cli.common import out_console, user_errors, write_output
+from tbdiag.cli.common import Outputs, out_console, user_errors
 
 MAP, INPUT = "TempBalance map", "Input"
 
@@ -36,12 +36,12 @@ def recommend_command(
     from tbdiag.tempbalance.recommend import recommend
 
     with user_errors():
+        outputs = Outputs.check({"--out": out}, [path])
         analysis = analyze(str(path), fit=fit, key=key, trust_pickle=trust_pickle, device=device)
         doc = recommend(analysis, map=map, min_ratio=min_ratio, max_ratio=max_ratio, metric=metric, unit=unit,
                         exclude_first_last=not keep_first_last, min_evals=min_evals, lr=lr)
-        if out:
-            write_output(out, json.dumps(jsonable(doc), indent=1) + "\n")
-        if out != "-":
+        outputs.write({"--out": json.dumps(jsonable(doc), indent=1) + "\n"} if out else {})
+        if outputs.stdout is None:
             from rich.table import Table
 
             table = Table(title=f"{analysis.source}: TempBalance multipliers ({map} map of {metric}, "

@@ -16,8 +16,11 @@ def report_command(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (checkpoints analysed here).")] = "auto",
 ) -> None:
     """Write an HTML report: one checkpoint, a comparison of several (a trajectory), or training runs."""
+    from tbdiag.errors import TbdiagError
     from tbdiag.report.render import write_report
 
     with user_errors():
+        if out == "-":
+            raise TbdiagError("--out -: an HTML report goes to a file; name one")
         kind = write_report(inputs, out, fit=fit, device=device)
         err_console.print(f"wrote {kind} report {out}", markup=False)

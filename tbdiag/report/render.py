@@ -20,7 +20,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from tbdiag import __version__
 from tbdiag.analysis import Analysis, analyze
 from tbdiag.errors import TbdiagError
-from tbdiag.export import atomic_write, jsonable, read_analyses
+from tbdiag.export import check_outputs, jsonable, read_analyses, write_outputs
 from tbdiag.report import figures
 from tbdiag.train.run import read_config
 
@@ -147,7 +147,11 @@ def load_inputs(paths: Sequence[str], **analyze_options) -> tuple[str, list]:
 
 
 def write_report(paths: Sequence[str], out: str | Path, **analyze_options) -> str:
-    """Render the report that fits the inputs and write it atomically; returns its kind."""
+    """Render the report that fits the inputs and write it atomically; returns its kind.
+
+    ``out`` is checked first (`tbdiag.export.check_outputs`): never an input nor a file of an input folder.
+    """
+    (target,) = check_outputs([out], paths)
     kind, items = load_inputs(paths, **analyze_options)
     if kind == "runs":
         html, kind = run_report(items), "run"
@@ -155,5 +159,5 @@ def write_report(paths: Sequence[str], out: str | Path, **analyze_options) -> st
         html, kind = checkpoint_report(items[0][1]), "checkpoint"
     else:
         html, kind = comparison_report(items), "comparison"
-    atomic_write(out, html)
+    write_outputs([(target, html)])
     return kind

@@ -1,0 +1,183 @@
+"""Output files of every command: never an input, checked before any work, written all or none."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from tbdiag.cli import app
+from tbdiag.errors import TbdiagError
+from tbdiag.export import check_outputs, write_outputs
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_refused(res, message):
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+    assert "Traceback" not in res.output
+
+
+def no_leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.rglob("*") if p.name.endswith((".tmp", ".keep"))]
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "m.safetensors"
+    save_file({f"l{i}.weight": torch.randn(64, 48) for i in range(4)}, path)
+    return path
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fail the test if an analysis starts: every refusal here must come before any work."""
+    import tbdiag.analysis
+    import tbdiag.report.render
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("analysis started before the outputs were checked")
+
+    for module in (tbdiag.analysis, tbdiag.report.render):
+        monkeypatch.setattr(module, "analyze", forbidden)
+
+
+@pytest.mark.parametrize("command", [["analyze", "{ckpt}", "--json"], ["analyze", "{ckpt}", "--csv"],
+                                     ["analyze", "{ckpt}", "--html"], ["analyze", "{ckpt}", "-q", "--json", "-", "--csv"],
+                                     ["report", "{ckpt}", "--out"], ["recommend", "{ckpt}", "-o"]])
+def test_an_output_that_is_the_input_is_refused_before_any_work(ckpt, no_work, command):
+    before = ckpt.read_bytes()
+    res = run(*[a.format(ckpt=ckpt) for a in command], ckpt)
+    assert_refused(res, "is the input")
+    assert ckpt.read_bytes() == before
+    assert no_leftovers(ckpt.parent) == []
+
+
+def test_other_spellings_of_the_input_are_refused(ckpt, no_work, monkeypatch, tmp_path):
+    before = ckpt.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link.json").symlink_to(ckpt)
+    os.link(ckpt, tmp_path / "hard.csv")
+    for args in ([ckpt.name, "--json", f"./sub/../{ckpt.name}"],  # a relative path
+                 [ckpt, "--json", "link.json"],                 # a symlink to the input
+                 [ckpt, "--csv", "hard.csv"],                   # a hard link to the input
+                 ["link.json", "--csv", ckpt]):                 # the input named through a symlink
+        assert_refused(run("analyze", *args), "is the input")
+    assert ckpt.read_bytes() == before and (tmp_path / "link.json").is_symlink()
+
+
+def test_files_of_an_input_folder_are_refused(tmp_path, no_work):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for i in (1, 2):
+        save_file({f"l{i}.weight": torch.randn(32, 16)}, folder / f"model-0000{i}-of-00002.safetensors")
+    shard = folder / "model-00001-of-00002.safetensors"
+    before = shard.read_bytes()
+    os.link(shard, tmp_path / "elsewhere.json")
+    assert_refused(run("analyze", folder, "--json", shard), "part of the input")
+    assert_refused(run("analyze", folder, "--csv", tmp_path / "elsewhere.json"), "part of the input")
+    assert_refused(run("report", folder, "--out", shard), "part of the input")
+    # a new file the folder's reader would pick up next time
+    assert_refused(run("analyze", folder, "--json", folder / "analysis.json"), "inside the input folder")
+    assert_refused(run("recommend", folder, "-o", folder / "extra.safetensors"), "inside the input folder")
+    assert shard.read_bytes() == before and not (folder / "analysis.json").exists()
+
+
+def test_report_out_in_a_run_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.json").write_text("{}")
+    (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    for target in (run_dir / "metrics.jsonl", run_dir / "config.json"):
+        before = target.read_text()
+        assert_refused(run("report", run_dir, "--out", target), "part of the input")
+        assert target.read_text() == before
+    # a report beside the run's files is fine: nothing reads it
+    assert check_outputs([run_dir / "report.html"], [run_dir]) == [(run_dir / "report.html").resolve()]
+
+
+@pytest.mark.parametrize("case", ["folder", "missing folder", "same file twice", "html to stdout"])
+def test_every_target_is_checked_before_any_work(ckpt, tmp_path, no_work, case):
+    (tmp_path / "some_dir").mkdir()
+    first = tmp_path / "a.json"
+    targets, message = {
+        "folder": (["--json", first, "--csv", tmp_path / "some_dir"], "is a folder"),
+        "missing folder": (["--json", first, "--html", tmp_path / "no" / "r.html"], "does not exist"),
+        "same file twice": (["--json", first, "--csv", tmp_path / "some_dir" / ".." / "a.json"], "names the same file"),
+        "html to stdout": (["--json", first, "--html", "-"], "goes to a file"),
+    }[case]
+    assert_refused(run("analyze", ckpt, *targets), message)
+    assert not first.exists()
+
+
+def test_report_and_recommend_targets_are_checked(ckpt, tmp_path, no_work):
+    (tmp_path / "d").mkdir()
+    assert_refused(run("report", ckpt, "--out", tmp_path / "d"), "is a folder")
+    assert_refused(run("report", ckpt, "--out", "-"), "goes to a file")
+    assert_refused(run("recommend", ckpt, "-o", tmp_path / "nope" / "m.json"), "does not exist")
+
+
+def test_outputs_are_written_together_and_through_symlinks(ckpt, tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text("previous run")
+    real = tmp_path / "real.csv"
+    real.write_text("x")
+    (tmp_path / "link.csv").symlink_to(real)
+    res = run("analyze", ckpt, "-q", "--json", old, "--csv", tmp_path / "link.csv", "--html", tmp_path / "r.html")
+    assert res.exit_code == 0, res.output
+    assert json.loads(old.read_text())["schema"] == "tbdiag.analysis/v1"  # an output may replace an output
+    assert (tmp_path / "link.csv").is_symlink() and real.read_text().startswith("source,")
+    assert (tmp_path / "r.html").read_text().startswith("<!DOCTYPE html>")
+    assert no_leftovers(tmp_path) == []
+
+
+def test_write_outputs_is_all_or_nothing_when_a_rename_fails(tmp_path, monkeypatch):
+    kept, new, third = tmp_path / "kept.json", tmp_path / "new.csv", tmp_path / "third.html"
+    kept.write_text("old")
+    real_replace = os.replace
+    calls = []
+
+    def failing_replace(src, dst):
+        calls.append(dst)
+        if Path(dst) == third:
+            raise OSError(28, "No space left on device", str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(TbdiagError, match=r"third.html: cannot write .*nothing was written"):
+        write_outputs([(kept, "new"), (new, "new"), (third, "new")])
+    assert kept.read_text() == "old" and not new.exists() and not third.exists()
+    assert Path(calls[0]) == kept and Path(calls[1]) == new  # the first two were renamed, then undone
+    assert no_leftovers(tmp_path) == []
+    monkeypatch.setattr(os, "replace", real_replace)
+    write_outputs([(kept, "new"), (new, "new")])
+    assert kept.read_text() == new.read_text() == "new" and no_leftovers(tmp_path) == []
+
+
+def test_a_failed_write_leaves_earlier_outputs_alone(ckpt, tmp_path, monkeypatch):
+    """`--json a.json --csv a.csv`: a failure while the second file is written leaves no a.json behind."""
+    import tbdiag.export
+
+    real_write = tbdiag.export._write_text
+
+    def disk_full_for_csv(tmp, text):
+        if ".a.csv." in tmp.name:
+            raise OSError(28, "No space left on device", str(tmp))
+        real_write(tmp, text)
+
+    monkeypatch.setattr(tbdiag.export, "_write_text", disk_full_for_csv)
+    assert_refused(run("analyze", ckpt, "--json", tmp_path / "a.json", "--csv", tmp_path / "a.csv"),
+                   "a.csv: cannot write (No space left on device); nothing was written")
+    assert not (tmp_path / "a.json").exists() and not (tmp_path / "a.csv").exists()
+    assert no_leftovers(tmp_path) == []
