@@ -18,6 +18,8 @@ _EXPORTS = {
     "open_checkpoint": "tbdiag.checkpoint",
     "TbdiagError": "tbdiag.errors",
     "TempBalance": "tbdiag.tempbalance",
+    "param_groups": "tbdiag.tempbalance.optim",
+    "load_multipliers": "tbdiag.tempbalance.recommend",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -6,7 +6,7 @@ from torch import nn
 
 from tbdiag import TempBalance
 from tbdiag.errors import TbdiagError
-from tbdiag.tempbalance import MAPS, block_of, multipliers, param_groups, select_layers
+from tbdiag.tempbalance import MAPS, block_of, multipliers
 from tbdiag.train.models import MODELS
 
 ALPHAS = [2.1, 3.4, 2.8, 5.0, 4.2, 2.5]
@@ -48,22 +48,6 @@ def small_resnet():
     return MODELS["resnet18"](num_classes=10, width=0.25)
 
 
-def test_every_trainable_parameter_in_exactly_one_group():
-    model = small_resnet()
-    model.bn1.weight.requires_grad_(False)
-    layers = select_layers(model)
-    groups = param_groups(model, layers)
-    ids = [id(p) for g in groups for p in g["params"]]
-    assert len(ids) == len(set(ids))
-    assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
-    names = [g["name"] for g in groups]
-    assert "conv1" not in names and "linear" not in names  # first and last stay at the global rate
-    assert "layer2.0.shortcut.0" not in names  # 1×1 conv with 32 eigenvalues < 50
-    g = next(g for g in groups if g["name"] == "layer1.0.conv1")
-    assert {id(p) for p in g["params"]} == {id(model.layer1[0].conv1.weight), id(model.layer1[0].bn1.weight),
-                                            id(model.layer1[0].bn1.bias)}
-
-
 def test_block_unit_for_transformer_stacks():
     class Block(nn.Module):
         def __init__(self):
@@ -94,12 +78,14 @@ def test_effective_lr_is_base_schedule_times_scale():
     """One SGD step with TempBalance equals a plain SGD step at lr = base(t) × multiplier, per group."""
     model = small_resnet()
     reference = small_resnet()
-    tb = TempBalance(model, lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, weight_decay=5e-4))
+    tb = TempBalance(model, lambda g: torch.optim.SGD(g, lr=0.1, momentum=0.9, weight_decay=5e-4), no_decay=False)
     warm = torch.optim.lr_scheduler.LinearLR(tb.optimizer, start_factor=0.1, total_iters=2)
     cos = torch.optim.lr_scheduler.CosineAnnealingLR(tb.optimizer, T_max=5)
     sched = torch.optim.lr_scheduler.SequentialLR(tb.optimizer, [warm, cos], milestones=[2])
-    ref_groups = param_groups(reference, select_layers(reference))
-    ref_opt = torch.optim.SGD(ref_groups, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    by_unit = {g["unit"]: g["params"] for g in tb.optimizer.param_groups}
+    own = dict(zip((id(p) for p in model.parameters()), reference.parameters()))
+    ref_opt = torch.optim.SGD([{"params": [own[id(p)] for p in ps], "name": u} for u, ps in by_unit.items()],
+                              lr=0.1, momentum=0.9, weight_decay=5e-4)
     ref_sched = torch.optim.lr_scheduler.SequentialLR(
         ref_opt, [torch.optim.lr_scheduler.LinearLR(ref_opt, start_factor=0.1, total_iters=2),
                   torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=5)], milestones=[2])
@@ -124,6 +110,26 @@ def test_effective_lr_is_base_schedule_times_scale():
     assert len(set(round(v, 6) for v in tb.multipliers.values())) > 3
 
 
+def test_counters_every_warmup_and_timing():
+    model = small_resnet()
+    tb = TempBalance(model, lambda g: torch.optim.SGD(g, lr=0.1), every=3, per="update", warmup=4)
+    assert tb.n_balances == 0 and set(tb.multipliers.values()) == {1.0}  # no balance during the warm-up
+    done = [n for n in range(1, 13) if tb.step_update(n)]
+    assert done == [6, 9, 12] and tb.n_balances == 3
+    assert not tb.step(5) and tb.n_balances == 3  # epochs do not count with per="update"
+    assert tb.last_balance_s > 0 and tb.total_balance_s >= tb.last_balance_s
+    assert tb.step_update() is False and tb.updates == 13  # counts on from the last value
+    epochs = TempBalance(small_resnet(), lambda g: torch.optim.SGD(g, lr=0.1), every=2)
+    assert epochs.n_balances == 1  # balanced at once without a warm-up
+    assert [e for e in range(1, 7) if epochs.step()] == [2, 4, 6]
+    assert epochs.step(8) and epochs.epoch == 8 and not epochs.step_update(8)
+    logged = epochs.log_values()
+    assert logged["lr/layer1.0.conv1"] == pytest.approx(0.1 * epochs.multipliers["layer1.0.conv1"])
+    assert "alpha/layer1.0.conv1" in logged and logged["tb/balance_s"] > 0
+    with pytest.raises(TbdiagError, match="per 'step'"):
+        TempBalance(small_resnet(), lambda g: torch.optim.SGD(g, lr=0.1), per="step")
+
+
 def test_existing_optimizer_is_regrouped_and_adamw_works():
     model = small_resnet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
@@ -132,9 +138,10 @@ def test_existing_optimizer_is_regrouped_and_adamw_works():
     assert all(g["weight_decay"] == 0.05 for g in opt.param_groups)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     opt.step()
-    bad = torch.optim.SGD([{"params": [model.conv1.weight], "lr": 0.1}], lr=0.1)
-    with pytest.raises(TbdiagError, match="not in the optimizer"):
-        TempBalance(model, bad)
+    partial = small_resnet()
+    only_conv = torch.optim.SGD([{"params": [partial.layer1[0].conv1.weight], "lr": 0.1}], lr=0.1)
+    tb = TempBalance(partial, only_conv)  # parameters outside the optimizer are simply not trained
+    assert [g["name"] for g in only_conv.param_groups] == ["layer1.0.conv1"]
 
 
 def test_state_dict_roundtrip_and_bad_multipliers():
@@ -144,8 +151,9 @@ def test_state_dict_roundtrip_and_bad_multipliers():
     state = tb.state_dict()
     other = TempBalance(small_resnet(), lambda g: torch.optim.SGD(g, lr=0.1), initial={}, every=2)
     other.load_state_dict(state)
-    assert other.multipliers == tb.multipliers and other.calls == 1
-    with pytest.raises(TbdiagError, match="no such tuned layer"):
+    assert other.multipliers == tb.multipliers and other.epoch == 1
+    assert other.step() and other.n_balances == 2  # the second epoch is due, as it would have been
+    with pytest.raises(TbdiagError, match="no such tuned unit"):
         tb.set_multipliers({"encoder.fc9": 1.2})
     with pytest.raises(TbdiagError, match="not a positive number"):
         tb.set_multipliers({"layer1.0.conv1": -1})

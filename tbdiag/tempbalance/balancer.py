@@ -1,24 +1,24 @@
 """``TempBalance``: layer-wise learning-rate multipliers from each layer's ESD, for any PyTorch loop.
 
-    tb = TempBalance(model, lambda groups: torch.optim.SGD(groups, lr=0.1, momentum=0.9))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(tb.optimizer, T_max=epochs)
-    for epoch in range(epochs):
-        train_one_epoch(model, tb.optimizer)
-        sched.step()
-        tb.step()            # every `every` calls: refit alphas, remap multipliers
+    opt = torch.optim.AdamW(tbdiag.param_groups(model, weight_decay=0.1), lr=3e-4)   # or any optimizer
+    tb = TempBalance(model, opt, every=100, per="update", warmup=500)
+    sched = torch.optim.lr_scheduler.LambdaLR(tb.optimizer, schedule)                # before or after
+    for step in range(max_steps):
+        loss(model, batch).backward(); opt.step(); opt.zero_grad(); sched.step()
+        tb.step_update(step + 1)      # counts updates; refits alphas every 100 after the first 500
 
-Groups are keyed by layer name and carry their multiplier as ``lr_scale``. Between optimizer steps each
-group's ``lr`` is the base schedule's value, whatever scheduler sets it; for the duration of
-``optimizer.step()`` a pre/post hook pair multiplies it by ``lr_scale``. So the effective learning rate
-of a group is always base_lr(t) × lr_scale. (With a timm-style scheduler that applies ``lr_scale``
-itself, pass ``apply_scale=False``.)
+Each group carries the unit's multiplier in ``lr_scale`` (timm's convention). Between optimizer steps a
+group's ``lr`` is whatever the scheduler set; a pre/post hook pair on ``optimizer.step()`` multiplies it by
+``lr_scale`` for the duration of the step, so the effective rate is base_lr(t) × lr_scale and no scheduler
+is confused. With a timm scheduler, which applies ``lr_scale`` itself, pass ``apply_scale=False``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -26,164 +26,213 @@ from torch import nn
 
 from tbdiag.analysis import AnalyzeOptions, measure_shared
 from tbdiag.errors import TbdiagError
-from tbdiag.tempbalance.groups import DEFAULT_GROUP, param_groups, select_layers
 from tbdiag.tempbalance.maps import multipliers, unit_multipliers
+from tbdiag.tempbalance.optim import (OriginalLayout, adopt_scheduler, inner_optimizer, param_groups, restore_lrs,
+                                      scale_lrs, split_by_unit)
+from tbdiag.tempbalance.tuned import (DEFAULT_GROUP, TuneOptions, plan_model, tuned_layers, unit_of_parameters,
+                                      units_in_order, unwrap)
 
 log = logging.getLogger(__name__)
 
 METRICS = {"alpha": "alpha", "alpha_weighted": "alpha_weighted", "spectral_norm": "lambda_max"}
+PER = ("epoch", "update")
+Factory = Callable[[list[dict]], torch.optim.Optimizer]
 
 
 class TempBalance:
-    """Temperature balancing: each tuned layer's learning rate follows its heavy-tail exponent.
+    """Temperature balancing: each tuned unit's learning rate follows its layers' heavy-tail exponent.
 
     Args:
         model: the model (DDP / compile wrappers are looked through).
-        optimizer: a factory ``groups -> Optimizer`` (preferred), or an existing optimizer whose param
-            groups are split by layer here (its other hyper-parameters are kept).
-        map: ``linear`` (default), ``sqrt``, ``log2``, ``step`` or ``sigmoid`` (see `maps`).
-        min_ratio: smallest multiplier of the ``linear``/``step``/``sigmoid`` maps.
-        max_ratio: largest multiplier.
+        optimizer: an optimizer with any grouping (decay/no-decay, per-module lr, timm layer decay; wrappers
+            with ``.optimizer`` such as accelerate's are looked through): each group is split by unit and
+            keeps its settings. Or a factory ``groups -> Optimizer``, given groups split by unit (and, with
+            ``no_decay``, biases/norms/embeddings apart with weight decay 0).
+        map, min_ratio, max_ratio: the map from metric to multiplier (`tbdiag.tempbalance.maps`).
         metric: ``alpha`` (default), ``alpha_weighted`` or ``spectral_norm``.
-        every: rebalance on every ``every``-th call of `step` (an epoch or a number of steps: your choice);
-            0 keeps the initial multipliers.
-        unit: ``layer`` or ``block`` (one multiplier per transformer block, from its layers' mean metric).
-        exclude_first_last: keep the first and last Conv/Linear at the global rate.
-        min_evals: keep layers with fewer eigenvalues at the global rate.
-        include: only tune layers matching these globs.
-        exclude: never tune layers matching these globs.
-        fit: power-law estimator (``median``, ``ks``, ``peak``).
+        every: rebalance every ``every`` epochs or updates (see ``per``); 0 keeps the initial multipliers.
+        per: ``epoch`` (counted by `step`) or ``update`` (counted by `step_update`).
+        warmup: no rebalance before this many epochs/updates; until then every multiplier is 1 (unless
+            ``initial`` is given).
+        unit, exclude_first_last, min_evals, include, exclude, split_qkv: which layers are tuned and their
+            groups (`tbdiag.tempbalance.tuned`, the rule `recommend` uses too).
+        fit: power-law estimator (``median``, as the paper, ``ks``, ``peak``).
         device: where eigenvalues are computed (``auto``, ``cpu``, ``cuda``…).
-        initial: multipliers to start from (``{group name: multiplier}``); otherwise balanced at once.
+        initial: multipliers to start from (``{unit: multiplier}``, e.g. `load_multipliers` of a recommend file).
         apply_scale: install the optimizer hooks that apply ``lr_scale`` during each step.
+        schedulers: schedulers already built over the optimizer's original groups, adapted to the split.
+        no_decay: factory route only: put biases, norms and embeddings in ``:no_decay`` groups (weight decay 0).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | Callable[[list[dict]], torch.optim.Optimizer],
-                 *, map: str = "linear", min_ratio: float = 0.5, max_ratio: float = 1.5, metric: str = "alpha",
-                 every: int = 1, unit: str = "layer", exclude_first_last: bool = True, min_evals: int = 50,
-                 include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), fit: str = "median",
-                 device: str = "auto", initial: Mapping[str, float] | None = None, apply_scale: bool = True) -> None:
+    def __init__(self, model: nn.Module, optimizer: Any, *, map: str = "linear", min_ratio: float = 0.5,
+                 max_ratio: float = 1.5, metric: str = "alpha", every: int = 1, per: str = "epoch", warmup: int = 0,
+                 unit: str = "layer", exclude_first_last: bool = True, min_evals: int = 50,
+                 include: Sequence[str] = (), exclude: Sequence[str] = (), split_qkv: bool = False,
+                 fit: str = "median", device: str = "auto", initial: Mapping[str, float] | None = None,
+                 apply_scale: bool = True, schedulers: Sequence[Any] = (), no_decay: bool = True) -> None:
         if metric not in METRICS:
-            raise TbdiagError(f"metric {metric}: use one of {', '.join(METRICS)}")
-        if unit not in ("layer", "block"):
-            raise TbdiagError(f"unit {unit}: use layer or block")
-        if every < 0:
-            raise TbdiagError(f"every {every}: must be 0 (never rebalance) or more")
-        multipliers([], map, min_ratio, max_ratio)  # validates map and ratios
-        self.map, self.min_ratio, self.max_ratio, self.metric, self.every = map, min_ratio, max_ratio, metric, every
+            raise TbdiagError(f"metric {metric!r}: use one of {', '.join(METRICS)}")
+        if per not in PER:
+            raise TbdiagError(f"per {per!r}: use epoch or update")
+        if not (isinstance(every, int) and every >= 0 and isinstance(warmup, int) and warmup >= 0):
+            raise TbdiagError(f"every {every!r}, warmup {warmup!r}: must be whole numbers ≥ 0")
+        multipliers([], map, min_ratio, max_ratio)  # validates the map and the ratios
+        self.map, self.min_ratio, self.max_ratio, self.metric = map, min_ratio, max_ratio, metric
+        self.every, self.per, self.warmup, self.apply_scale = every, per, warmup, apply_scale
+        self.tune = TuneOptions(unit=unit, exclude_first_last=exclude_first_last, min_evals=min_evals,
+                                include=tuple(include), exclude=tuple(exclude), split_qkv=split_qkv)
         self.options = AnalyzeOptions(fit=fit, device=device, min_evals=2)
-        self.layers = select_layers(model, exclude_first_last=exclude_first_last, min_evals=min_evals,
-                                    include=tuple(include), exclude=tuple(exclude), unit=unit)
-        groups = param_groups(model, self.layers)
-        if isinstance(optimizer, torch.optim.Optimizer):
-            self.optimizer = _regroup(optimizer, groups)
-        else:
-            self.optimizer = optimizer(groups)
-        self._by_name = {g["name"]: g for g in self.optimizer.param_groups if "name" in g}
-        self.calls = 0
+        specs = plan_model(model, self.tune)
+        self.layers = tuned_layers(specs, self.tune)
+        tuned_names = {t.name for t in self.layers}
+        self._specs = [s for s in specs if s.name in tuned_names]
+        owner = unit_of_parameters(model, self.layers, specs, unit)
+        unit_of = {id(p): owner[n] for n, p in unwrap(model).named_parameters() if n in owner}
+        self.optimizer = self._split(model, optimizer, unit_of, schedulers, no_decay)
+        self._mult = {u: 1.0 for u in self._groups}
+        self.epoch = self.updates = self.n_balances = 0
+        self.last_balance_s = self.total_balance_s = 0.0
         self.values: dict[str, float] = {}
         if apply_scale:
-            self.optimizer.register_step_pre_hook(_scale_lrs)
-            self.optimizer.register_step_post_hook(_restore_lrs)
+            self.optimizer.register_step_pre_hook(scale_lrs)
+            self.optimizer.register_step_post_hook(restore_lrs)
         if initial is not None:
             self.set_multipliers(initial)
-        else:
+        elif warmup == 0:
             self.balance()
+
+    def _split(self, model: nn.Module, optimizer: Any, unit_of: dict[int, str], schedulers: Sequence[Any],
+               no_decay: bool) -> torch.optim.Optimizer:
+        if callable(optimizer) and not hasattr(optimizer, "param_groups"):
+            base = param_groups(model) if no_decay else [{"params": [p for p in unwrap(model).parameters()
+                                                                      if p.requires_grad]}]
+            groups, _ = split_by_unit(base, unit_of)
+            self._origin = list(range(len(groups)))
+            return inner_optimizer(optimizer(groups))
+        opt = inner_optimizer(optimizer)
+        original = [dict(g) for g in opt.param_groups]
+        in_opt = {id(p) for g in original for p in g["params"]}
+        missing = [n for n, p in unwrap(model).named_parameters() if p.requires_grad and id(p) not in in_opt]
+        if missing:
+            log.info("TempBalance: %d trainable parameters are not in the optimizer (e.g. %s)", len(missing), missing[0])
+        opt.param_groups, origin = split_by_unit(original, unit_of)
+        self._origin = origin
+        for scheduler in schedulers:
+            adopt_scheduler(scheduler, opt, origin)
+        OriginalLayout(opt, original, origin, lambda g: 1.0 if self.apply_scale else self._mult.get(g["unit"], 1.0))
+        return opt
+
+    @property
+    def _groups(self) -> dict[str, list[dict]]:
+        """The optimizer's groups by unit (looked up each time: loading optimizer state replaces them)."""
+        out: dict[str, list[dict]] = {}
+        for g in self.optimizer.param_groups:
+            out.setdefault(g["unit"], []).append(g)
+        return out
 
     @property
     def units(self) -> list[str]:
-        """Names of the tuned param groups, in model order."""
-        return list(dict.fromkeys(t.unit for t in self.layers))
+        """Names of the tuned units, in model order."""
+        return units_in_order(self.layers)
 
     @property
     def multipliers(self) -> dict[str, float]:
-        """Current ``lr_scale`` of every named group (``default`` included)."""
-        return {name: g["lr_scale"] for name, g in self._by_name.items()}
+        """Current multiplier of every unit (``default`` included, always 1)."""
+        return dict(self._mult)
 
     def effective_lrs(self) -> dict[str, float]:
-        """The learning rate each named group steps with: its base ``lr`` × ``lr_scale``."""
-        return {name: g["lr"] * g["lr_scale"] for name, g in self._by_name.items()}
+        """The learning rate each param group steps with, by group name (``lr × lr_scale`` with the hooks)."""
+        return {g["name"]: g["lr"] * (g["lr_scale"] if self.apply_scale else 1.0) for g in self.optimizer.param_groups}
+
+    def adopt_scheduler(self, scheduler: Any) -> None:
+        """Adapt a scheduler that was built over the optimizer's groups before they were split (as the
+        ``schedulers`` argument does); harmless for one built after."""
+        built_before = len(getattr(scheduler, "base_lrs", self.optimizer.param_groups)) != len(self.optimizer.param_groups)
+        adopt_scheduler(scheduler, self.optimizer, self._origin if built_before else range(len(self._origin)))
 
     def measure(self) -> dict[str, float]:
         """The metric of every tuned layer (``nan`` where a fit failed), shared across ranks under DDP."""
-        rows = measure_shared([t.spec for t in self.layers], self.options)
-        return {t.name: getattr(row, METRICS[self.metric]) for t, row in zip(self.layers, rows)}
+        rows = measure_shared(self._specs, self.options)
+        return {row.name: getattr(row, METRICS[self.metric]) for row in rows}
 
     def balance(self) -> dict[str, float]:
-        """Refit every tuned layer now and set each group's ``lr_scale``; returns the multipliers."""
+        """Refit every tuned layer now and set each unit's multiplier; returns the multipliers."""
+        t0 = time.perf_counter()
         self.values = self.measure()
         result = unit_multipliers([t.unit for t in self.layers], [self.values[t.name] for t in self.layers],
                                   self.map, self.min_ratio, self.max_ratio)
-        for unit, m in result.items():
-            self._by_name[unit]["lr_scale"] = m
-        log.info("TempBalance: %d groups rebalanced (%s)", len(result), self.metric)
+        self._apply(result)
+        self.last_balance_s = time.perf_counter() - t0
+        self.total_balance_s += self.last_balance_s
+        self.n_balances += 1
+        log.info("TempBalance: %d units rebalanced from %s in %.3f s", len(result), self.metric, self.last_balance_s)
         return result
 
-    def step(self) -> None:
-        """Count one call; rebalance on every ``every``-th (never when ``every`` is 0)."""
-        self.calls += 1
-        if self.every and self.calls % self.every == 0:
+    def _due(self, t: int) -> bool:
+        return self.every > 0 and t >= max(self.warmup, 1) and t % self.every == 0
+
+    def step(self, epoch: int | None = None) -> bool:
+        """End of an epoch: ``epoch`` epochs are done (default: one more than last time). With ``per="epoch"``,
+        rebalances when due; returns whether it did."""
+        self.epoch = self.epoch + 1 if epoch is None else int(epoch)
+        if self.per == "epoch" and self._due(self.epoch):
             self.balance()
+            return True
+        return False
+
+    def step_update(self, num_updates: int | None = None) -> bool:
+        """After an optimizer update: ``num_updates`` updates are done (default: one more). With
+        ``per="update"``, rebalances when due; returns whether it did."""
+        self.updates = self.updates + 1 if num_updates is None else int(num_updates)
+        if self.per == "update" and self._due(self.updates):
+            self.balance()
+            return True
+        return False
+
+    def _apply(self, mult: Mapping[str, float]) -> None:
+        self._mult.update({unit: float(m) for unit, m in mult.items()})
+        for g in self.optimizer.param_groups:
+            g["lr_scale"] = g["tb_base_scale"] * self._mult[g["unit"]]
 
     def set_multipliers(self, mapping: Mapping[str, float]) -> None:
-        """Set ``lr_scale`` of named groups (e.g. from ``tbdiag recommend``).
+        """Set the multipliers of named units (e.g. from a ``tbdiag recommend`` file).
 
         Raises:
-            TbdiagError: a name that is no tuned group of this model.
+            TbdiagError: a name that is no tuned unit of this model, or a multiplier that is not a positive number.
         """
-        unknown = [n for n in mapping if n not in self._by_name or n == DEFAULT_GROUP]
+        unknown = [n for n in mapping if n not in self._groups or n == DEFAULT_GROUP]
         if unknown:
-            raise TbdiagError(f"multipliers for {', '.join(unknown[:3])}: no such tuned layer in this model "
-                              f"(tuned: {', '.join(self.units[:3])} …); recommend from this model's checkpoint")
+            raise TbdiagError(f"multipliers for {', '.join(unknown[:3])}: no such tuned unit in this model "
+                              f"(tuned: {', '.join(self.units[:3])} …); recommend from this model's checkpoint "
+                              "with the same unit and layer options")
         for name, m in mapping.items():
-            if not (isinstance(m, (int, float)) and math.isfinite(m) and m > 0):
+            if isinstance(m, bool) or not (isinstance(m, (int, float)) and math.isfinite(m) and m > 0):
                 raise TbdiagError(f"multiplier of {name}: {m!r} is not a positive number")
-            self._by_name[name]["lr_scale"] = float(m)
+        self._apply(mapping)
+
+    def log_values(self) -> dict[str, float]:
+        """Flat numbers for a logger: ``lr/<group>`` (effective rate), ``alpha/<unit>`` (mean metric),
+        ``tb/balance_s`` (last rebalance time)."""
+        out = {f"lr/{name}": lr for name, lr in self.effective_lrs().items()}
+        per_unit: dict[str, list[float]] = {}
+        for t in self.layers:
+            v = self.values.get(t.name, math.nan)
+            if math.isfinite(v):
+                per_unit.setdefault(t.unit, []).append(v)
+        out.update({f"{self.metric}/{u}": sum(v) / len(v) for u, v in per_unit.items()})
+        out["tb/balance_s"] = self.last_balance_s
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        """What `load_state_dict` needs to continue exactly: call count, multipliers, last metric values."""
-        return {"calls": self.calls, "multipliers": self.multipliers, "values": dict(self.values)}
+        """What `load_state_dict` needs to continue exactly: counters, multipliers, last metric values."""
+        return {"epoch": self.epoch, "updates": self.updates, "multipliers": self.multipliers,
+                "values": dict(self.values), "n_balances": self.n_balances, "total_balance_s": self.total_balance_s}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore `state_dict` output."""
-        self.calls = int(state["calls"])
-        self.values = dict(state["values"])
-        for name, m in state["multipliers"].items():
-            self._by_name[name]["lr_scale"] = float(m)
-
-
-def _scale_lrs(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    for g in optimizer.param_groups:
-        g["base_lr_"] = g["lr"]
-        g["lr"] = g["lr"] * g.get("lr_scale", 1.0)
-
-
-def _restore_lrs(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    for g in optimizer.param_groups:
-        if "base_lr_" in g:
-            g["lr"] = g.pop("base_lr_")
-
-
-def _regroup(optimizer: torch.optim.Optimizer, groups: list[dict]) -> torch.optim.Optimizer:
-    """Split an existing optimizer's param groups into ``groups``, keeping each parameter's settings.
-
-    Raises:
-        TbdiagError: a parameter missing from the optimizer, or one group mixing different settings.
-    """
-    settings: dict[int, dict] = {}
-    for g in optimizer.param_groups:
-        for p in g["params"]:
-            settings[id(p)] = {k: v for k, v in g.items() if k != "params"}
-    new_groups = []
-    for group in groups:
-        missing = [p for p in group["params"] if id(p) not in settings]
-        if missing:
-            raise TbdiagError(f"group {group['name']}: a parameter is not in the optimizer; build the optimizer "
-                              "over all model parameters, or pass a factory")
-        options = [settings[id(p)] for p in group["params"]]
-        if any(o != options[0] for o in options):
-            raise TbdiagError(f"group {group['name']}: its parameters have different optimizer settings; "
-                              "pass a factory `lambda groups: Optimizer(groups, …)` instead")
-        new_groups.append({**options[0], "params": group["params"], "name": group["name"], "lr_scale": 1.0})
-    optimizer.param_groups = new_groups
-    return optimizer
+        """Restore `state_dict` output (also that of earlier versions, which counted ``calls``)."""
+        self.epoch = int(state.get("epoch", state.get("calls", 0)))
+        self.updates = int(state.get("updates", 0))
+        self.values = dict(state.get("values", {}))
+        self.n_balances = int(state.get("n_balances", 0))
+        self.total_balance_s = float(state.get("total_balance_s", 0.0))
+        self.set_multipliers({k: v for k, v in state["multipliers"].items() if k != DEFAULT_GROUP})

@@ -7,46 +7,44 @@ from pathlib import Path
 
 from tbdiag.analysis import Analysis
 from tbdiag.errors import TbdiagError
-from tbdiag.metrics import LayerResult
 from tbdiag.tempbalance.balancer import METRICS
-from tbdiag.tempbalance.groups import block_of
 from tbdiag.tempbalance.maps import unit_means, unit_multipliers
+from tbdiag.tempbalance.tuned import TuneOptions, tuned_layers
 
 SCHEMA = "tbdiag.multipliers/v1"
-TUNABLE_KINDS = ("linear", "conv1d", "conv2d", "conv3d")
-
-
-def tuned_rows(analysis: Analysis, *, exclude_first_last: bool = True, min_evals: int = 50) -> list[LayerResult]:
-    """The rows TempBalance would tune: Conv/Linear in checkpoint order, less first/last and small layers."""
-    rows = [r for r in analysis.layers if r.kind in TUNABLE_KINDS]
-    if exclude_first_last:
-        rows = rows[1:-1]
-    return [r for r in rows if r.n_evals >= min_evals]
 
 
 def recommend(analysis: Analysis, *, map: str = "linear", min_ratio: float = 0.5, max_ratio: float = 1.5,
               metric: str = "alpha", unit: str = "layer", exclude_first_last: bool = True, min_evals: int = 50,
-              lr: float | None = None) -> dict:
+              include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), lr: float | None = None) -> dict:
     """The ``tbdiag.multipliers/v1`` document for an analysis.
 
-    ``layers`` maps each group name (a layer, or a block with ``unit="block"``) to its alpha (the block's
-    mean), the chosen metric's value, its multiplier and, when ``lr`` is given, its learning rate.
+    The tuned layers and their units follow `tbdiag.tempbalance.tuned` — the rule `TempBalance` applies to
+    the live model — so a file written here loads into `TempBalance.set_multipliers` with the same options.
+    ``layers`` maps each unit (a layer, or a block with ``unit="block"``) to its alpha (the unit's mean), the
+    chosen metric's value, its multiplier, the layers it covers, and, when ``lr`` is given, its learning rate.
+
+    Raises:
+        TbdiagError: an unknown metric or unit, or no layer to tune.
     """
     if metric not in METRICS:
-        raise TbdiagError(f"--metric {metric}: use one of {', '.join(METRICS)}")
-    rows = tuned_rows(analysis, exclude_first_last=exclude_first_last, min_evals=min_evals)
-    if not rows:
-        raise TbdiagError(f"{analysis.source}: no layer to tune (Conv/Linear with ≥ {min_evals} eigenvalues, "
-                          "first and last excluded); try --keep-first-last or a lower --min-evals")
-    units = [block_of(r.name) if unit == "block" else r.name for r in rows]
-    values = [getattr(r, METRICS[metric]) for r in rows]
+        raise TbdiagError(f"metric {metric!r}: use one of {', '.join(METRICS)}")
+    tune = TuneOptions(unit=unit, exclude_first_last=exclude_first_last, min_evals=min_evals,
+                       include=tuple(include), exclude=tuple(exclude), split_qkv=analysis.options.split_qkv,
+                       embeddings=False)
+    tuned = tuned_layers(analysis.layers, tune)
+    if not tuned:
+        raise TbdiagError(f"{analysis.source}: no layer to tune (Conv/Linear with ≥ {min_evals} eigenvalues, input "
+                          "and output layers excluded); keep the first and last layers or lower the eigenvalue minimum")
+    rows = {r.name: r for r in analysis.layers}
+    units = [t.unit for t in tuned]
+    values = [getattr(rows[t.name], METRICS[metric]) for t in tuned]
     mult = unit_multipliers(units, values, map, min_ratio, max_ratio)
-    alphas, means = unit_means(units, [r.alpha for r in rows]), unit_means(units, values)
+    alphas, means = unit_means(units, [rows[t.name].alpha for t in tuned]), unit_means(units, values)
     layers = {}
     for u in mult:
-        entry = {"alpha": _or_none(alphas[u]), "value": _or_none(means[u]), "multiplier": mult[u]}
-        if unit == "block":
-            entry["layers"] = [r.name for r, uu in zip(rows, units) if uu == u]
+        entry = {"alpha": _or_none(alphas[u]), "value": _or_none(means[u]), "multiplier": mult[u],
+                 "layers": [t.name for t in tuned if t.unit == u]}
         if lr is not None:
             entry["lr"] = lr * mult[u]
         layers[u] = entry

@@ -1,0 +1,197 @@
+"""Optimizer param groups addressed by unit: decay/no-decay groups, splitting any optimizer's groups by
+unit, and keeping schedulers and optimizer checkpoints working across that split.
+
+Group names: a unit's sub-group from the optimizer's first group is named after the unit
+(``layers.3.mlp.up``); its sub-groups from later groups get that group's tag (``layers.3.mlp.up:no_decay``):
+the group's ``name``, ``no_decay`` for a group without weight decay beside groups with it, or ``g<index>``. Each group carries ``unit``, ``lr_scale`` (what the step applies: the original group's own
+``lr_scale`` — timm's layer decay — times the unit's multiplier) and ``tb_base_scale`` (that original scale).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from tbdiag.errors import TbdiagError
+from tbdiag.tempbalance.tuned import DEFAULT_GROUP, unwrap
+
+OWN_KEYS = ("name", "unit", "lr_scale", "tb_base_scale")
+SCHEDULER_LISTS = ("lr_lambdas", "min_lrs", "max_lrs", "base_values")  # per-group lists of torch/timm schedulers
+
+
+def is_no_decay(name: str, param: torch.Tensor, module: nn.Module, patterns: Sequence[str]) -> bool:
+    """nanoGPT/timm convention: biases, norm gains and other 1-D tensors, and embeddings take no weight decay;
+    so does any parameter whose name matches one of ``patterns`` (globs)."""
+    if param.ndim <= 1 or isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return True
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def param_groups(model: nn.Module, weight_decay: float | None = None, no_decay: Sequence[str] = (),
+                 *, decay_embeddings: bool = False) -> list[dict]:
+    """Two param groups for building an optimizer: ``decay`` and ``no_decay`` (weight decay 0).
+
+    Args:
+        model: the model (wrappers are looked through); only trainable parameters are grouped.
+        weight_decay: weight decay of the ``decay`` group; None leaves it to the optimizer's default.
+        no_decay: glob patterns of further parameter names without decay (e.g. ``"*.pos_emb"``).
+        decay_embeddings: decay embedding matrices too (nanoGPT does; timm does not).
+    """
+    decay, plain = [], []
+    owners = {id(p): m for m in unwrap(model).modules() for p in m.parameters(recurse=False)}
+    for name, p in unwrap(model).named_parameters():
+        if not p.requires_grad:
+            continue
+        module = owners[id(p)]
+        skip = is_no_decay(name, p, module, tuple(no_decay))
+        if decay_embeddings and isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and p.ndim > 1:
+            skip = any(fnmatch.fnmatchcase(name, pat) for pat in no_decay)
+        (plain if skip else decay).append(p)
+    groups = [{"name": "decay", "params": decay}] if decay else []
+    if weight_decay is not None and groups:
+        groups[0]["weight_decay"] = weight_decay
+    if plain:
+        groups.append({"name": "no_decay", "params": plain, "weight_decay": 0.0})
+    return groups
+
+
+def _tags(groups: Sequence[Mapping]) -> list[str]:
+    decays = [g.get("weight_decay") for g in groups]
+    tags = []
+    for i, g in enumerate(groups):
+        if isinstance(g.get("name"), str) and g["name"]:
+            tags.append(g["name"])
+        elif decays[i] == 0 and any(d not in (0, None) for d in decays):
+            tags.append("no_decay")
+        else:
+            tags.append(f"g{i}")
+    return tags
+
+
+def split_by_unit(groups: Sequence[Mapping], unit_of: Mapping[int, str]) -> tuple[list[dict], list[int]]:
+    """Split every group by the unit of its parameters (``unit_of``: id(param) → unit, else ``default``),
+    keeping every setting; returns the new groups and, for each, the index of the group it came from."""
+    tags = _tags(groups)
+    new, origin, names = [], [], set()
+    for i, g in enumerate(groups):
+        if g.get("unit") is not None:
+            raise TbdiagError("the optimizer's groups are already split by unit (TempBalance applied twice?)")
+        by_unit: dict[str, list] = {}
+        for p in g["params"]:
+            by_unit.setdefault(unit_of.get(id(p), DEFAULT_GROUP), []).append(p)
+        settings = {k: v for k, v in g.items() if k != "params"}
+        base_scale = float(g.get("lr_scale", 1.0))
+        for unit, params in by_unit.items():
+            name = unit if i == 0 else f"{unit}:{tags[i]}"
+            while name in names:
+                name = f"{name}.{i}"
+            names.add(name)
+            new.append({**settings, "params": params, "name": name, "unit": unit, "lr_scale": base_scale,
+                        "tb_base_scale": base_scale})
+            origin.append(i)
+    return new, origin
+
+
+def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer`` (``.optimizer``)."""
+    seen = 0
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+        if optimizer is None or seen > 8:
+            raise TbdiagError("the optimizer is not a torch.optim.Optimizer and wraps none (no .optimizer)")
+    return optimizer
+
+
+def adopt_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, origin: Sequence[int]) -> None:
+    """Make a scheduler built over the original groups drive the split ones: its per-group lists are
+    re-indexed by ``origin``, its base rates taken from each group's ``initial_lr`` (SequentialLR and
+    ChainedScheduler: every child too). Works for torch's schedulers and timm's (``base_values``)."""
+    n_old = max(origin) + 1 if origin else 0
+    for child in getattr(scheduler, "_schedulers", ()) or ():
+        adopt_scheduler(child, optimizer, origin)
+    for attr in SCHEDULER_LISTS:
+        values = getattr(scheduler, attr, None)
+        if isinstance(values, list) and len(values) == n_old:
+            setattr(scheduler, attr, [values[o] for o in origin])
+    groups = optimizer.param_groups
+    if isinstance(getattr(scheduler, "base_lrs", None), list):
+        scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in groups]
+    if isinstance(getattr(scheduler, "_last_lr", None), list):
+        scheduler._last_lr = [g["lr"] for g in groups]
+
+
+def scale_lrs(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Step pre-hook: each group steps with ``lr × lr_scale``."""
+    for g in optimizer.param_groups:
+        g["base_lr_"] = g["lr"]
+        g["lr"] = g["lr"] * g.get("lr_scale", 1.0)
+
+
+def restore_lrs(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Step post-hook: back to the scheduler's ``lr`` between steps."""
+    for g in optimizer.param_groups:
+        if "base_lr_" in g:
+            g["lr"] = g.pop("base_lr_")
+
+
+class OriginalLayout:
+    """Optimizer state-dict hooks that save a split optimizer in its original group layout and load either
+    layout, so checkpoints stay loadable by the same code with or without TempBalance (and whether the
+    optimizer is split before or after its state is loaded)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, original: Sequence[Mapping], origin: Sequence[int],
+                 lr_factor: Callable[[dict], float]) -> None:
+        self.optimizer, self.origin, self.lr_factor = optimizer, list(origin), lr_factor
+        self.settings = [{k: v for k, v in g.items() if k != "params"} for g in original]
+        self.order = [[id(p) for p in g["params"]] for g in original]  # params of each original group, in order
+        optimizer.register_state_dict_post_hook(self.to_original)
+        optimizer.register_load_state_dict_pre_hook(self.from_original)
+
+    def _current_ids(self) -> list[int]:
+        return [id(p) for g in self.optimizer.param_groups for p in g["params"]]
+
+    def to_original(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+        index_now = {pid: i for i, pid in enumerate(self._current_ids())}
+        groups_now = state_dict["param_groups"]
+        out_groups, state, k = [], {}, 0
+        for j, ids in enumerate(self.order):
+            if j in self.origin:
+                first = groups_now[self.origin.index(j)]
+                group = {key: v for key, v in first.items() if key not in OWN_KEYS and key != "params"}
+                group["lr"] = first["lr"] / self.lr_factor(first)
+            else:  # a group that held no parameters
+                group = {key: v for key, v in self.settings[j].items() if key not in OWN_KEYS}
+            group.update({key: self.settings[j][key] for key in OWN_KEYS if key in self.settings[j]})
+            group["params"] = list(range(k, k + len(ids)))
+            for pid in ids:
+                if index_now[pid] in state_dict["state"]:
+                    state[k] = state_dict["state"][index_now[pid]]
+                k += 1
+            out_groups.append(group)
+        return {"state": state, "param_groups": out_groups}
+
+    def from_original(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.order) or len(saved) == len(optimizer.param_groups):
+            return state_dict  # already this layout (or not ours): torch checks it as usual
+        index_then, k = {}, 0
+        for ids in self.order:
+            for pid in ids:
+                index_then[pid] = k
+                k += 1
+        groups, state, k = [], {}, 0
+        for g, o in zip(optimizer.param_groups, self.origin):
+            own = {key: g[key] for key in OWN_KEYS if key in g}
+            group = {**{key: v for key, v in saved[o].items() if key != "params"}, **own}
+            group["params"] = list(range(k, k + len(g["params"])))
+            for p in g["params"]:
+                if index_then[id(p)] in state_dict["state"]:
+                    state[k] = state_dict["state"][index_then[id(p)]]
+                k += 1
+            groups.append(group)
+        return {"state": state, "param_groups": groups}

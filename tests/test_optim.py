@@ -1,0 +1,169 @@
+"""TempBalance with optimizers and schedulers as people build them: any grouping, schedulers before or
+after, checkpoints in the original layout, timm's lr_scale contract."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import tbdiag
+from tbdiag import TempBalance
+from tbdiag.errors import TbdiagError
+from tests import tiny_models
+
+SCHEDULES = {
+    "lambda": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3) * 0.9 ** s),
+    "onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] * 10 for g in opt.param_groups],
+                                                                 total_steps=8),
+    "warmup+cosine": lambda opt: torch.optim.lr_scheduler.SequentialLR(
+        opt, [torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=3),
+              torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5)], milestones=[3]),
+}
+
+
+def adamw(model, lr_head=None):
+    """AdamW over decay / no-decay groups (and, with ``lr_head``, the head at its own rate)."""
+    groups = tbdiag.param_groups(model, weight_decay=0.1)
+    if lr_head is not None:
+        head = {id(p) for p in model.head.parameters()}
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in head]
+        groups.append({"params": list(model.head.parameters()), "lr": lr_head, "weight_decay": 0.0, "name": "head"})
+    return torch.optim.AdamW(groups, lr=1e-3, betas=(0.8, 0.95))
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 96, (4, 8), generator=g)
+
+
+def train_steps(model, opt, sched, tb, n, recorder=None):
+    idx = batch()
+    for step in range(n):
+        loss = nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if tb is not None:
+            tb.step_update(step + 1)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+def test_stepped_lr_is_base_schedule_times_multiplier(schedule, when):
+    """Record the lr every group steps with; it equals the schedule of its original group × its unit's multiplier."""
+    model = tiny_models.mha_net()
+    opt = adamw(model, lr_head=5e-3)
+    reference = SCHEDULES[schedule](torch.optim.AdamW([{"params": [torch.zeros(1)], "lr": g["lr"]}
+                                                        for g in opt.param_groups]))
+    sched = SCHEDULES[schedule](opt) if when == "before" else None
+    tb = TempBalance(model, opt, every=2, per="update", schedulers=[sched] if sched else ())
+    sched = sched or SCHEDULES[schedule](opt)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append({g["name"]: g["lr"] for g in o.param_groups}))
+    idx = batch()
+    for step in range(6):
+        base = [g["lr"] for g in reference.optimizer.param_groups]
+        mult = tb.multipliers
+        nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        reference.optimizer.step()
+        reference.step()
+        tb.step_update(step + 1)
+        for g in opt.param_groups:
+            src = 0 if ":" not in g["name"] else 1 if g["name"].endswith(":no_decay") else 2
+            assert seen[-1][g["name"]] == pytest.approx(base[src] * mult[g["unit"]], rel=1e-12), (step, g["name"])
+        assert [g["lr"] for g in opt.param_groups if ":" not in g["name"]][0] == pytest.approx(
+            reference.optimizer.param_groups[0]["lr"])  # base rate between steps
+    assert tb.n_balances == 4 and len(set(tb.multipliers.values())) > 3  # balanced at 0, 2, 4, 6
+
+
+def test_existing_groups_keep_every_setting_and_get_readable_names():
+    model = tiny_models.mha_net()
+    opt = adamw(model, lr_head=5e-3)
+    before = {id(p): {k: v for k, v in g.items() if k != "params"} for g in opt.param_groups for p in g["params"]}
+    tb = TempBalance(model, opt)
+    for g in opt.param_groups:
+        for p in g["params"]:
+            for k, v in before[id(p)].items():
+                if k != "name":
+                    assert g[k] == v, (g["name"], k)
+    names = [g["name"] for g in opt.param_groups]
+    assert "blocks.1.mlp.0" in names and "blocks.1.mlp.0:no_decay" in names and "default:head" in names
+    assert len(names) == len(set(names))
+    sub = [g for g in opt.param_groups if g["unit"] == "blocks.1.mlp.0"]
+    assert len(sub) == 2 and {g["lr_scale"] for g in sub} == {tb.multipliers["blocks.1.mlp.0"]}
+    with pytest.raises(TbdiagError, match="already split"):
+        TempBalance(model, opt)
+
+
+def test_timm_layer_decay_lr_scale_composes_without_double_scaling():
+    """timm's param_groups_layer_decay puts lr_scale on groups and its schedulers set lr = value × lr_scale."""
+    model = tiny_models.mha_net()
+    groups = [{"params": list(model.blocks[i].parameters()), "lr_scale": 0.5 ** (2 - i)} for i in range(3)]
+    groups.append({"params": [*model.tok_emb.parameters(), *model.ln_f.parameters(), *model.head.parameters()],
+                   "lr_scale": 1.0})
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    tb = TempBalance(model, opt, apply_scale=False, unit="block")
+    for g in opt.param_groups:  # what a timm scheduler does on every step
+        g["lr"] = 1e-3 * g["lr_scale"]
+    for g in opt.param_groups:
+        layer_decay = 0.5 ** (2 - int(g["unit"].split(".")[1])) if g["unit"] != "default" else 1.0
+        assert tb.effective_lrs()[g["name"]] == pytest.approx(1e-3 * layer_decay * tb.multipliers[g["unit"]])
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append([g["lr"] for g in o.param_groups]))
+    model(batch()).sum().backward()
+    opt.step()
+    assert seen[0] == [g["lr"] for g in opt.param_groups]  # no second scaling by TempBalance's hooks
+
+
+def test_checkpoint_in_original_layout_resumes_bit_identically():
+    """The optimizer saves in its original two groups: a fresh optimizer loads it before or after TempBalance,
+    and the resumed run equals the uninterrupted one."""
+    def fresh():
+        model = tiny_models.mha_net()
+        opt = adamw(model)
+        sched = SCHEDULES["warmup+cosine"](opt)
+        return model, opt, sched
+
+    model, opt, sched = fresh()
+    tb = TempBalance(model, opt, every=2, per="update", schedulers=[sched])
+    train_steps(model, opt, sched, tb, 3)
+    saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                           "tb": tb.state_dict()})
+    assert len(saved["opt"]["param_groups"]) == 2
+    train_steps(model, opt, sched, None, 3)
+    for order in ("load, then split", "split, then load"):
+        m2, o2, s2 = fresh()
+        m2.load_state_dict(saved["model"])
+        if order == "load, then split":
+            o2.load_state_dict(copy.deepcopy(saved["opt"]))  # torch shares the tensors
+            s2.load_state_dict(saved["sched"])
+            tb2 = TempBalance(m2, o2, every=2, per="update", schedulers=[s2], initial={})
+        else:
+            tb2 = TempBalance(m2, o2, every=2, per="update", schedulers=[s2], initial={})
+            o2.load_state_dict(copy.deepcopy(saved["opt"]))  # torch shares the tensors
+            s2.load_state_dict(saved["sched"])
+            tb2.adopt_scheduler(s2)
+        tb2.load_state_dict(saved["tb"])
+        assert tb2.multipliers == saved["tb"]["multipliers"]
+        train_steps(m2, o2, s2, None, 3)
+        for p, q in zip(model.parameters(), m2.parameters()):
+            assert torch.equal(p, q), order
+
+
+def test_factory_route_keeps_biases_and_norms_out_of_weight_decay():
+    model = tiny_models.mha_net()
+    tb = TempBalance(model, lambda g: torch.optim.AdamW(g, lr=1e-3, weight_decay=0.1))
+    wd = {id(p): g["weight_decay"] for g in tb.optimizer.param_groups for p in g["params"]}
+    assert wd[id(model.blocks[0].ln_1.weight)] == 0 and wd[id(model.blocks[0].mlp[0].bias)] == 0
+    assert wd[id(model.tok_emb.weight)] == 0 and wd[id(model.blocks[0].mlp[0].weight)] == 0.1
+    ref = TempBalance(tiny_models.mha_net(), lambda g: torch.optim.SGD(g, lr=0.1, weight_decay=5e-4), no_decay=False)
+    assert {g["weight_decay"] for g in ref.optimizer.param_groups} == {5e-4}  # the paper's setup: decay on all
+    groups = tbdiag.param_groups(model, weight_decay=0.1, no_decay=["*.mlp.2.weight"], decay_embeddings=True)
+    decayed = {id(p) for p in groups[0]["params"]}
+    assert id(model.tok_emb.weight) in decayed and id(model.blocks[0].mlp[2].weight) not in decayed
