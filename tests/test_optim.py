@@ -2,6 +2,7 @@
 after, checkpoints in the original layout, timm's lr_scale contract."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -121,13 +122,14 @@ def test_timm_layer_decay_lr_scale_composes_without_double_scaling():
     assert seen[0] == [g["lr"] for g in opt.param_groups]  # no second scaling by TempBalance's hooks
 
 
-def test_checkpoint_in_original_layout_resumes_bit_identically():
+@pytest.mark.parametrize("schedule", ["warmup+cosine", "lambda"])
+def test_checkpoint_in_original_layout_resumes_bit_identically(schedule):
     """The optimizer saves in its original two groups: a fresh optimizer loads it before or after TempBalance,
     and the resumed run equals the uninterrupted one."""
     def fresh():
         model = tiny_models.mha_net()
         opt = adamw(model)
-        sched = SCHEDULES["warmup+cosine"](opt)
+        sched = SCHEDULES[schedule](opt)
         return model, opt, sched
 
     model, opt, sched = fresh()
@@ -136,6 +138,12 @@ def test_checkpoint_in_original_layout_resumes_bit_identically():
     saved = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                            "tb": tb.state_dict()})
     assert len(saved["opt"]["param_groups"]) == 2
+    buffer = io.BytesIO()
+    torch.save(saved["sched"], buffer)
+    buffer.seek(0)
+    sched_state = torch.load(buffer, weights_only=True)  # plain data, in the original two groups
+    children = sched_state.get("_schedulers", [sched_state])
+    assert [len(c["base_lrs"]) for c in children] == [2] * len(children) and len(sched_state["_last_lr"]) == 2
     train_steps(model, opt, sched, None, 3)
     for order in ("load, then split", "split, then load"):
         m2, o2, s2 = fresh()

@@ -98,22 +98,28 @@ def split_by_unit(groups: Sequence[Mapping], unit_of: Mapping[int, str]) -> tupl
 
 def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer`` (``.optimizer``)."""
-    seen = 0
-    while not isinstance(optimizer, torch.optim.Optimizer):
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-        if optimizer is None or seen > 8:
-            raise TbdiagError("the optimizer is not a torch.optim.Optimizer and wraps none (no .optimizer)")
+    for _ in range(8):  # AcceleratedOptimizer subclasses Optimizer but keeps no state or hooks of its own
+        inner = getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TbdiagError(f"the optimizer is a {type(optimizer).__name__}, not a torch.optim.Optimizer, and wraps none")
     return optimizer
 
 
-def adopt_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, origin: Sequence[int]) -> None:
+def adopt_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, origin: Sequence[int],
+                    n_original: int | None = None) -> None:
     """Make a scheduler built over the original groups drive the split ones: its per-group lists are
     re-indexed by ``origin``, its base rates taken from each group's ``initial_lr`` (SequentialLR and
-    ChainedScheduler: every child too). Works for torch's schedulers and timm's (``base_values``)."""
-    n_old = max(origin) + 1 if origin else 0
+    ChainedScheduler: every child too; wrappers with ``.scheduler``, as accelerate's, looked through).
+    Works for torch's schedulers and timm's (``base_values``). Its ``state_dict`` is then written in the
+    original layout and its ``load_state_dict`` takes either layout, like the optimizer's (`OriginalLayout`)."""
+    while not hasattr(scheduler, "base_lrs") and hasattr(scheduler, "scheduler"):
+        scheduler = scheduler.scheduler
+    n_old = n_original if n_original is not None else (max(origin) + 1 if origin else 0)
     for child in getattr(scheduler, "_schedulers", ()) or ():
-        adopt_scheduler(child, optimizer, origin)
+        adopt_scheduler(child, optimizer, origin, n_old)
     for attr in SCHEDULER_LISTS:
         values = getattr(scheduler, attr, None)
         if isinstance(values, list) and len(values) == n_old:
@@ -123,6 +129,24 @@ def adopt_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, origin: Se
         scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in groups]
     if isinstance(getattr(scheduler, "_last_lr", None), list):
         scheduler._last_lr = [g["lr"] for g in groups]
+    if len(origin) != n_old and not getattr(scheduler, "_tbdiag_layout", False):
+        _keep_original_layout(scheduler, list(origin), n_old)
+
+
+def _keep_original_layout(scheduler: Any, origin: list[int], n_old: int) -> None:
+    """Wrap a scheduler's state_dict/load_state_dict (on the instance) to save per-group lists in the
+    original layout (each original group's first sub-group) and to expand them again on load."""
+    first = [origin.index(j) if j in origin else 0 for j in range(n_old)]
+    save, load = scheduler.state_dict, scheduler.load_state_dict
+
+    def convert(state: dict, n_from: int, pick: Sequence[int]) -> dict:
+        return {k: ([v[i] for i in pick] if k in (*SCHEDULER_LISTS, "base_lrs", "_last_lr")
+                    and isinstance(v, list) and len(v) == n_from else v)
+                for k, v in state.items() if k not in ("state_dict", "load_state_dict", "_tbdiag_layout")}
+
+    scheduler.state_dict = lambda: convert(save(), len(origin), first)
+    scheduler.load_state_dict = lambda state: load(convert(state, n_old, origin))
+    scheduler._tbdiag_layout = True
 
 
 def scale_lrs(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
