@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tbdiag.tempbalance.groups import TUNABLE, unwrap
+from tbdiag.tempbalance.tuned import unwrap
+
+TUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # layers whose spectral norm SNR regularises
 
 
 class SpectralNormRegularizer:
