@@ -86,6 +86,8 @@ def test_bad_data(tmp_path):
         load_dataset("imagenet", tmp_path)
     with pytest.raises(TbdiagError, match="no such file"):
         load_dataset("mnist", tmp_path / "missing")
+    with pytest.raises(TbdiagError, match="data_dir missing: data set mnist is read from local files"):
+        load_dataset("mnist", None)
     with pytest.raises(TbdiagError, match="no train-images"):
         load_dataset("mnist", tmp_path)
     with pytest.raises(TbdiagError, match="no CIFAR-10 files"):
@@ -108,3 +110,93 @@ def test_svhn_mat(tmp_path):
                                                            "y": np.array([[10], [1], [2], [3], [4], [5]][:n])})
     d = load_dataset("svhn", tmp_path)
     assert d.x_train.shape == (6, 3, 32, 32) and d.y_train.tolist()[:2] == [0, 1] and d.augment
+
+
+def image_folder(root, sizes, shape=(8, 8)):
+    """``train/c<k>/`` with sizes[k] images (sorted by class, as every image folder is) and a small test split."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    for split, counts in (("train", sizes), ("test", [1] * len(sizes))):
+        for k, n in enumerate(counts):
+            (root / split / f"c{k}").mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (*shape, 3)).astype(np.uint8)).save(root / split / f"c{k}" / f"{i:03d}.png")
+    return root
+
+
+def test_train_subset_is_a_seeded_stratified_sample(tmp_path):
+    from tbdiag.runfolder import TrainConfig
+    from tbdiag.train.loop import training_set
+
+    folder = image_folder(tmp_path / "imgs", [20, 20, 20, 20])
+    data = load_dataset("folder", folder)
+    assert data.y_train.tolist() == sorted(data.y_train.tolist())  # the first N would be one class only
+    config = TrainConfig(data="folder", data_dir=str(folder), train_subset=8, seed=1)
+    x, y = training_set(data, config)
+    assert torch.bincount(y).tolist() == [2, 2, 2, 2] and x.shape == (8, 3, 8, 8)
+    again, _ = training_set(data, config)
+    other, y2 = training_set(data, TrainConfig(data="folder", data_dir=str(folder), train_subset=8, seed=2))
+    assert torch.equal(x, again) and not torch.equal(x, other) and torch.bincount(y2).tolist() == [2, 2, 2, 2]
+    assert training_set(data, TrainConfig(data="folder", data_dir=str(folder)))[0] is data.x_train  # 0: all
+
+
+def test_stratified_subset_shares_out_the_remainder():
+    from tbdiag.train.data import stratified_subset
+
+    y = torch.tensor([0] * 500 + [1] * 300 + [2] * 200)
+    for n, expected in ((10, [5, 3, 2]), (7, [4, 2, 1]), (1, [1, 0, 0]), (999, [499, 300, 200])):
+        idx = stratified_subset(y, n, seed=0)
+        assert len(set(idx.tolist())) == n and torch.bincount(y[idx], minlength=3).tolist() == expected, n
+
+
+@pytest.mark.parametrize("y_train, y_test, message", [
+    ([0, 1, -1, 1], [0, 1], "label -1 (image 2) is outside the classes 0 or more"),
+    ([0, 1, 0, 1], [0, 2], "label 2 (image 1) is outside the classes 0–1"),
+    ([0, 1, 0.5, 1], [0, 1], "label 0.5 (image 2) is not a whole class number"),
+    ([0, 1, np.nan, 1], [0, 1], "is not a whole class number"),
+    ([[0, 1], [1, 0], [0, 1], [1, 0]], [0, 1], "one label per image"),
+])
+def test_bad_npz_labels(tmp_path, y_train, y_test, message):
+    x = np.zeros((4, 8, 8), np.uint8)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=np.array(y_train), x_test=x[:2], y_test=np.array(y_test))
+    with pytest.raises(TbdiagError) as err:
+        load_dataset("npz", tmp_path / "d.npz")
+    assert message in str(err.value) and str(tmp_path / "d.npz") in str(err.value)
+
+
+def test_whole_float_labels_and_known_class_counts(tmp_path):
+    x = np.zeros((4, 8, 8), np.uint8)
+    np.savez(tmp_path / "d.npz", x_train=x, y_train=np.array([0.0, 1.0, 2.0, 1.0]), x_test=x[:2], y_test=np.array([0, 2]))
+    d = load_dataset("npz", tmp_path / "d.npz")
+    assert d.y_train.tolist() == [0, 1, 2, 1] and d.num_classes == 3
+    rec = np.zeros((2, 3074), np.uint8)
+    rec[:, 1] = [5, 150]  # CIFAR-100 binary: the fine label is the second byte
+    rec.tofile(tmp_path / "train.bin")
+    rec[:, 1] = [5, 6]
+    rec.tofile(tmp_path / "test.bin")
+    with pytest.raises(TbdiagError, match="label 150 .image 1. is outside the classes 0–99"):
+        load_dataset("cifar100", tmp_path)
+
+
+def test_unreadable_images_are_named(tmp_path):
+    folder = image_folder(tmp_path / "imgs", [2, 2])
+    good = folder / "train" / "c1" / "001.png"
+    good.write_bytes(good.read_bytes()[:60])  # truncated
+    with pytest.raises(TbdiagError, match=f"{good}: not a readable image"):
+        load_dataset("folder", folder)
+    good.write_bytes(b"not a png at all")
+    with pytest.raises(TbdiagError, match=f"{good}: not a readable image"):
+        load_dataset("folder", folder)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(good)
+    with pytest.raises(TbdiagError, match=f"{good}: 4×4 pixels, but .*000.png has 8×8"):
+        load_dataset("folder", folder)
+
+
+def test_synthetic_needs_an_image_per_class():
+    from tbdiag.runfolder import ConfigError
+
+    with pytest.raises(ConfigError, match="synthetic_size 5: fewer images than its 10 classes"):
+        load_dataset("synthetic", None, synthetic_size=5)

@@ -8,7 +8,6 @@ rendered with Jinja2 from the ``templates/`` folder.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ from tbdiag.analysis import Analysis, analyze
 from tbdiag.errors import TbdiagError
 from tbdiag.export import check_outputs, jsonable, read_analyses, write_outputs
 from tbdiag.report import figures
-from tbdiag.train.run import read_config
+from tbdiag.runfolder import last_weights, read_config, read_metrics
 
 OPEN_FIRST = 6  # per-layer details open by default in a checkpoint report
 
@@ -101,8 +100,7 @@ def run_report(folders: Sequence[Path]) -> str:
     runs = []
     for i, folder in enumerate(folders):
         config = read_config(folder)
-        metrics = folder / "metrics.jsonl"
-        history = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+        history = read_metrics(folder)
         if not history:
             raise TbdiagError(f"{folder}: the run has no completed epoch yet (empty metrics.jsonl); report it later")
         label = folder.name if len({f.name for f in folders}) == len(folders) else str(folder)
@@ -111,11 +109,8 @@ def run_report(folders: Sequence[Path]) -> str:
         if layers and any(r["layers"].get(n, {}).get("alpha") is not None for r in history for n in layers):
             matrix = np.array([[(r["layers"].get(n, {}).get("alpha") or math.nan) for r in history] for n in layers])
             heat = figures.heatmap(matrix, layers, [str(r["epoch"]) for r in history], f"{label}: alpha per epoch")
-        pointer = folder / "checkpoints" / "last.json"
-        analysis = None
-        if pointer.is_file():
-            weights = folder / "checkpoints" / json.loads(pointer.read_text())["weights"]
-            analysis = _view(analyze(str(weights), device="cpu", keep_spectra=True), f"r{i}")
+        weights = last_weights(folder)
+        analysis = _view(analyze(str(weights), device="cpu", keep_spectra=True), f"r{i}") if weights else None
         runs.append({"label": label, "config": dataclasses.asdict(config), "history": history,
                      "final": history[-1], "best_acc": max(r["test_acc"] for r in history),
                      "lr_figure": figures.learning_rates(history), "alpha_heatmap": heat, "analysis": analysis})

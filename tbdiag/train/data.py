@@ -17,9 +17,11 @@ import numpy as np
 import torch
 
 from tbdiag.errors import TbdiagError
+from tbdiag.runfolder import CHOICES, ConfigError
 from tbdiag.train.idx import load_mnist
 
-DATASETS = ("cifar10", "cifar100", "mnist", "svhn", "folder", "npz", "synthetic")
+DATASETS = CHOICES["data"]
+CLASSES = {"cifar10": 10, "cifar100": 100, "mnist": 10, "svhn": 10}  # folder: its class folders; npz: its labels
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def _cifar(folder: Path, classes: int) -> tuple[np.ndarray, ...]:
             return rec[:, head:], rec[:, head - 1].astype(np.int64)
         return (*read(train_bin), *read([test_bin]))
     raise TbdiagError(f"{folder}: no CIFAR-{classes} files (python batches or binary version); "
-                      f"point --data-dir at the extracted cifar-{classes}-python folder")
+                      f"give the extracted cifar-{classes}-python folder")
 
 
 def _images(x: np.ndarray, where: str) -> torch.Tensor:
@@ -119,41 +121,96 @@ def load_dataset(name: str, data_dir: str | Path | None, *, image_shape: tuple[i
         data_dir: folder (or ``.npz`` file) of the data; unused for ``synthetic``.
         image_shape: (C, H, W) of ``synthetic`` images.
         num_classes: classes of ``synthetic``.
-        synthetic_size: training images of ``synthetic`` (test: a quarter of it).
+        synthetic_size: training images of ``synthetic`` (test: a quarter of it, at least 16).
         seed: seed of ``synthetic``.
 
     Raises:
-        TbdiagError: unknown name, missing folder, or files in the wrong format.
+        TbdiagError: unknown name, missing folder, files in the wrong format, an unreadable image, or labels
+            that are not whole numbers from 0 to the number of classes − 1.
     """
     if name not in DATASETS:
-        raise TbdiagError(f"--data {name}: unknown data set; use one of {', '.join(DATASETS)}")
+        raise TbdiagError(f"{name}: unknown data set; use one of {', '.join(DATASETS)}")
     if name == "synthetic":
+        if synthetic_size < num_classes:
+            raise ConfigError("synthetic_size", synthetic_size, f"fewer images than its {num_classes} classes; "
+                                                                f"use at least {num_classes}")
         xtr, ytr, xte, yte = _synthetic(num_classes, image_shape, synthetic_size, max(synthetic_size // 4, 16), seed)
         return Dataset(name, xtr, ytr, xte, yte, num_classes, augment=image_shape[1:] == (32, 32))
     if data_dir is None:
-        raise TbdiagError(f"--data {name}: needs --data-dir pointing at the data set's files")
+        raise ConfigError("data_dir", "missing", f"data set {name} is read from local files; "
+                                                 "give their folder (or .npz file)")
     path = Path(data_dir).expanduser()
     if not path.exists():
-        raise TbdiagError(f"--data-dir {path}: no such file or folder; check the path")
-    if name in ("cifar10", "cifar100"):
-        classes = 10 if name == "cifar10" else 100
-        xtr, ytr, xte, yte = _cifar(path, classes)
-        xtr, xte = xtr.reshape(-1, 3, 32, 32), xte.reshape(-1, 3, 32, 32)
-    elif name == "mnist":
-        xtr, ytr, xte, yte = load_mnist(path)
-    elif name == "svhn":
-        xtr, ytr, xte, yte = _svhn(path)
-    elif name == "folder":
-        xtr, ytr, xte, yte = _image_folder(path)
-    else:
-        xtr, ytr, xte, yte = _npz(path)
-    ytr, yte = torch.from_numpy(np.array(ytr, dtype=np.int64)), torch.from_numpy(np.array(yte, dtype=np.int64))
+        raise TbdiagError(f"{path}: no such file or folder; check the data set's path")
+    xtr, ytr, xte, yte, classes = _read(name, path)
+    ytr = _labels(ytr, f"{path}: training labels", classes)
+    if classes is None:  # npz: the training labels decide
+        classes = int(ytr.max()) + 1
+    yte = _labels(yte, f"{path}: test labels", classes)
     xtr, xte = _images(xtr, str(path)), _images(xte, str(path))
     if len(xtr) != len(ytr) or len(xte) != len(yte) or xtr.shape[1:] != xte.shape[1:]:
         raise TbdiagError(f"{path}: images and labels do not match in count or shape; check the files")
-    classes = int(max(int(ytr.max()), int(yte.max())) + 1)
     color32 = tuple(xtr.shape[1:]) == (3, 32, 32)
     return Dataset(name, xtr, ytr, xte, yte, classes, augment=color32)
+
+
+def _read(name: str, path: Path) -> tuple:
+    """(train images, train labels, test images, test labels, classes or None) as arrays from the files."""
+    if name in ("cifar10", "cifar100"):
+        xtr, ytr, xte, yte = _cifar(path, CLASSES[name])
+        return xtr.reshape(-1, 3, 32, 32), ytr, xte.reshape(-1, 3, 32, 32), yte, CLASSES[name]
+    if name == "mnist":
+        return (*load_mnist(path), CLASSES[name])
+    if name == "svhn":
+        return (*_svhn(path), CLASSES[name])
+    if name == "folder":
+        return _image_folder(path)
+    return (*_npz(path), None)
+
+
+def _labels(y: np.ndarray, where: str, classes: int | None) -> torch.Tensor:
+    """Labels as int64, checked: one whole number ≥ 0 (and < ``classes``) per image.
+
+    Raises:
+        TbdiagError: another shape, a fraction, a negative label or one beyond the classes (the first named).
+    """
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1 or y.size == 0:
+        raise TbdiagError(f"{where}: need one label per image, got an array of shape {y.shape}; fix the labels")
+    if y.dtype.kind not in "iub":
+        whole = np.isfinite(y) & (y == np.round(y)) if y.dtype.kind == "f" else np.zeros(y.shape, bool)
+        if not whole.all():
+            i = int(np.argmin(whole))
+            raise TbdiagError(f"{where}: label {y[i].item()!r} (image {i}) is not a whole class number; fix the labels")
+    y = y.astype(np.int64)
+    bad = (y < 0) | (y >= classes) if classes is not None else y < 0
+    if bad.any():
+        i = int(np.argmax(bad))
+        span = f"0–{classes - 1}" if classes is not None else "0 or more"
+        raise TbdiagError(f"{where}: label {y[i]} (image {i}) is outside the classes {span}; fix the labels")
+    return torch.from_numpy(np.ascontiguousarray(y))
+
+
+def stratified_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """Indices (ascending) of a seeded sample of ``n`` < len(y) images with every class in proportion.
+
+    Each class gets ⌊n · its share⌋ images; the few left over go one each to the classes with the largest
+    remainders (ties: the lower class). Within a class the images are a seeded random choice, so the
+    sample depends on the seed only, not on how the data set is ordered (an image folder is sorted by class).
+    """
+    classes, counts = torch.unique(y, return_counts=True)
+    base, rest = (counts * n) // len(y), (counts * n) % len(y)
+    take = base.clone()
+    for i in sorted(range(len(classes)), key=lambda i: (-int(rest[i]), i))[:n - int(base.sum())]:
+        take[i] += 1
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c, k in zip(classes.tolist(), take.tolist()):
+        members = torch.nonzero(y == c).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return torch.cat(chosen).sort().values
 
 
 def _npz(path: Path) -> tuple:
@@ -170,33 +227,50 @@ def _svhn(folder: Path) -> tuple:
     try:
         from scipy.io import loadmat
     except ImportError:
-        raise TbdiagError("--data svhn: reading .mat files needs scipy; pip install scipy") from None
+        raise TbdiagError("data set svhn: reading its .mat files needs scipy; pip install scipy") from None
     out = []
     for split in ("train", "test"):
         p = folder / f"{split}_32x32.mat"
         if not p.is_file():
-            raise TbdiagError(f"{folder}: no {p.name}; point --data-dir at the SVHN .mat files")
+            raise TbdiagError(f"{folder}: no {p.name}; give the folder of the SVHN .mat files")
         mat = loadmat(p)
         out += [mat["X"].transpose(3, 2, 0, 1), mat["y"].flatten() % 10]  # label 10 means digit 0
     return tuple(out)
 
 
 def _image_folder(root: Path) -> tuple:
-    from PIL import Image
-
-    splits = []
+    """(train images, labels, test images, labels, classes) of ``train/<class>/*`` and ``test/<class>/*``."""
     classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir()) if (root / "train").is_dir() else []
     if not classes or not (root / "test").is_dir():
         raise TbdiagError(f"{root}: an image folder needs train/<class>/ and test/<class>/ subfolders")
+    splits = []
     for split in ("train", "test"):
-        xs, ys = [], []
+        xs, ys, first = [], [], None
         for label, cls in enumerate(classes):
             for f in sorted((root / split / cls).glob("*")):
                 if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"):
-                    with Image.open(f) as im:
-                        xs.append(np.asarray(im.convert("RGB")))
+                    xs.append(_read_image(f))
                     ys.append(label)
-        if not xs or len({x.shape for x in xs}) != 1:
-            raise TbdiagError(f"{root / split}: needs images, all of one size")
+                    first = first or f
+                    if xs[-1].shape != xs[0].shape:
+                        raise TbdiagError(f"{f}: {xs[-1].shape[1]}×{xs[-1].shape[0]} pixels, but {first} has "
+                                          f"{xs[0].shape[1]}×{xs[0].shape[0]}; make every image one size")
+        if not xs:
+            raise TbdiagError(f"{root / split}: no images (.png, .jpg, .jpeg, .bmp) in its class folders; add some")
         splits += [np.stack(xs), np.array(ys)]
-    return tuple(splits)
+    return (*splits, len(classes))
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8.
+
+    Raises:
+        TbdiagError: the file is not a readable image (corrupt, truncated, another format).
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise TbdiagError(f"{path}: not a readable image ({exc}); replace or remove it") from None

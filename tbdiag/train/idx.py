@@ -46,13 +46,13 @@ def find_idx(folder: Path, stem: str) -> Path:
         for candidate in (folder / name, folder / f"{name}.gz"):
             if candidate.is_file():
                 return candidate
-    raise TbdiagError(f"{folder}: no {stem}[.gz]; point --data-dir at a folder with the four MNIST IDX files")
+    raise TbdiagError(f"{folder}: no {stem}[.gz]; give a folder with the four MNIST IDX files")
 
 
 def load_mnist(folder: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Train images, train labels, test images, test labels of an MNIST folder (uint8 images N×28×28)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise TbdiagError(f"{folder}: no such folder; point --data-dir at the MNIST files")
+        raise TbdiagError(f"{folder}: no such folder; give the folder of the MNIST files")
     stems = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
     return tuple(read_idx(find_idx(folder, s)) for s in stems)  # type: ignore[return-value]

@@ -122,3 +122,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": SmallCNN,
     "mlp": MLP,
 }
+
+# The fewest channels (or hidden units) a layer of each model has at width 1: a width below
+# 1 / NARROWEST[model] would leave it none.
+NARROWEST: dict[str, int] = {"resnet18": 64, "resnet34": 64, "vgg16": 64, "vgg19": 64, "cnn": 32, "mlp": 128}
