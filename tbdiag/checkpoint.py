@@ -2,8 +2,9 @@
 
 Nothing here executes code from a checkpoint: PyTorch files are read with ``torch.load(weights_only=True)``;
 arbitrary unpickling (and TorchScript) happens only when the caller passes ``trust_pickle=True``.
-Safetensors files are opened with lazy ``safe_open`` handles, so a tensor is read only when its
-``TensorRef.load()`` is called.
+Safetensors headers are checked as strictly as the safetensors library checks them (`st_reader`), and a
+tensor is read only when its ``TensorRef.load()`` is called. Bad input of any kind is a one-line
+`CheckpointError`.
 """
 
 from __future__ import annotations
@@ -11,17 +12,19 @@ from __future__ import annotations
 import json
 import logging
 import re
+import stat
 import struct
 import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tbdiag.errors import CheckpointError
-from tbdiag.st_reader import DTYPES, read_header, tensor_loader
+from tbdiag.layers import is_transposed_linear, kind_of_module
+from tbdiag.tensors import Checkpoint, TensorRef
+from tbdiag.st_reader import DTYPES, read_header, tensor_loader, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -32,53 +35,6 @@ CONTAINER_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "mod
 # Subtrees of a training checkpoint that hold tensors which are not weights (optimizer moments …).
 NON_WEIGHT_KEY = re.compile(r"optim|sched|scaler|grad|momentum|rng", re.IGNORECASE)
 WRAPPER_PREFIX = re.compile(r"^(module\.)+")
-
-
-@dataclass(frozen=True)
-class TensorRef:
-    """One named tensor of a checkpoint, not yet read.
-
-    Attributes:
-        name: tensor name after wrapper prefixes (``module.``, ``_orig_mod.``) are stripped.
-        shape: tensor shape.
-        dtype: tensor dtype.
-        load: reads the tensor (a memory-mapped view where the format allows).
-        kind_hint: layer kind from the module type, when the source was a live module.
-        load_slice: reads ``tensor[start:stop]`` along dim 0 without reading the rest, where the format
-            allows (safetensors); otherwise slices what `load` returns.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    load: Callable[[], torch.Tensor] = field(repr=False, compare=False)
-    kind_hint: str | None = None
-    load_rows: Callable[[int, int], torch.Tensor] | None = field(default=None, repr=False, compare=False)
-
-    def load_slice(self, start: int, stop: int) -> torch.Tensor:
-        """``tensor[start:stop]`` (dim 0), reading only those rows where the format allows."""
-        return self.load_rows(start, stop) if self.load_rows is not None else self.load()[start:stop]
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """What `open_checkpoint` found: the source, its format, and its tensors in checkpoint order."""
-
-    source: str
-    format: str
-    tensors: tuple[TensorRef, ...]
-
-    @property
-    def n_params(self) -> int:
-        """Number of elements over all floating-point tensors."""
-        return sum(_numel(t.shape) for t in self.tensors if t.dtype.is_floating_point)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def clean_name(name: str) -> str:
@@ -110,6 +66,8 @@ def open_checkpoint(source: Any, *, key: str | None = None, trust_pickle: bool =
         return Checkpoint("<state dict>", "state-dict", tuple(_mapping_refs(source, key, "<state dict>")))
     path = Path(source)
     if not path.exists():
+        if path.is_symlink():
+            raise CheckpointError(f"{path}: a broken or looping symbolic link; point it at the checkpoint")
         raise CheckpointError(f"{path}: no such file or folder; check the path")
     if path.is_dir():
         return _open_folder(path, key, trust_pickle)
@@ -121,33 +79,80 @@ def _open_folder(folder: Path, key: str | None, trust_pickle: bool) -> Checkpoin
                             ("pytorch_model.bin.index.json", "torch-sharded")):
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{index}: not a valid shard index ({exc}); fix or remove it") from exc
-            files = [folder / f for f in dict.fromkeys(weight_map.values())]
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise CheckpointError(f"{index}: shard {missing[0]} is missing; download all shards")
+            files = _index_shards(folder, index)
             return _merge(str(folder), fmt, [_open_file(f, key, trust_pickle) for f in files])
-    shards = sorted(folder.glob("*.safetensors"))
-    fmt = "safetensors-folder"
-    if not shards:
-        shards = sorted(folder.glob("pytorch_model*.bin"))
-        fmt = "torch-folder"
-    if not shards:
-        shards = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in TORCH_SUFFIXES)
-        if len(shards) > 1:
-            names = ", ".join(p.name for p in shards[:3])
-            raise CheckpointError(f"{folder}: holds several checkpoints ({names} …); name one file")
-    if not shards:
-        raise CheckpointError(f"{folder}: no checkpoint found (.safetensors, .bin, .pt …); pass a checkpoint file")
+    try:
+        shards, fmt = _folder_shards(folder)
+    except OSError as exc:
+        raise unreadable(folder, exc) from None
     if len(shards) == 1:
         return _open_file(shards[0], key, trust_pickle)
     return _merge(str(folder), fmt, [_open_file(f, key, trust_pickle) for f in shards])
 
 
+def _index_shards(folder: Path, index: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` names, each checked to be a file inside ``folder``."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except OSError as exc:
+        raise unreadable(index, exc) from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a valid shard index ({exc}); fix or remove it") from None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid shard index (weight_map is not a non-empty map of tensor names "
+                              "to file names); fix or remove it")
+    files = []
+    for name in dict.fromkeys(weight_map.values()):
+        rel = Path(name)
+        if not name or rel.is_absolute() or ".." in rel.parts:
+            raise CheckpointError(f"{index}: shard {name!r} lies outside the folder; name shards by their file "
+                                  "names in the folder")
+        f = folder / rel
+        if f.is_dir():
+            raise CheckpointError(f"{index}: shard {name!r} is a folder, not a file; fix the index or download "
+                                  "the shard")
+        if f.is_symlink() and not f.exists():
+            raise CheckpointError(f"{index}: shard {name!r} is a broken or looping symbolic link; download the shard "
+                                  "again")
+        if not f.is_file():
+            raise CheckpointError(f"{index}: shard {name} is missing; download all shards")
+        files.append(f)
+    return files
+
+
+def _folder_shards(folder: Path) -> tuple[list[Path], str]:
+    """The checkpoint files of a folder without a shard index, and the folder's format.
+
+    Safetensors files first, else ``pytorch_model*.bin``, else the one PyTorch file. A folder (or a pipe …)
+    that merely has such a name is passed over; a broken link is kept, so that opening it says what is wrong.
+    """
+    others = []
+    for fmt, found in (("safetensors-folder", folder.glob("*.safetensors")),
+                       ("torch-folder", folder.glob("pytorch_model*.bin")),
+                       ("", (p for p in folder.iterdir() if p.suffix in TORCH_SUFFIXES))):
+        found = sorted(found)
+        shards = [p for p in found if p.is_file() or (p.is_symlink() and not p.exists())]
+        others += [p for p in found if p not in shards]
+        if shards:
+            break
+    if not shards and others:
+        raise CheckpointError(f"{others[0]}: not a file, and {folder} holds no checkpoint file; pass the "
+                              "checkpoint file or folder itself")
+    if not shards:
+        raise CheckpointError(f"{folder}: no checkpoint found (.safetensors, .bin, .pt …); pass a checkpoint file")
+    if not fmt and len(shards) > 1:
+        names = ", ".join(p.name for p in shards[:3])
+        raise CheckpointError(f"{folder}: holds several checkpoints ({names} …); name one file")
+    return shards, fmt
+
+
 def _merge(source: str, fmt: str, parts: list[Checkpoint]) -> Checkpoint:
+    owner: dict[str, str] = {}
+    for part in parts:
+        for t in part.tensors:
+            if owner.setdefault(t.name, part.source) != part.source:
+                raise CheckpointError(f"{source}: tensor {t.name!r} is in two shards ({Path(owner[t.name]).name} and "
+                                      f"{Path(part.source).name}); remove the stale shard")
     if all(p.format == "safetensors" for p in parts):
         refs = sorted((t for p in parts for t in p.tensors), key=lambda t: natural_key(t.name))
     else:  # state dicts keep model order within each shard; shards are in order
@@ -157,11 +162,17 @@ def _merge(source: str, fmt: str, parts: list[Checkpoint]) -> Checkpoint:
 
 def sniff(path: Path) -> str:
     """Recognise a file by its content: ``safetensors``, ``torch-zip``, ``torchscript`` or ``torch-legacy``."""
-    size = path.stat().st_size
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a folder, a pipe or a device: opening a pipe could wait forever
+            raise CheckpointError(f"{path}: not a regular file; pass a checkpoint file")
+        size = info.st_size
+        with path.open("rb") as f:
+            head = f.read(9)
+    except OSError as exc:
+        raise unreadable(path, exc) from None
     if size == 0:
         raise CheckpointError(f"{path}: empty file; re-save or re-download the checkpoint")
-    with path.open("rb") as f:
-        head = f.read(9)
     if head[:4] == b"PK\x03\x04":
         try:
             with zipfile.ZipFile(path) as z:
@@ -173,14 +184,16 @@ def sniff(path: Path) -> str:
         if any(n.endswith("data.pkl") for n in names):
             return "torch-zip"
         raise CheckpointError(f"{path}: a zip archive but not a PyTorch checkpoint; pass a checkpoint file")
+    # A header length of 128 + 256·k starts with the byte of a pickle protocol (0x80); a pickle's first bytes
+    # read as a length are far beyond its file, so a length that fits the file decides.
+    header_len = struct.unpack("<Q", head[:8])[0] if len(head) == 9 and head[8:9] == b"{" else None
+    if header_len is not None and 8 + header_len <= size:
+        return "safetensors"
     if head[:1] == b"\x80":
         return "torch-legacy"
-    if len(head) == 9 and head[8:9] == b"{":
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if 8 + header_len > size:
-            raise CheckpointError(f"{path}: truncated safetensors file (header says {header_len} bytes, file has "
-                                  f"{size}); re-download it")
-        return "safetensors"
+    if header_len is not None:
+        raise CheckpointError(f"{path}: truncated safetensors file (header says {header_len} bytes, file has "
+                              f"{size}); re-download it")
     raise CheckpointError(f"{path}: not a checkpoint (no safetensors header, zip or pickle signature); "
                           "pass a .safetensors, .pt or .bin file")
 
@@ -308,16 +321,15 @@ def _mapping_refs(obj: Any, key: str | None, where: str) -> list[TensorRef]:
 
 
 def _module_refs(module: torch.nn.Module) -> list[TensorRef]:
-    from tbdiag.layers import kind_of_module
-
     refs, seen = [], set()
     for mname, mod in module.named_modules():
-        hint = kind_of_module(mod)
+        hint, transposed = kind_of_module(mod), is_transposed_linear(mod)
         for pname, p in mod.named_parameters(recurse=False):
             if id(p) in seen:  # a tied weight (e.g. embedding and LM head) is analysed once
                 continue
             seen.add(id(p))
             name = clean_name(f"{mname}.{pname}" if mname else pname)
             refs.append(TensorRef(name, tuple(p.shape), p.dtype, load=lambda p=p: p.detach(),
-                                  kind_hint=hint if pname.startswith("weight") or pname.endswith("_weight") else None))
+                                  kind_hint=hint if pname.startswith("weight") or pname.endswith("_weight") else None,
+                                  transposed=transposed and pname == "weight"))
     return refs
