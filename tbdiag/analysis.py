@@ -56,7 +56,7 @@ class AnalyzeOptions:
         farms_ratio: FARMS window columns per row (1: square).
     """
 
-    fit: str = "median"
+    fit: str = "ks"
     xmin_pos: float = 2.0
     conv_norm: float = 0.5
     min_evals: int = 10

@@ -13,6 +13,9 @@ from tbdiag.powerlaw import FITS, PowerLawFit, failed_fit
 
 OVER_TRAINED_BELOW = 2.0  # HT-SR reading: alpha < 2 hints at an over-trained (very heavy-tailed) layer
 UNDER_TRAINED_ABOVE = 6.0  # alpha > 6 hints at an under-trained (random-like) layer
+# The bands above were calibrated on alphas of the KS power-law fit (Clauset–Shalizi–Newman xmin, as
+# WeightWatcher fits): on the alphas of another fit (median, peak) they flag nothing meaningful.
+BANDS_FIT = "ks"
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,11 @@ def _row(name: str, kind: str, shape: tuple[int, ...], evals: torch.Tensor, pl: 
 
 
 def summarize(rows: Sequence[LayerResult]) -> dict:
-    """Model-level summary: alpha statistics over fitted layers and the layers HT-SR flags."""
+    """Model-level summary: alpha statistics over fitted layers and the layers outside the HT-SR bands.
+
+    ``over_trained``/``under_trained`` are computed whatever the fit; they are a reading only for
+    `BANDS_FIT` alphas, so show them through `band_flags`.
+    """
     fitted = [r for r in rows if r.status == "ok" and math.isfinite(r.alpha)]
     alphas = [r.alpha for r in fitted]
     weighted = [r.alpha_weighted for r in fitted if math.isfinite(r.alpha_weighted)]
@@ -116,3 +123,11 @@ def summarize(rows: Sequence[LayerResult]) -> dict:
         "under_trained": [r.name for r in fitted if r.alpha > UNDER_TRAINED_ABOVE],
         "status_counts": statuses,
     }
+
+
+def band_flags(summary: dict, fit: str) -> tuple[list[str], list[str]] | None:
+    """The layers the HT-SR bands flag, (possibly over-trained, possibly under-trained), or ``None`` when
+    the alphas come from another fit than `BANDS_FIT`, on which the bands were not calibrated."""
+    if fit != BANDS_FIT:
+        return None
+    return list(summary.get("over_trained") or []), list(summary.get("under_trained") or [])

@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,8 +81,15 @@ def make_bad_inputs(tmp: Path) -> dict[str, tuple[list, str]]:
         "code pickle": ([tmp / "code.pt"], "--trust-pickle"),
         "not a checkpoint": ([tmp / "notes.txt"], "not a checkpoint"),
         "no layers": ([tmp / "nolayers.safetensors"], "no layers"),
-        "bad fit": ([good, "--fit", "magic"], "unknown estimator"),
         "bad xmin": ([good, "--xmin-pos", "0.5"], "at least 1"),
+        "nan xmin": ([good, "--xmin-pos", "nan"], "--xmin-pos nan: must be a finite number"),
+        "no peak bins": ([good, "--fit", "peak", "--peak-bins", "0"], "--peak-bins 0: needs at least 1 bin"),
+        "inf conv norm": ([good, "--conv-norm", "inf"], "--conv-norm inf: must be a finite"),
+        "zero conv norm": ([good, "--conv-norm", "0"], "--conv-norm 0.0: must be positive"),
+        "min evals": ([good, "--min-evals", "1"], "--min-evals 1: a fit needs at least 2"),
+        "farms windows": ([good, "--estimator", "farms", "--farms-windows", "0"], "--farms-windows 0"),
+        "farms ratio": ([good, "--estimator", "farms", "--farms-ratio", "inf"], "--farms-ratio inf"),
+        "farms window": ([good, "--estimator", "farms", "--farms-window", "-1"], "--farms-window -1"),
         "bad device": ([good, "--device", "tpu"], "--device"),
         "both stdout": ([good, "--json", "-", "--csv", "-"], "only one of them"),
         "missing out folder": ([good, "--json", tmp / "no" / "dir" / "a.json"], "does not exist"),
@@ -130,17 +138,133 @@ def test_recommend_table_file_and_errors(tmp_path):
     res = run("recommend", SAMPLES / "cnn_trained.safetensors", "--lr", "0.1", "--out", out)
     assert res.exit_code == 0, res.output
     assert "features.3" in res.stdout and "features.6" in res.stdout and "fc" not in res.stdout.split("features.6")[1]
+    assert "linear map of alpha, 0.5–1.5" in res.stdout
     doc = json.loads(out.read_text())
-    assert doc["schema"] == "tbdiag.multipliers/v1" and doc["default_multiplier"] == 1.0
+    assert doc["schema"] == "tbdiag.multipliers/v1" and doc["default_multiplier"] == 1.0 and doc["fit"] == "median"
     assert sorted(e["multiplier"] for e in doc["layers"].values()) == pytest.approx([0.5, 1.5])
     assert all(e["lr"] == pytest.approx(0.1 * e["multiplier"]) for e in doc["layers"].values())
     res = run("recommend", SAMPLES / "mlp_sharded", "--keep-first-last", "--min-evals", "5", "--map", "sqrt", "--out", "-")
     assert res.exit_code == 0 and set(json.loads(res.stdout)["layers"]) == {"net.1", "net.3", "net.5"}
+    res = run("recommend", SAMPLES / "mlp_sharded", "--keep-first-last", "--min-evals", "5", "--map", "sqrt")
+    assert "sqrt map of alpha, mean 1)" in res.stdout and "0.5–1.5" not in res.stdout  # sqrt ignores the ratios
     out.write_text("keep")
-    for args, message in (([SAMPLES / "cnn_trained.safetensors", "--map", "cubic"], "unknown map"),
-                          ([SAMPLES / "cnn_trained.safetensors", "--metric", "loss"], "--metric loss"),
-                          ([SAMPLES / "mlp_sharded", "--min-evals", "500"], "no layer to tune"),
-                          ([tmp_path / "missing.pt"], "no such file")):
+    for args, message in (([SAMPLES / "mlp_sharded", "--min-evals", "500"], "no layer to tune"),
+                          ([tmp_path / "missing.pt"], "no such file"),
+                          ([SAMPLES / "cnn_trained.safetensors", "--max-ratio", "inf"], "--max-ratio inf: must be a finite"),
+                          ([SAMPLES / "cnn_trained.safetensors", "--min-ratio", "nan"], "--min-ratio nan: must be a finite"),
+                          ([SAMPLES / "cnn_trained.safetensors", "--min-ratio", "0"], "need 0 < min ≤ max"),
+                          ([SAMPLES / "cnn_trained.safetensors", "--min-ratio", "2", "--max-ratio", "1"], "2/1: need 0 < min"),
+                          ([SAMPLES / "cnn_trained.safetensors", "--min-evals", "-1"], "--min-evals -1: must be 0 or more"),
+                          ([SAMPLES / "cnn_trained.safetensors", "--lr", "0"], "--lr 0.0: must be positive"),
+                          ([SAMPLES / "cnn_trained.safetensors", "--lr", "nan"], "--lr nan: must be a finite")):
         res = run("recommend", *args, "--out", out)
         assert res.exit_code == 2 and message in res.stderr, (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.output
         assert out.read_text() == "keep"
+
+
+@pytest.mark.parametrize("command, option, typo", [
+    ("analyze", "--fit", "magic"), ("analyze", "--precision", "float16"), ("analyze", "--estimator", "half"),
+    ("recommend", "--map", "cubic"), ("recommend", "--metric", "loss"), ("recommend", "--unit", "blocks"),
+    ("recommend", "--fit", "KS"), ("report", "--fit", "mean")])
+def test_choice_typos_exit_2_before_any_work(tmp_path, command, option, typo):
+    out = tmp_path / "out.json"
+    res = run(command, SAMPLES / "cnn_trained.safetensors", option, typo, "--out" if command != "analyze" else "--json", out)
+    assert res.exit_code == 2 and typo in res.stderr and "Traceback" not in res.output, res.output
+    assert not out.exists()
+
+
+HELP_ENV = {"COLUMNS": "220", "TERMINAL_WIDTH": "220", "NO_COLOR": "1"}
+
+
+@pytest.mark.parametrize("command", [[], ["analyze"], ["recommend"], ["report"]])
+def test_help_lists_choices_and_our_own_metavars(command):
+    res = runner.invoke(app, [*command, "--help"], env=HELP_ENV)
+    assert res.exit_code == 0, res.output
+    options = [line for line in res.stdout.splitlines() if re.search(r"│ +(\*? +)?--", line)]
+    assert options
+    for line in options:  # Typer's own type names (<int>, <bool>, <str> …) vary between versions
+        assert not re.search(r"<[a-z]+>", line), line
+    text = "\n".join(options)
+    if command == ["analyze"]:
+        assert "[median|ks|peak]" in text and "[float64|float32]" in text and "[full|farms]" in text
+        assert re.search(r"--fit .*\[default: ks\]", text)
+    if command == ["recommend"]:
+        assert "[linear|sqrt|log2|step|sigmoid]" in text and "[layer|block]" in text
+        assert "[alpha|alpha_weighted|spectral_norm]" in text and re.search(r"--fit .*\[default: median\]", text)
+    if command == ["report"]:
+        assert re.search(r"--fit .*\[default: ks\]", text)
+    if command == []:
+        assert re.search(r"--verbose +-v +More log output", text)  # a count: no <int>
+
+
+def test_choices_match_the_library():
+    from tbdiag.analysis import PRECISIONS
+    from tbdiag.cli.common import Fit, MapName, Metric, Precision
+    from tbdiag.powerlaw import FITS
+    from tbdiag.tempbalance.balancer import METRICS
+    from tbdiag.tempbalance.maps import MAPS
+
+    for enum, table in ((Fit, FITS), (Precision, PRECISIONS), (MapName, MAPS), (Metric, METRICS)):
+        assert [m.value for m in enum] == list(table), enum
+
+
+# The HT-SR bands are calibrated on the ks fit: flags and colours only for ks alphas.
+def test_analyze_defaults_to_ks_and_flags_bands_only_for_ks():
+    from rich.console import Console
+
+    from tbdiag import analyze
+    from tbdiag.analysis import AnalyzeOptions
+    from tbdiag.cli.render import analysis_table
+
+    assert AnalyzeOptions().fit == "ks"
+    res = run("analyze", SAMPLES / "cnn_untrained.safetensors", "--json", "-")
+    assert json.loads(res.stdout)["options"]["fit"] == "ks" and "fit=ks" in res.stderr
+    assert "ks fit, possibly under-trained (alpha > 6): 1  features.6" in res.stderr and "not shown" not in res.stderr
+    res = run("analyze", SAMPLES / "cnn_untrained.safetensors", "--fit", "median")
+    assert "possibly under-trained (alpha > 6):" not in res.stdout
+    assert "not shown: they are calibrated on the ks fit, these alphas come from median" in res.stdout
+    yellow = "\x1b[33m"
+    for fit, coloured in (("ks", True), ("median", False), ("peak", False)):
+        console = Console(force_terminal=True, color_system="standard", width=200)
+        with console.capture() as capture:
+            console.print(analysis_table(analyze(SAMPLES / "cnn_untrained.safetensors", fit=fit)))
+        assert (yellow in capture.get()) == coloured, fit
+
+
+# Maps, on values computed by hand.
+def test_maps_on_hand_computed_values():
+    from tbdiag.tempbalance.maps import USES_RATIOS, multipliers
+
+    nan = float("nan")
+    assert multipliers([2.0, 3.0, nan, 4.0], "linear", 0.5, 2.5) == pytest.approx([0.5, 1.5, 1.0, 2.5])
+    assert multipliers([3.0, 3.0], "linear", 0.5, 2.5) == [1.0, 1.0]
+    # step: ranks 0 … n−1, equal values share their average rank; m = lo + (hi − lo)·r/n
+    assert multipliers([3.0, 1.0, 3.0, 2.0], "step", 0.5, 1.5) == pytest.approx([1.125, 0.5, 1.125, 0.75])
+    assert multipliers([2.0, 2.0, 2.0], "step", 0.5, 1.5) == pytest.approx([0.5 + 1 / 3] * 3)
+    assert multipliers([1.0, 4.0, 9.0], "step", 1.0, 3.0) == pytest.approx([1.0, 1 + 2 / 3, 1 + 4 / 3])
+    # sqrt, log2: n·f(v)/Σf(v), whatever the ratios
+    for lo, hi in ((0.5, 1.5), (0.9, 1.1)):
+        assert multipliers([1.0, 4.0, 9.0], "sqrt", lo, hi) == pytest.approx([0.5, 1.0, 1.5])
+        assert multipliers([2.0, 4.0, 8.0], "log2", lo, hi) == pytest.approx([0.5, 1.0, 1.5])
+    assert USES_RATIOS == {"linear", "step", "sigmoid"}
+    # sigmoid: 1 at the mean, lo and hi far below and above it; no overflow for values far apart
+    assert multipliers([0.0, 10.0, 20.0], "sigmoid", 0.5, 1.5) == pytest.approx([0.5, 1.0, 1.5])
+    assert multipliers([0.0, 1e6], "sigmoid", 0.5, 2.0) == pytest.approx([0.5, 2.0])
+
+
+@pytest.mark.parametrize("args, message", [
+    (([1.0, 2.0], "linear", 0.5, float("inf")), "need finite numbers"),
+    (([1.0, 2.0], "sigmoid", float("nan"), 1.5), "need finite numbers"),
+    (([1.0, 2.0], "step", 0.0, 1.5), "0 < min_ratio ≤ max_ratio"),
+    (([1.0, 2.0], "linear", 2.0, 1.0), "0 < min_ratio ≤ max_ratio"),
+    (([1.0, 2.0], "cubic", 0.5, 1.5), "unknown map"),
+    (([0.0, 2.0], "sqrt", 0.5, 1.5), "use the linear map"),
+    (([1.0, 2.0], "log2", 0.5, 1.5), "use the linear map")])
+def test_maps_refuse_bad_input_without_naming_cli_flags(args, message):
+    from tbdiag.errors import TbdiagError
+    from tbdiag.tempbalance.maps import multipliers
+
+    with pytest.raises(TbdiagError) as info:
+        multipliers(*args)
+    assert message in str(info.value) and "--" not in str(info.value)

@@ -181,3 +181,46 @@ def test_a_failed_write_leaves_earlier_outputs_alone(ckpt, tmp_path, monkeypatch
                    "a.csv: cannot write (No space left on device); nothing was written")
     assert not (tmp_path / "a.json").exists() and not (tmp_path / "a.csv").exists()
     assert no_leftovers(tmp_path) == []
+
+
+# Strings from files (layer names, paths) are data: never Rich markup, never matplotlib mathtext.
+ODD_NAMES = ["first", "blk[/].fc", "bad$x^$", "[bold]x[/bold]", "last"]
+
+
+@pytest.fixture
+def odd_ckpt(tmp_path):
+    torch.manual_seed(1)
+    folder = tmp_path / "runs["
+    folder.mkdir()
+    path = folder / "]$y^$.safetensors"  # the path holds "[/]" and a broken mathtext
+    save_file({f"{n}.weight": torch.randn(64, 56 + 4 * i) for i, n in enumerate(ODD_NAMES)}, path)
+    return path
+
+
+def test_odd_names_in_analyze_table_and_html(odd_ckpt, tmp_path):
+    html = tmp_path / "r.html"
+    res = run("analyze", odd_ckpt, "--html", html, "--json", tmp_path / "a.json")
+    assert res.exit_code == 0, res.output
+    for name in ODD_NAMES:
+        assert name in res.stdout
+    assert str(odd_ckpt) in res.stdout.replace("\n", "")
+    page = html.read_text()
+    assert "blk[/].fc" in page and "bad$x^$" in page and "[bold]x[/bold]" in page
+
+
+def test_odd_names_in_recommend_table(odd_ckpt):
+    res = run("recommend", odd_ckpt)
+    assert res.exit_code == 0, res.output
+    assert "blk[/].fc" in res.stdout and "bad$x^$" in res.stdout  # tuned (safetensors sort the names)
+
+
+def test_odd_names_in_report_comparison(odd_ckpt, tmp_path):
+    (tmp_path / "b[").mkdir()
+    other = tmp_path / "b[" / "]$z^$.safetensors"
+    torch.manual_seed(2)
+    save_file({f"{n}.weight": torch.randn(64, 56 + 4 * i) for i, n in enumerate(ODD_NAMES)}, other)
+    out = tmp_path / "c.html"
+    res = run("report", odd_ckpt, other, "--out", out)
+    assert res.exit_code == 0, res.output
+    page = out.read_text()
+    assert "ESDs of bad$x^$" in page and "]$z^$.safetensors" in page and "runs[/]$y^$" in page

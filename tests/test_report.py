@@ -98,7 +98,7 @@ def test_report_bad_inputs(tmp_path, runs):
     (tmp_path / "empty").mkdir()
     empty_run = tmp_path / "empty_run"
     empty_run.mkdir()
-    (empty_run / "config.json").write_text(json.dumps({"model": "cnn"}))
+    shutil.copy(runs["tb"] / "config.json", empty_run / "config.json")  # a valid run that has not finished an epoch
     cases = [([tmp_path / "other.json"], "not tbdiag.analysis/v1"), ([tmp_path / "empty"], "empty folder"),
              ([empty_run], "no completed epoch"), ([runs["tb"], SAMPLES / "cnn_trained.safetensors"], "mixing"),
              ([tmp_path / "missing.json"], "no such file")]
@@ -152,3 +152,99 @@ def test_comparison_of_same_named_files_keeps_them_apart(tmp_path):
     b = analyze(SAMPLES / "cnn_untrained.safetensors")
     html = comparison_report([("model.safetensors", a), ("model.safetensors", b)])
     assert f"model.safetensors ({a.source})" in html and f"model.safetensors ({b.source})" in html
+
+
+# The HT-SR bands are calibrated on the ks fit: the report shows them, and flags, only for ks alphas.
+def test_report_shows_bands_only_for_the_ks_fit(tmp_path):
+    untrained = str(SAMPLES / "cnn_untrained.safetensors")
+    ks, median = tmp_path / "ks.html", tmp_path / "median.html"
+    assert runner.invoke(app, ["report", untrained, "--out", str(ks)]).exit_code == 0  # ks by default
+    html = ks.read_text()
+    assert "alpha &gt; 6 (ks fit)" in html and "Possibly under-trained (alpha &gt; 6, ks fit): features.6" in html
+    assert '<tr class="under">' in html and "not shown" not in html
+    assert runner.invoke(app, ["report", untrained, "--fit", "median", "--out", str(median)]).exit_code == 0
+    html = median.read_text()
+    assert "HT-SR bands</div><div class=\"v\">not shown" in html and "calibrated on the <code>ks</code> fit" in html
+    assert '<tr class="under">' not in html and '<tr class="over">' not in html and "Possibly" not in html
+    saved = tmp_path / "median.json"
+    assert runner.invoke(app, ["analyze", untrained, "--fit", "median", "-q", "--json", str(saved)]).exit_code == 0
+    assert write_report([str(saved)], tmp_path / "from_json.html") == "checkpoint"
+    assert "not shown" in (tmp_path / "from_json.html").read_text()
+    both = tmp_path / "both.html"
+    assert write_report([untrained, str(saved)], both, fit="ks") == "comparison"
+    html = both.read_text()
+    assert "<td class=\"text\">median</td>" in html and "n/a" in html and "bands-note" in html
+
+
+# A saved analysis is input like any file: every malformed document is a one-line error.
+@pytest.fixture(scope="module")
+def saved_doc(tmp_path_factory):
+    path = tmp_path_factory.mktemp("saved") / "a.json"
+    assert runner.invoke(app, ["analyze", str(SAMPLES / "cnn_trained.safetensors"), "-q", "--json", str(path)]).exit_code == 0
+    return json.loads(path.read_text())
+
+
+def _broken(doc, change):
+    doc = json.loads(json.dumps(doc))
+    change(doc)
+    return doc
+
+
+MALFORMED = {
+    "alpha is a string": (lambda d: d["layers"][1].update(alpha="2.5"), 'layers[1].alpha is "2.5", not a number or null'),
+    "D is a list": (lambda d: d["layers"][1].update(D=[1]), "layers[1].D is [1], not a number"),
+    "alpha is true": (lambda d: d["layers"][2].update(alpha=True), "layers[2].alpha is true, not a number"),
+    "n_evals is a float": (lambda d: d["layers"][0].update(n_evals=9.5), "layers[0].n_evals is 9.5, not a whole number"),
+    "n_tail is negative": (lambda d: d["layers"][0].update(n_tail=-1), "layers[0].n_tail is -1, not a whole number"),
+    "shape is a string": (lambda d: d["layers"][0].update(shape="32x1"), 'layers[0].shape is "32x1", not a list'),
+    "shape holds a string": (lambda d: d["layers"][0].update(shape=[32, "1"]), "layers[0].shape[1]"),
+    "name is a number": (lambda d: d["layers"][0].update(name=3), "layers[0].name is 3, not a string"),
+    "status missing": (lambda d: d["layers"][0].pop("status"), "layers[0].status is missing"),
+    "a layer is null": (lambda d: d["layers"].__setitem__(0, None), "layers[0] is null, not an object"),
+    "layers is an object": (lambda d: d.update(layers={}), "layers is {}, not a list"),
+    "no layers": (lambda d: d.update(layers=[]), "layers is [], not a list of layers"),
+    "layers missing": (lambda d: d.pop("layers"), "layers is missing"),
+    "options is a list": (lambda d: d.update(options=[]), "options is [], not an object"),
+    "fit missing": (lambda d: d["options"].pop("fit"), "options.fit is missing"),
+    "unknown fit": (lambda d: d["options"].update(fit="magic"), 'options.fit is "magic", not one of median, ks, peak'),
+    "xmin_pos is a string": (lambda d: d["options"].update(xmin_pos="2"), 'options.xmin_pos is "2", not a number'),
+    "xmin_pos is null": (lambda d: d["options"].update(xmin_pos=None), "options.xmin_pos is null, not a number"),
+    "include is a string": (lambda d: d["options"].update(include="a*"), 'options.include is "a*", not a list'),
+    "quirk is a string": (lambda d: d["options"].update(peak_lower_bound_quirk="no"), "not true or false"),
+    "source missing": (lambda d: d.pop("source"), "source is missing, not a string"),
+    "n_params is a string": (lambda d: d.update(n_params="many"), 'n_params is "many"'),
+    "timing is a list": (lambda d: d.update(timing=[]), "timing is [], not an object"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_analysis_json_is_one_line(saved_doc, tmp_path, case):
+    change, message = MALFORMED[case]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_broken(saved_doc, change)))
+    out = tmp_path / "r.html"
+    res = runner.invoke(app, ["report", str(bad), "--out", str(out)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: ") and message in lines[0], res.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "not a JSON file"), ("{", "not a JSON file"), ("[" * 100_000, "not a JSON file"), ("[]", "an empty list"),
+    ("[1]", "schema is 'int'"), ('"x"', "schema is 'str'"), ("\udcff".encode("utf-8", "surrogatepass"), "not a JSON file")])
+def test_unreadable_analysis_files_are_one_line(tmp_path, text, message):
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(text if isinstance(text, bytes) else text.encode())
+    res = runner.invoke(app, ["report", str(bad), "--out", str(tmp_path / "r.html")])
+    assert res.exit_code == 2 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.output
+
+
+def test_a_saved_analysis_reads_back_unchanged(saved_doc, tmp_path):
+    from tbdiag.export import analysis_from_dict, to_json
+
+    again = json.loads(to_json([analysis_from_dict(saved_doc)]))
+    assert again == saved_doc
+    # a summary that disagrees with the rows is recomputed from them
+    recomputed = analysis_from_dict(_broken(saved_doc, lambda d: d.update(summary="x"))).summary
+    assert recomputed == dict(saved_doc["summary"], skipped={})

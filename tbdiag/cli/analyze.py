@@ -2,42 +2,44 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from tbdiag.cli.common import Outputs, err_console, out_console, user_errors
+from tbdiag.cli.common import (FLAG, Estimator, Fit, Outputs, Precision, choices, err_console, out_console, require,
+                               require_finite, user_errors)
 
 FIT, LAYERS, INPUT, COMPUTE, OUTPUT = "Power-law fit", "Layers", "Input", "Compute", "Output"
 
 
 def analyze_command(
-    paths: Annotated[list[Path], typer.Argument(help="Checkpoint files or folders (safetensors, HF folders, .pt/.bin/.ckpt …).", show_default=False)],
-    fit: Annotated[str, typer.Option(help="Estimator: median (reference default), ks or peak.", rich_help_panel=FIT)] = "median",
-    xmin_pos: Annotated[float, typer.Option(help="median: xmin is the eigenvalue at index ⌊N / xmin_pos⌋.", rich_help_panel=FIT)] = 2.0,
-    conv_norm: Annotated[float, typer.Option(help="Scale of conv kernel slices (eigenvalues × conv_norm).", rich_help_panel=FIT)] = 0.5,
-    min_evals: Annotated[int, typer.Option(help="Layers with fewer eigenvalues are measured, not fitted.", rich_help_panel=FIT)] = 10,
-    peak_bins: Annotated[int, typer.Option(help="peak: histogram bins over log10 eigenvalues.", rich_help_panel=FIT)] = 100,
-    peak_quirk: Annotated[bool, typer.Option("--peak-quirk", help="peak: reproduce the reference implementation's lower bound.", rich_help_panel=FIT)] = False,
-    estimator: Annotated[str, typer.Option(help="ESD of the full matrix, or farms: pooled fixed-aspect-ratio windows.", rich_help_panel=FIT)] = "full",
-    farms_window: Annotated[int, typer.Option(help="farms: window rows (0: half the smaller side).", rich_help_panel=FIT)] = 0,
-    farms_windows: Annotated[int, typer.Option(help="farms: windows along each side.", rich_help_panel=FIT)] = 4,
-    farms_ratio: Annotated[float, typer.Option(help="farms: window columns per row.", rich_help_panel=FIT)] = 1.0,
-    include: Annotated[Optional[list[str]], typer.Option(help="Only layers matching this glob (repeatable), e.g. 'layer3.*'.", rich_help_panel=LAYERS)] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(help="Drop layers matching this glob (repeatable).", rich_help_panel=LAYERS)] = None,
-    embeddings: Annotated[bool, typer.Option("--embeddings", help="Analyse embedding matrices too.", rich_help_panel=LAYERS)] = False,
-    split_qkv: Annotated[bool, typer.Option("--split-qkv", help="Analyse fused q/k/v matrices as three parts.", rich_help_panel=LAYERS)] = False,
-    key: Annotated[Optional[str], typer.Option(help="Entry of a nested checkpoint holding the weights, e.g. 'ema'.", rich_help_panel=INPUT)] = None,
-    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow full unpickling and TorchScript: runs code from the file; trusted files only.", rich_help_panel=INPUT)] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=COMPUTE)] = "auto",
-    precision: Annotated[str, typer.Option(help="Eigensolver precision: float64 or float32.", rich_help_panel=COMPUTE)] = "float64",
-    json_out: Annotated[Optional[str], typer.Option("--json", help="Write the analysis JSON here ('-' for stdout).", rich_help_panel=OUTPUT)] = None,
-    csv_out: Annotated[Optional[str], typer.Option("--csv", help="Write one CSV row per layer here ('-' for stdout).", rich_help_panel=OUTPUT)] = None,
-    html: Annotated[Optional[str], typer.Option("--html", help="Write an HTML report here (a comparison for several paths).", rich_help_panel=OUTPUT)] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table.", rich_help_panel=OUTPUT)] = False,
-    plan: Annotated[bool, typer.Option("--plan", help="Only print what would be analysed and an estimate of the time.", rich_help_panel=OUTPUT)] = False,
+    paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="Checkpoint files or folders (safetensors, HF folders, .pt/.bin/.ckpt …).", show_default=False)],
+    fit: Annotated[Fit, typer.Option(metavar=choices(Fit), help="Estimator: ks (Clauset et al.; the HT-SR bands are calibrated on it), median (TempBalance's) or peak.", rich_help_panel=FIT)] = Fit.ks,
+    xmin_pos: Annotated[float, typer.Option(metavar="X", help="median: xmin is the eigenvalue at index ⌊N / X⌋ (X ≥ 1).", rich_help_panel=FIT)] = 2.0,
+    conv_norm: Annotated[float, typer.Option(metavar="X", help="Scale of conv kernel slices (eigenvalues × X, X > 0).", rich_help_panel=FIT)] = 0.5,
+    min_evals: Annotated[int, typer.Option(metavar="N", help="Layers with fewer eigenvalues are measured, not fitted (N ≥ 2).", rich_help_panel=FIT)] = 10,
+    peak_bins: Annotated[int, typer.Option(metavar="N", help="peak: histogram bins over log10 eigenvalues (N ≥ 1).", rich_help_panel=FIT)] = 100,
+    peak_quirk: Annotated[bool, typer.Option("--peak-quirk", metavar=FLAG, help="peak: reproduce the reference implementation's lower bound.", rich_help_panel=FIT)] = False,
+    estimator: Annotated[Estimator, typer.Option(metavar=choices(Estimator), help="ESD of the full matrix, or farms: pooled fixed-aspect-ratio windows.", rich_help_panel=FIT)] = Estimator.full,
+    farms_window: Annotated[int, typer.Option(metavar="N", help="farms: window rows (0: half the smaller side).", rich_help_panel=FIT)] = 0,
+    farms_windows: Annotated[int, typer.Option(metavar="N", help="farms: windows along each side (N ≥ 1).", rich_help_panel=FIT)] = 4,
+    farms_ratio: Annotated[float, typer.Option(metavar="X", help="farms: window columns per row (X > 0).", rich_help_panel=FIT)] = 1.0,
+    include: Annotated[Optional[list[str]], typer.Option(metavar="GLOB", help="Only layers matching this glob (repeatable), e.g. 'layer3.*'.", rich_help_panel=LAYERS)] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(metavar="GLOB", help="Drop layers matching this glob (repeatable).", rich_help_panel=LAYERS)] = None,
+    embeddings: Annotated[bool, typer.Option("--embeddings", metavar=FLAG, help="Analyse embedding matrices too.", rich_help_panel=LAYERS)] = False,
+    split_qkv: Annotated[bool, typer.Option("--split-qkv", metavar=FLAG, help="Analyse fused q/k/v matrices as three parts.", rich_help_panel=LAYERS)] = False,
+    key: Annotated[Optional[str], typer.Option(metavar="NAME", help="Entry of a nested checkpoint holding the weights, e.g. 'ema'.", rich_help_panel=INPUT)] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", metavar=FLAG, help="Allow full unpickling and TorchScript: runs code from the file; trusted files only.", rich_help_panel=INPUT)] = False,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.", rich_help_panel=COMPUTE)] = "auto",
+    precision: Annotated[Precision, typer.Option(metavar=choices(Precision), help="Eigensolver precision.", rich_help_panel=COMPUTE)] = Precision.float64,
+    json_out: Annotated[Optional[str], typer.Option("--json", metavar="FILE", help="Write the analysis JSON here ('-' for stdout).", rich_help_panel=OUTPUT)] = None,
+    csv_out: Annotated[Optional[str], typer.Option("--csv", metavar="FILE", help="Write one CSV row per layer here ('-' for stdout).", rich_help_panel=OUTPUT)] = None,
+    html: Annotated[Optional[str], typer.Option("--html", metavar="FILE", help="Write an HTML report here (a comparison for several paths).", rich_help_panel=OUTPUT)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar=FLAG, help="No table.", rich_help_panel=OUTPUT)] = False,
+    plan: Annotated[bool, typer.Option("--plan", metavar=FLAG, help="Only print what would be analysed and an estimate of the time.", rich_help_panel=OUTPUT)] = False,
 ) -> None:
     """Fit the power-law exponent alpha of every layer's eigenvalue spectrum."""
     from tbdiag.analysis import AnalyzeOptions, analyze
@@ -45,14 +47,15 @@ def analyze_command(
     from tbdiag.export import to_csv, to_json
 
     with user_errors():
+        _check_ranges(xmin_pos, conv_norm, min_evals, peak_bins, farms_window, farms_windows, farms_ratio)
         if html == "-":
             raise TbdiagError("--html -: an HTML report goes to a file; name one")
         outputs = Outputs.check({"--json": json_out, "--csv": csv_out, "--html": html}, paths)
-        options = AnalyzeOptions(fit=fit, xmin_pos=xmin_pos, conv_norm=conv_norm, min_evals=min_evals,
+        options = AnalyzeOptions(fit=fit.value, xmin_pos=xmin_pos, conv_norm=conv_norm, min_evals=min_evals,
                                  include=tuple(include or ()), exclude=tuple(exclude or ()),
-                                 include_embeddings=embeddings, device=device, precision=precision,
+                                 include_embeddings=embeddings, device=device, precision=precision.value,
                                  peak_bins=peak_bins, peak_lower_bound_quirk=peak_quirk, key=key,
-                                 trust_pickle=trust_pickle, split_qkv=split_qkv, estimator=estimator,
+                                 trust_pickle=trust_pickle, split_qkv=split_qkv, estimator=estimator.value,
                                  farms_window=farms_window, farms_per_dim=farms_windows, farms_ratio=farms_ratio)
         if plan:
             from tbdiag.cli.render import plan_table
@@ -88,16 +91,32 @@ def analyze_command(
                 console.print(summary_text(a))
 
 
+def _check_ranges(xmin_pos: float, conv_norm: float, min_evals: int, peak_bins: int, farms_window: int,
+                  farms_windows: int, farms_ratio: float) -> None:
+    """One-line errors for numbers out of range (the parser lets nan, inf and negatives through)."""
+    require(math.isfinite(xmin_pos) and xmin_pos >= 1, "--xmin-pos", xmin_pos,
+            "must be a finite number of at least 1 (2 puts xmin at the median)")
+    require_finite(conv_norm, "--conv-norm", "must be a finite positive number (the reference uses 0.5)")
+    require(conv_norm > 0, "--conv-norm", conv_norm, "must be positive (the reference uses 0.5)")
+    require(min_evals >= 2, "--min-evals", min_evals, "a fit needs at least 2 eigenvalues")
+    require(peak_bins >= 1, "--peak-bins", peak_bins, "needs at least 1 bin (the default is 100)")
+    require(farms_window >= 0, "--farms-window", farms_window, "must be 0 (half the smaller side) or more")
+    require(farms_windows >= 1, "--farms-windows", farms_windows, "must be at least 1")
+    require(math.isfinite(farms_ratio) and farms_ratio > 0, "--farms-ratio", farms_ratio,
+            "must be a finite positive number (1: square windows)")
+
+
 def _analyze_with_progress(analyze, path: str, options, keep_spectra: bool):  # noqa: ANN001, ANN202 - CLI glue
     if not sys.stderr.isatty():
         return analyze(path, options, keep_spectra=keep_spectra)
+    from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}% of the work"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=err_console, transient=True) as bar:
-        task = bar.add_task(Path(path).name, total=None)
+        task = bar.add_task(escape(Path(path).name), total=None)
 
         def step(spec, index: int, total: int, done_cost: float, total_cost: float) -> None:  # noqa: ANN001
-            bar.update(task, completed=done_cost, total=total_cost, description=f"{Path(path).name}: {spec.name}")
+            bar.update(task, completed=done_cost, total=total_cost, description=escape(f"{Path(path).name}: {spec.name}"))
 
         return analyze(path, options, progress=step, keep_spectra=keep_spectra)

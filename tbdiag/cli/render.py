@@ -1,4 +1,8 @@
-"""Rich tables of analyses for the terminal."""
+"""Rich tables of analyses for the terminal.
+
+Strings from files (sources, layer names, warnings) go in as `rich.text.Text`, never as markup: a layer
+named ``blk[/].fc`` is shown as it is.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tbdiag.analysis import Analysis
-from tbdiag.metrics import OVER_TRAINED_BELOW, UNDER_TRAINED_ABOVE
+from tbdiag.metrics import BANDS_FIT, OVER_TRAINED_BELOW, UNDER_TRAINED_ABOVE, band_flags
 
 
 def fmt(x: float, digits: int = 3) -> str:
@@ -20,24 +24,26 @@ def fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
-def _alpha_cell(alpha: float) -> Text:
-    style = "red" if alpha < OVER_TRAINED_BELOW else "yellow" if alpha > UNDER_TRAINED_ABOVE else ""
+def _alpha_cell(alpha: float, bands: bool) -> Text:
+    """Alpha, coloured by the HT-SR bands when they apply to the fit (``bands``)."""
+    style = "" if not bands else "red" if alpha < OVER_TRAINED_BELOW else "yellow" if alpha > UNDER_TRAINED_ABOVE else ""
     return Text(fmt(alpha), style=style)
 
 
 def analysis_table(a: Analysis) -> Table:
     """One row per layer, in model order."""
-    title = f"{a.source}  ({a.format}, {a.n_params:,} weights, fit={a.options.fit})"
+    title = Text(f"{a.source}  ({a.format}, {a.n_params:,} weights, fit={a.options.fit})")
     table = Table(title=title, title_justify="left", header_style="bold")
     for col in ("layer", "kind", "shape", "#eigs", "alpha", "±err", "D", "n_tail", "λ_max", "alpha_w",
                 "stable_rank", "status"):
         table.add_column(col, justify="left" if col in ("layer", "kind", "shape", "status") else "right",
                          no_wrap=col == "layer")
+    bands = a.options.fit == BANDS_FIT
     for r in a.layers:
         status = r.status if not r.warning else f"{r.status} ({r.warning})"
-        table.add_row(r.name, r.kind, "×".join(map(str, r.shape)), str(r.n_evals), _alpha_cell(r.alpha),
+        table.add_row(Text(r.name), r.kind, "×".join(map(str, r.shape)), str(r.n_evals), _alpha_cell(r.alpha, bands),
                       fmt(r.alpha_err), fmt(r.D), str(r.n_tail or "-"), fmt(r.lambda_max), fmt(r.alpha_weighted),
-                      fmt(r.stable_rank, 1), status)
+                      fmt(r.stable_rank, 1), Text(status))
     return table
 
 
@@ -47,11 +53,16 @@ def summary_text(a: Analysis) -> Text:
     text = Text()
     text.append(f"{s['n_fitted']}/{s['n_layers']} layers fitted · mean alpha {fmt(s['alpha_mean'])} · "
                 f"median alpha {fmt(s['alpha_median'])} · mean weighted alpha {fmt(s['alpha_weighted_mean'])}\n")
-    for key, label, style in (("over_trained", f"possibly over-trained (alpha < {OVER_TRAINED_BELOW:g})", "red"),
-                              ("under_trained", f"possibly under-trained (alpha > {UNDER_TRAINED_ABOVE:g})", "yellow")):
-        names = s[key]
+    flags = band_flags(s, a.options.fit)
+    if flags is None:
+        text.append(f"HT-SR bands (alpha < {OVER_TRAINED_BELOW:g} possibly over-trained, > {UNDER_TRAINED_ABOVE:g} "
+                    f"possibly under-trained) not shown: they are calibrated on the {BANDS_FIT} fit, these alphas "
+                    f"come from {a.options.fit} (--fit {BANDS_FIT} to see them)\n")
+    for names, label, style in zip(flags or (), (f"possibly over-trained (alpha < {OVER_TRAINED_BELOW:g})",
+                                                 f"possibly under-trained (alpha > {UNDER_TRAINED_ABOVE:g})"),
+                                   ("red", "yellow")):
         shown = ", ".join(names[:8]) + (f" … (+{len(names) - 8})" if len(names) > 8 else "")
-        text.append(f"{label}: {len(names)}", style=style if names else "")
+        text.append(f"{BANDS_FIT} fit, {label}: {len(names)}", style=style if names else "")
         text.append(f"  {shown}\n" if names else "\n")
     skipped = s.get("skipped", {})
     if skipped.get("embedding"):
@@ -61,7 +72,7 @@ def summary_text(a: Analysis) -> Text:
 
 def plan_table(plan) -> Table:  # noqa: ANN001 - tbdiag.plan.Plan, imported lazily
     """The analysis plan: one row per layer with its read size and estimated time, and totals."""
-    table = Table(title=f"plan: {plan.source} ({plan.format}, {len(plan.layers)} layers, device {plan.device})",
+    table = Table(title=Text(f"plan: {plan.source} ({plan.format}, {len(plan.layers)} layers, device {plan.device})"),
                   title_justify="left", header_style="bold", show_footer=True)
     total_s = plan.seconds or 1.0
     table.add_column("layer", footer="total", no_wrap=True)
@@ -72,6 +83,6 @@ def plan_table(plan) -> Table:  # noqa: ANN001 - tbdiag.plan.Plan, imported lazi
     table.add_column("est. s", justify="right", footer=f"{plan.seconds:.1f}")
     table.add_column("share", justify="right")
     for layer in plan.layers:
-        table.add_row(layer.name, layer.kind, "×".join(map(str, layer.shape)), str(layer.n_evals),
+        table.add_row(Text(layer.name), layer.kind, "×".join(map(str, layer.shape)), str(layer.n_evals),
                       f"{layer.bytes / 1e6:,.1f}", f"{layer.seconds:.2f}", f"{100 * layer.seconds / total_s:.1f}%")
     return table

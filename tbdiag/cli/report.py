@@ -6,14 +6,14 @@ from typing import Annotated
 
 import typer
 
-from tbdiag.cli.common import err_console, user_errors
+from tbdiag.cli.common import Fit, choices, err_console, user_errors
 
 
 def report_command(
-    inputs: Annotated[list[str], typer.Argument(help="Analysis JSON files, checkpoints, or training run folders.", show_default=False)],
-    out: Annotated[str, typer.Option("--out", "-o", help="The HTML file to write.")],
-    fit: Annotated[str, typer.Option(help="Estimator for checkpoints analysed here: median, ks or peak.")] = "median",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (checkpoints analysed here).")] = "auto",
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUT", help="Analysis JSON files, checkpoints, or training run folders.", show_default=False)],
+    out: Annotated[str, typer.Option("--out", "-o", metavar="FILE", help="The HTML file to write.", show_default=False)],
+    fit: Annotated[Fit, typer.Option(metavar=choices(Fit), help="Estimator for checkpoints analysed here (the HT-SR bands are calibrated on ks).")] = Fit.ks,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N (checkpoints analysed here).")] = "auto",
 ) -> None:
     """Write an HTML report: one checkpoint, a comparison of several (a trajectory), or training runs."""
     from tbdiag.errors import TbdiagError
@@ -22,5 +22,5 @@ def report_command(
     with user_errors():
         if out == "-":
             raise TbdiagError("--out -: an HTML report goes to a file; name one")
-        kind = write_report(inputs, out, fit=fit, device=device)
+        kind = write_report(inputs, out, fit=fit.value, device=device)
         err_console.print(f"wrote {kind} report {out}", markup=False)

@@ -18,6 +18,15 @@ BANDS = ((0.0, 2.0, "#f4c7c3", "α < 2: possibly over-trained"), (2.0, 6.0, "#d9
 DPI = 72
 
 
+def plain(text: str) -> str:
+    """A string from a file (a layer name, a path) as literal figure text: ``$`` would start mathtext."""
+    return str(text).replace("$", r"\$")
+
+
+def _plain_all(texts: Sequence[str]) -> list[str]:
+    return [plain(t) for t in texts]
+
+
 def to_data_uri(fig: Figure, dpi: int = DPI, tight: bool = True) -> str:
     """Render a figure to a base64 PNG data URI (``tight`` trims margins at the cost of a second draw)."""
     FigureCanvasAgg(fig)
@@ -30,14 +39,15 @@ def _finite(values: Sequence) -> np.ndarray:
     return np.array([v if v is not None else np.nan for v in values], dtype=float)
 
 
-def alpha_by_layer(names: Sequence[str], alphas: Sequence, errors: Sequence) -> str:
-    """Alpha per layer in model order, with the HT-SR reading bands and ±alpha_err error bars."""
+def alpha_by_layer(names: Sequence[str], alphas: Sequence, errors: Sequence, bands: bool = True) -> str:
+    """Alpha per layer in model order with ±alpha_err error bars, over the HT-SR reading bands when
+    ``bands`` (they are calibrated on the ks fit)."""
     a, e = _finite(alphas), _finite(errors)
     width = min(16.0, max(6.0, 0.18 * len(names)))
     fig = Figure(figsize=(width, 3.2))
     ax = fig.add_subplot()
     top = max(8.0, float(np.nanmax(a + np.nan_to_num(e))) * 1.05) if np.isfinite(a).any() else 8.0
-    for lo, hi, color, label in BANDS:
+    for lo, hi, color, label in BANDS if bands else ():
         ax.axhspan(lo, min(hi, top), color=color, alpha=0.6, label=label, lw=0)
     x = np.arange(len(names))
     ax.errorbar(x, a, yerr=np.nan_to_num(e), fmt="o", ms=3, color="#1f4e79", ecolor="#7f9fbf", capsize=2)
@@ -45,10 +55,11 @@ def alpha_by_layer(names: Sequence[str], alphas: Sequence, errors: Sequence) -> 
     ax.set_ylim(min(1.0, float(np.nanmin(a)) - 0.2) if np.isfinite(a).any() else 1.0, top)
     ax.set_ylabel("alpha")
     if len(names) <= 60:
-        ax.set_xticks(x, names, rotation=90, fontsize=7)
+        ax.set_xticks(x, _plain_all(names), rotation=90, fontsize=7)
     else:
         ax.set_xlabel(f"layer index (model order, {len(names)} layers)")
-    ax.legend(loc="upper right", fontsize=7, ncols=3)
+    if bands:
+        ax.legend(loc="upper right", fontsize=7, ncols=3)
     return to_data_uri(fig)
 
 
@@ -106,7 +117,7 @@ def esd_overlay(spectra: Sequence[tuple[str, np.ndarray]]) -> str:
     bins = np.geomspace(allv.min(), allv.max() * 1.0001, 40)
     for (label, _), p in zip(spectra, positive):
         if len(p):
-            ax.hist(p, bins=bins, density=True, histtype="step", lw=1.3, label=label)
+            ax.hist(p, bins=bins, density=True, histtype="step", lw=1.3, label=plain(label))
     ax.set_xscale("log")
     ax.set_yscale("log")
     _light_ticks(ax)
@@ -115,23 +126,24 @@ def esd_overlay(spectra: Sequence[tuple[str, np.ndarray]]) -> str:
     return to_data_uri(fig)
 
 
-def grouped_alphas(names: Sequence[str], series: Sequence[tuple[str, Sequence]]) -> str:
-    """Alpha per layer for several checkpoints side by side (one marker series each)."""
+def grouped_alphas(names: Sequence[str], series: Sequence[tuple[str, Sequence]], bands: bool = True) -> str:
+    """Alpha per layer for several checkpoints side by side (one marker series each), over the HT-SR bands
+    when ``bands``."""
     width = min(16.0, max(6.0, 0.18 * len(names)))
     fig = Figure(figsize=(width, 3.2))
     ax = fig.add_subplot()
     x = np.arange(len(names))
     for i, (label, alphas) in enumerate(series):
-        ax.plot(x + (i - (len(series) - 1) / 2) * 0.12, _finite(alphas), "o-", ms=3, lw=0.8, label=label)
+        ax.plot(x + (i - (len(series) - 1) / 2) * 0.12, _finite(alphas), "o-", ms=3, lw=0.8, label=plain(label))
     finite = np.concatenate([_finite(a) for _, a in series]) if series else np.array([])
     finite = finite[np.isfinite(finite)]
     top = max(8.0, float(finite.max()) * 1.05) if len(finite) else 8.0
-    for lo, hi, color, _ in BANDS:
+    for lo, hi, color, _ in BANDS if bands else ():
         ax.axhspan(lo, min(hi, top), color=color, alpha=0.35, lw=0)
     ax.set_ylim(min(1.0, float(finite.min()) - 0.2) if len(finite) else 1.0, top)
     ax.set_ylabel("alpha")
     if len(names) <= 60:
-        ax.set_xticks(x, names, rotation=90, fontsize=7)
+        ax.set_xticks(x, _plain_all(names), rotation=90, fontsize=7)
     ax.legend(fontsize=7)
     return to_data_uri(fig)
 
@@ -142,10 +154,10 @@ def heatmap(matrix: np.ndarray, rows: Sequence[str], cols: Sequence[str], title:
     ax = fig.add_subplot()
     image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(image, ax=ax, label=label)
-    ax.set_xticks(np.arange(len(cols)), cols, rotation=60, fontsize=7, ha="right")
+    ax.set_xticks(np.arange(len(cols)), _plain_all(cols), rotation=60, fontsize=7, ha="right")
     if len(rows) <= 80:
-        ax.set_yticks(np.arange(len(rows)), rows, fontsize=6)
-    ax.set_title(title, fontsize=9)
+        ax.set_yticks(np.arange(len(rows)), _plain_all(rows), fontsize=6)
+    ax.set_title(plain(title), fontsize=9)
     return to_data_uri(fig)
 
 
@@ -156,8 +168,9 @@ def curves(runs: Sequence[tuple[str, list[dict]]]) -> str:
     for label, history in runs:
         ep = [r["epoch"] for r in history]
         for ax, key in ((ax_loss, "loss"), (ax_acc, "acc")):
-            line, = ax.plot(ep, [r[f"test_{key}"] for r in history], lw=1.4, label=f"{label} test")
-            ax.plot(ep, [r[f"train_{key}"] for r in history], lw=1, ls="--", color=line.get_color(), label=f"{label} train")
+            line, = ax.plot(ep, [r[f"test_{key}"] for r in history], lw=1.4, label=f"{plain(label)} test")
+            ax.plot(ep, [r[f"train_{key}"] for r in history], lw=1, ls="--", color=line.get_color(),
+                    label=f"{plain(label)} train")
     ax_loss.set_title("loss", fontsize=9)
     ax_acc.set_title("accuracy", fontsize=9)
     for ax in (ax_loss, ax_acc):

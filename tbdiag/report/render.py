@@ -19,6 +19,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from tbdiag import __version__
 from tbdiag.analysis import Analysis, analyze
 from tbdiag.errors import TbdiagError
+from tbdiag.metrics import BANDS_FIT, band_flags
 from tbdiag.export import check_outputs, jsonable, read_analyses, write_outputs
 from tbdiag.report import figures
 from tbdiag.runfolder import last_weights, read_config, read_metrics
@@ -46,9 +47,9 @@ def _view(a: Analysis, ident: str, with_esd: bool = True) -> dict:
     doc = jsonable(a.to_dict())
     rows = doc["layers"]
     view = {"id": ident, "source": a.source, "format": a.format, "n_params": a.n_params, "options": doc["options"],
-            "summary": doc["summary"], "rows": rows, "open_first": OPEN_FIRST,
+            "summary": doc["summary"], "rows": rows, "open_first": OPEN_FIRST, **_bands_view(a),
             "alpha_figure": figures.alpha_by_layer([r["name"] for r in rows], [r["alpha"] for r in rows],
-                                                   [r["alpha_err"] for r in rows])}
+                                                   [r["alpha_err"] for r in rows], bands=a.options.fit == BANDS_FIT)}
     try:
         view["multipliers"], view["multipliers_note"] = jsonable(recommend(a)), ""
     except TbdiagError as exc:
@@ -86,13 +87,22 @@ def comparison_report(items: Sequence[tuple[str, Analysis]]) -> str:
             overlays[n] = figures.esd_overlay(spectra)
     views = [dict(_summary_view(a), label=label) for label, a in items]
     return _env().get_template("compare.html.j2").render(
-        items=views, grouped_figure=figures.grouped_alphas(names, [(label, list(matrix[:, j])) for j, (label, _) in enumerate(items)]),
+        items=views, bands_fit=BANDS_FIT,
+        grouped_figure=figures.grouped_alphas(names, [(label, list(matrix[:, j])) for j, (label, _) in enumerate(items)],
+                                              bands=all(v["bands"] for v in views)),
         heatmap_figure=figures.heatmap(matrix, names, [label for label, _ in items], f"alpha, {first} → {last}"),
         changes=changes[:25], only_some=only_some, overlays=overlays, version=__version__)
 
 
 def _summary_view(a: Analysis) -> dict:
-    return {"source": a.source, "summary": jsonable(a.summary)}
+    return {"source": a.source, "summary": jsonable(a.summary), **_bands_view(a)}
+
+
+def _bands_view(a: Analysis) -> dict:
+    """What the templates need to show the HT-SR bands: the fit, whether the bands apply to it, the flags."""
+    flags = band_flags(a.summary, a.options.fit)
+    return {"fit": a.options.fit, "bands_fit": BANDS_FIT, "bands": flags is not None,
+            "over_trained": flags[0] if flags else [], "under_trained": flags[1] if flags else []}
 
 
 def run_report(folders: Sequence[Path]) -> str:

@@ -1,16 +1,24 @@
 """Maps from per-layer metric values (alpha by default) to learning-rate multipliers.
 
 Every map is a pure function of the values of the tuned layers. Layers with a non-finite value (a failed
-fit) get multiplier 1 and do not take part in the map of the others.
+fit) get multiplier 1 and do not take part in the map of the others. The ratios lo = min_ratio and
+hi = max_ratio must be finite with 0 < lo ≤ hi, for every map.
 
 - ``linear`` (TempBalance's default): m = lo + (v − v_min)/(v_max − v_min)·(hi − lo); all 1 when every
   value is the same (the reference implementation gives every layer ``hi`` there, a bug we do not copy).
 - ``sqrt``:  m = n·√v / Σ√v          (mean 1; needs positive values)
 - ``log2``:  m = n·log2 v / Σ log2 v  (mean 1; needs values above 1, as alphas are)
-- ``step``:  by rank r = 0 … n−1 of v: m = lo + (hi − lo)·r/n
+- ``step``:  by rank r = 0 … n−1 of v: m = lo + (hi − lo)·r/n. Equal values share the average of their
+  ranks (values 1, 3, 3, 2 have ranks 0, 2.5, 2.5, 1), so equal values get equal multipliers and ties do
+  not move the mean multiplier, lo + (hi − lo)·(n − 1)/(2n).
 - ``sigmoid`` (the LLM fine-tuning follow-up): d = v − mean(v), m = 10^f with
   f = 2·log10(hi)·(σ(T·d) − ½) for d > 0 and f = 2·log10(1/lo)·(σ(T·d) − ½) otherwise: m is 1 at the mean
-  and tends to hi (lo) far above (below) it; T = 10.
+  and tends to hi (lo) far above (below) it; T = 10. σ(x) − ½ is computed as tanh(x/2)/2, which does not
+  overflow for values far from the mean (spectral norms).
+
+``sqrt`` and ``log2`` do not use the ratios, as in the reference implementation: their multipliers are
+relative sizes with mean 1 (the mean learning rate is kept), neither clipped nor rescaled into
+[lo, hi]. Whatever shows multipliers quotes a ratio range only for the maps in `USES_RATIOS`.
 """
 
 from __future__ import annotations
@@ -30,22 +38,30 @@ def _linear(v: list[float], lo: float, hi: float) -> list[float]:
 
 def _sqrt(v: list[float], lo: float, hi: float) -> list[float]:
     if min(v) <= 0:
-        raise TbdiagError("map sqrt: needs positive metric values; use --map linear for this metric")
+        raise TbdiagError("map sqrt: needs positive metric values; use the linear map for this metric")
     roots = [math.sqrt(x) for x in v]
     return [len(v) * r / sum(roots) for r in roots]
 
 
 def _log2(v: list[float], lo: float, hi: float) -> list[float]:
     if min(v) <= 1:
-        raise TbdiagError("map log2: needs metric values above 1 (alphas are); use --map linear for this metric")
+        raise TbdiagError("map log2: needs metric values above 1 (alphas are); use the linear map for this metric")
     logs = [math.log2(x) for x in v]
     return [len(v) * x / sum(logs) for x in logs]
 
 
 def _step(v: list[float], lo: float, hi: float) -> list[float]:
     order = sorted(range(len(v)), key=lambda i: v[i])
-    rank = {i: r for r, i in enumerate(order)}
-    return [lo + (hi - lo) * rank[i] / len(v) for i in range(len(v))]
+    rank = [0.0] * len(v)
+    start = 0
+    while start < len(order):  # a run of equal values shares the average of its ranks
+        stop = start
+        while stop + 1 < len(order) and v[order[stop + 1]] == v[order[start]]:
+            stop += 1
+        for i in order[start:stop + 1]:
+            rank[i] = (start + stop) / 2
+        start = stop + 1
+    return [lo + (hi - lo) * r / len(v) for r in rank]
 
 
 def _sigmoid(v: list[float], lo: float, hi: float, temperature: float = 10.0) -> list[float]:
@@ -53,7 +69,7 @@ def _sigmoid(v: list[float], lo: float, hi: float, temperature: float = 10.0) ->
     out = []
     for x in v:
         d = x - mean
-        s = 1 / (1 + math.exp(-temperature * d)) - 0.5
+        s = math.tanh(temperature * d / 2) / 2  # σ(T·d) − ½, without overflow
         f = 2 * math.log10(hi) * s if d > 0 else 2 * math.log10(1 / lo) * s
         out.append(10 ** f)
     return out
@@ -62,6 +78,7 @@ def _sigmoid(v: list[float], lo: float, hi: float, temperature: float = 10.0) ->
 MAPS: dict[str, Callable[[list[float], float, float], list[float]]] = {
     "linear": _linear, "sqrt": _sqrt, "log2": _log2, "step": _step, "sigmoid": _sigmoid,
 }
+USES_RATIOS = frozenset({"linear", "step", "sigmoid"})  # sqrt and log2 ignore min_ratio and max_ratio
 
 
 def multipliers(values: Sequence[float], map_name: str = "linear", min_ratio: float = 0.5,
@@ -69,18 +86,24 @@ def multipliers(values: Sequence[float], map_name: str = "linear", min_ratio: fl
     """Learning-rate multipliers for the given metric values (same order), 1 where a value is not finite.
 
     Raises:
-        TbdiagError: an unknown map or a ratio range that is not 0 < min_ratio ≤ max_ratio.
+        TbdiagError: an unknown map, or ratios that are not finite with 0 < min_ratio ≤ max_ratio.
     """
     if map_name not in MAPS:
-        raise TbdiagError(f"--map {map_name}: unknown map; use one of {', '.join(MAPS)}")
-    if not 0 < min_ratio <= max_ratio:
-        raise TbdiagError(f"ratios {min_ratio}–{max_ratio}: need 0 < min_ratio ≤ max_ratio")
+        raise TbdiagError(f"map {map_name!r}: unknown map; use one of {', '.join(MAPS)}")
+    check_ratios(min_ratio, max_ratio)
     finite = [i for i, x in enumerate(values) if math.isfinite(x)]
     out = [1.0] * len(values)
     if finite:
         for i, m in zip(finite, MAPS[map_name]([float(values[i]) for i in finite], min_ratio, max_ratio)):
             out[i] = m
     return out
+
+
+def check_ratios(min_ratio: float, max_ratio: float) -> None:
+    """Raise a `TbdiagError` unless both ratios are finite and 0 < min_ratio ≤ max_ratio."""
+    if not (math.isfinite(min_ratio) and math.isfinite(max_ratio) and 0 < min_ratio <= max_ratio):
+        raise TbdiagError(f"ratios min_ratio={min_ratio:g}, max_ratio={max_ratio:g}: need finite numbers with "
+                          "0 < min_ratio ≤ max_ratio; e.g. 0.5 and 1.5")
 
 
 def unit_multipliers(units: Sequence[str], values: Sequence[float], map_name: str = "linear",
