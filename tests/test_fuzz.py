@@ -327,10 +327,6 @@ def test_analysis_json_documents(tmp_path, data):
     check_reader(read_analyses, tmp_path / "analysis.json", doc)
 
 
-@pytest.mark.xfail(strict=True, raises=(AttributeError, OverflowError),
-                   reason="load_multipliers (tbdiag/tempbalance/recommend.py): 'layers' that is not an object raises "
-                          "AttributeError, a multiplier integer beyond float range OverflowError; remove this mark "
-                          "once it raises TbdiagError for them")
 @fuzz(150)
 @given(data=st.data())
 def test_multiplier_json_documents(tmp_path, data):

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 METRICS = {"alpha": "alpha", "alpha_weighted": "alpha_weighted", "spectral_norm": "lambda_max"}
 PER = ("epoch", "update")
+TARGETS = ("lr", "weight_decay", "both")  # what a unit's multiplier scales (AlphaDecay: the weight decay)
 Factory = Callable[[list[dict]], torch.optim.Optimizer]
 
 
@@ -59,7 +60,9 @@ class TempBalance:
         fit: power-law estimator (``median``, as the paper, ``ks``, ``peak``).
         device: where eigenvalues are computed (``auto``, ``cpu``, ``cuda``…).
         initial: multipliers to start from (``{unit: multiplier}``, e.g. `load_multipliers` of a recommend file).
-        apply_scale: install the optimizer hooks that apply ``lr_scale`` during each step.
+        apply_scale: let the step hooks apply ``lr_scale`` (False with a timm scheduler, which applies it).
+        target: what the multiplier scales: ``lr`` (TempBalance), ``weight_decay`` (AlphaDecay: weight decay
+            × m(α), higher alpha → more decay; their default ratios 0.5–1.5, LLaMA runs 0.667–3) or ``both``.
         schedulers: schedulers already built over the optimizer's original groups, adapted to the split.
         no_decay: factory route only: put biases, norms and embeddings in ``:no_decay`` groups (weight decay 0).
     """
@@ -69,7 +72,10 @@ class TempBalance:
                  unit: str = "layer", exclude_first_last: bool = True, min_evals: int = 50,
                  include: Sequence[str] = (), exclude: Sequence[str] = (), split_qkv: bool = False,
                  fit: str = "median", device: str = "auto", initial: Mapping[str, float] | None = None,
-                 apply_scale: bool = True, schedulers: Sequence[Any] = (), no_decay: bool = True) -> None:
+                 apply_scale: bool = True, schedulers: Sequence[Any] = (), no_decay: bool = True,
+                 target: str = "lr") -> None:
+        if target not in TARGETS:
+            raise TbdiagError(f"target {target!r}: use one of {', '.join(TARGETS)}")
         if metric not in METRICS:
             raise TbdiagError(f"metric {metric!r}: use one of {', '.join(METRICS)}")
         if per not in PER:
@@ -78,7 +84,7 @@ class TempBalance:
             raise TbdiagError(f"every {every!r}, warmup {warmup!r}: must be whole numbers ≥ 0")
         multipliers([], map, min_ratio, max_ratio)  # validates the map and the ratios
         self.map, self.min_ratio, self.max_ratio, self.metric = map, min_ratio, max_ratio, metric
-        self.every, self.per, self.warmup, self.apply_scale = every, per, warmup, apply_scale
+        self.every, self.per, self.warmup, self.apply_scale, self.target = every, per, warmup, apply_scale, target
         self.tune = TuneOptions(unit=unit, exclude_first_last=exclude_first_last, min_evals=min_evals,
                                 include=tuple(include), exclude=tuple(exclude), split_qkv=split_qkv)
         self.options = AnalyzeOptions(fit=fit, device=device, min_evals=2)
@@ -93,9 +99,10 @@ class TempBalance:
         self.epoch = self.updates = self.n_balances = 0
         self.last_balance_s = self.total_balance_s = 0.0
         self.values: dict[str, float] = {}
-        if apply_scale:
-            self.optimizer.register_step_pre_hook(scale_lrs)
-            self.optimizer.register_step_post_hook(restore_lrs)
+        for g in self.optimizer.param_groups:
+            g["tb_scale_lr"] = apply_scale
+        self.optimizer.register_step_pre_hook(scale_lrs)
+        self.optimizer.register_step_post_hook(restore_lrs)
         if initial is not None:
             self.set_multipliers(initial)
         elif warmup == 0:
@@ -119,7 +126,7 @@ class TempBalance:
         self._origin = origin
         for scheduler in schedulers:
             adopt_scheduler(scheduler, opt, origin)
-        OriginalLayout(opt, original, origin, lambda g: 1.0 if self.apply_scale else self._mult.get(g["unit"], 1.0))
+        OriginalLayout(opt, original, origin, lambda g: 1.0 if self.apply_scale else g["lr_scale"] / g["tb_base_scale"])
         return opt
 
     @property
@@ -143,6 +150,10 @@ class TempBalance:
     def effective_lrs(self) -> dict[str, float]:
         """The learning rate each param group steps with, by group name (``lr × lr_scale`` with the hooks)."""
         return {g["name"]: g["lr"] * (g["lr_scale"] if self.apply_scale else 1.0) for g in self.optimizer.param_groups}
+
+    def effective_weight_decays(self) -> dict[str, float]:
+        """The weight decay each param group steps with, by group name (``weight_decay × wd_scale``)."""
+        return {g["name"]: g.get("weight_decay", 0.0) * g["wd_scale"] for g in self.optimizer.param_groups}
 
     def adopt_scheduler(self, scheduler: Any) -> None:
         """Adapt a scheduler that was built over the optimizer's groups before they were split (as the
@@ -192,7 +203,9 @@ class TempBalance:
     def _apply(self, mult: Mapping[str, float]) -> None:
         self._mult.update({unit: float(m) for unit, m in mult.items()})
         for g in self.optimizer.param_groups:
-            g["lr_scale"] = g["tb_base_scale"] * self._mult[g["unit"]]
+            m = self._mult[g["unit"]]
+            g["lr_scale"] = g["tb_base_scale"] * (m if self.target in ("lr", "both") else 1.0)
+            g["wd_scale"] = m if self.target in ("weight_decay", "both") else 1.0
 
     def set_multipliers(self, mapping: Mapping[str, float]) -> None:
         """Set the multipliers of named units (e.g. from a ``tbdiag recommend`` file).
@@ -214,6 +227,8 @@ class TempBalance:
         """Flat numbers for a logger: ``lr/<group>`` (effective rate), ``alpha/<unit>`` (mean metric),
         ``tb/balance_s`` (last rebalance time)."""
         out = {f"lr/{name}": lr for name, lr in self.effective_lrs().items()}
+        if self.target != "lr":
+            out.update({f"wd/{name}": wd for name, wd in self.effective_weight_decays().items()})
         per_unit: dict[str, list[float]] = {}
         for t in self.layers:
             v = self.values.get(t.name, math.nan)

@@ -19,7 +19,7 @@ from torch import nn
 from tbdiag.errors import TbdiagError
 from tbdiag.tempbalance.tuned import DEFAULT_GROUP, unwrap
 
-OWN_KEYS = ("name", "unit", "lr_scale", "tb_base_scale")
+OWN_KEYS = ("name", "unit", "lr_scale", "tb_base_scale", "wd_scale", "tb_scale_lr")
 SCHEDULER_LISTS = ("lr_lambdas", "min_lrs", "max_lrs", "base_values")  # per-group lists of torch/timm schedulers
 
 
@@ -91,7 +91,7 @@ def split_by_unit(groups: Sequence[Mapping], unit_of: Mapping[int, str]) -> tupl
                 name = f"{name}.{i}"
             names.add(name)
             new.append({**settings, "params": params, "name": name, "unit": unit, "lr_scale": base_scale,
-                        "tb_base_scale": base_scale})
+                        "tb_base_scale": base_scale, "wd_scale": 1.0})
             origin.append(i)
     return new, origin
 
@@ -150,17 +150,24 @@ def _keep_original_layout(scheduler: Any, origin: list[int], n_old: int) -> None
 
 
 def scale_lrs(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Step pre-hook: each group steps with ``lr × lr_scale``."""
+    """Step pre-hook: each group steps with ``lr × lr_scale`` (unless a timm scheduler applies it:
+    ``tb_scale_lr`` false) and ``weight_decay × wd_scale``."""
     for g in optimizer.param_groups:
-        g["base_lr_"] = g["lr"]
-        g["lr"] = g["lr"] * g.get("lr_scale", 1.0)
+        if g.get("tb_scale_lr", True):
+            g["base_lr_"] = g["lr"]
+            g["lr"] = g["lr"] * g.get("lr_scale", 1.0)
+        if "weight_decay" in g and g.get("wd_scale", 1.0) != 1.0:
+            g["base_wd_"] = g["weight_decay"]
+            g["weight_decay"] = g["weight_decay"] * g["wd_scale"]
 
 
 def restore_lrs(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-    """Step post-hook: back to the scheduler's ``lr`` between steps."""
+    """Step post-hook: back to the scheduler's ``lr`` and the group's own weight decay between steps."""
     for g in optimizer.param_groups:
         if "base_lr_" in g:
             g["lr"] = g.pop("base_lr_")
+        if "base_wd_" in g:
+            g["weight_decay"] = g.pop("base_wd_")
 
 
 class OriginalLayout:

@@ -61,18 +61,33 @@ def load_multipliers(path: str | Path) -> dict[str, float]:
     """``{group name: multiplier}`` from a ``tbdiag.multipliers/v1`` file.
 
     Raises:
-        TbdiagError: missing file, bad JSON, another schema, or a multiplier that is not a positive number.
+        TbdiagError: missing file, bad JSON, another schema, a malformed ``layers`` entry, or a multiplier
+            that is not a positive finite number.
     """
     from tbdiag.export import read_json
 
-    doc = read_json(path, "write a multipliers file with tbdiag recommend --out")
+    hint = "write one with tbdiag recommend"
+    doc = read_json(path, hint)
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise TbdiagError(f"{path}: schema is {doc.get('schema') if isinstance(doc, dict) else None!r}, "
-                          f"not {SCHEMA}; write one with tbdiag recommend --out")
+        found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+        raise TbdiagError(f"{path}: schema is {str(found)[:40]!r}, not {SCHEMA}; {hint}")
+    layers = doc.get("layers")
+    if not isinstance(layers, dict):
+        raise TbdiagError(f"{path}: 'layers' is a {type(layers).__name__}, not an object of groups; {hint}")
     out = {}
-    for name, entry in doc.get("layers", {}).items():
+    for name, entry in layers.items():
         m = entry.get("multiplier") if isinstance(entry, dict) else None
-        if not isinstance(m, (int, float)) or not math.isfinite(m) or m <= 0:
-            raise TbdiagError(f"{path}: multiplier of {name} is {m!r}, not a positive number")
+        if not _positive(m):
+            raise TbdiagError(f"{path}: multiplier of {name[:80]!r} is {str(m)[:40]!r}, not a positive number; {hint}")
         out[name] = float(m)
     return out
+
+
+def _positive(m: object) -> bool:
+    """A positive finite number (not a bool; an integer too large for a float is not)."""
+    if isinstance(m, bool) or not isinstance(m, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(m)) and m > 0
+    except OverflowError:
+        return False

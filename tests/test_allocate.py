@@ -1,0 +1,83 @@
+"""Allocators from alpha: formulas by hand, budgets exact, PEFT keys exact, weight decay as a target."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tbdiag import TempBalance
+from tbdiag.errors import TbdiagError
+from tbdiag.tempbalance.allocate import lora_ranks, peft_patterns, sparsity
+from tests import tiny_models
+
+
+def test_sparsity_formula_by_hand_and_exact_mean():
+    alphas, sizes = [2.0, 3.0, 4.0], [100, 100, 200]
+    ratios = [0.7, 1.0, 1.3]  # (α − 2)/(4 − 2)·0.6 + 0.7
+    c = 0.5 * 400 / (100 * 0.7 + 100 * 1.0 + 200 * 1.3)
+    got = sparsity(alphas, sizes, 0.5, epsilon=0.3)
+    assert got == pytest.approx([c * r for r in ratios], rel=1e-12)
+    assert sum(s * n for s, n in zip(got, sizes)) / sum(sizes) == pytest.approx(0.5, abs=1e-12)
+    assert got[0] < got[1] < got[2]  # higher alpha (less trained) → more pruned, as AlphaPruning
+    assert sparsity([3.0, 3.0], [10, 30], 0.7) == pytest.approx([0.7, 0.7])  # equal alphas: uniform
+    assert sparsity([2.0, math.nan, 4.0], [1, 1, 1], 0.4)[1] == pytest.approx(0.4 * 3 / 3)  # nan: ratio 1
+
+
+def test_sparsity_held_at_the_bound_keeps_the_mean():
+    got = sparsity([1.0, 2.0, 10.0], [10, 10, 1000], 0.9, epsilon=0.9, max_sparsity=0.95)
+    assert max(got) <= 0.95 + 1e-12
+    assert sum(s * n for s, n in zip(got, [10, 10, 1000])) / 1020 == pytest.approx(0.9, abs=1e-12)
+    for bad in ({"target": 1.0}, {"target": -0.1}, {"target": 0.5, "epsilon": 1.0}, {"target": 0.99, "max_sparsity": 0.9}):
+        with pytest.raises(TbdiagError):
+            sparsity([2.0, 3.0], [1, 1], **bad)
+
+
+def test_lora_ranks_by_hand_and_exact_budget():
+    assert lora_ranks([2.0, 3.0, 5.0], 20) == [4, 6, 10]  # 20·α/10, exact
+    assert lora_ranks([2.0, 2.0, 2.0], 10) == [4, 3, 3]  # 3.33 each: the first remainder wins the spare rank
+    got = lora_ranks([1.0, 4.0, 9.0], 30, beta=0.5)  # √α: 1, 2, 3 → 5, 10, 15
+    assert got == [5, 10, 15]
+    held = lora_ranks([1.0, 1.0, 100.0], 24, r_min=2, r_max=16)
+    assert held == [4, 4, 16] and sum(held) == 24
+    for alphas, budget in (([2.0, 3.0, 4.0, 5.0, 6.0], 64), ([2.1, 7.3, 3.3], 17), ([3.0] * 7, 50)):
+        assert sum(lora_ranks(alphas, budget, r_min=2, r_max=32)) == budget
+    with pytest.raises(TbdiagError, match="need between 6"):
+        lora_ranks([2.0, 3.0, 4.0], 5, r_min=2)
+
+
+def test_peft_keys_match_exactly_one_module_of_a_tiny_llama():
+    peft = pytest.importorskip("peft")
+    model = tiny_models.llama()
+    names = [n for n, _ in model.named_modules()]
+    ranks = {"model.layers.0.self_attn.q_proj": 4, "model.layers.1.self_attn.q_proj": 12, "model.layers.1.mlp.up_proj": 8}
+    cfg = peft_patterns(ranks, names, lora_alpha=16, default_r=8)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(**cfg))
+    got = {n.removeprefix("base_model.model."): m.r["default"] for n, m in wrapped.named_modules()
+           if hasattr(m, "r") and isinstance(m.r, dict) and "default" in m.r}
+    assert got == ranks
+    scaling = {n.removeprefix("base_model.model."): m.scaling["default"] for n, m in wrapped.named_modules()
+               if hasattr(m, "scaling") and isinstance(m.scaling, dict) and "default" in m.scaling}
+    assert set(scaling.values()) == {16 / 8}  # lora_alpha / r kept constant
+    with pytest.raises(TbdiagError, match="matches 0 modules"):
+        peft_patterns({"layers.0.self_attn.q_proj": 4}, names)
+
+
+def test_weight_decay_target_scales_decay_not_lr():
+    model = tiny_models.mha_net()
+    opt = torch.optim.AdamW([p for p in model.parameters()], lr=1e-3, weight_decay=0.1)
+    tb = TempBalance(model, opt, target="weight_decay", min_ratio=0.5, max_ratio=1.5)
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append({g["name"]: (g["lr"], g["weight_decay"]) for g in o.param_groups}))
+    idx = torch.randint(0, 96, (2, 5))
+    nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+    opt.step()
+    units = {g["name"]: g["unit"] for g in opt.param_groups}
+    for name, (lr, wd) in seen[0].items():
+        assert lr == pytest.approx(1e-3) and wd == pytest.approx(0.1 * tb.multipliers[units[name]])
+    assert {g["weight_decay"] for g in opt.param_groups} == {0.1}  # restored between steps
+    assert min(tb.multipliers.values()) == pytest.approx(0.5) and max(tb.multipliers.values()) == pytest.approx(1.5)
+    assert tb.log_values()["wd/blocks.0.mlp.0"] == pytest.approx(0.1 * tb.multipliers["blocks.0.mlp.0"])
+    both = TempBalance(tiny_models.mha_net(), lambda g: torch.optim.AdamW(g, lr=1e-3, weight_decay=0.1), target="both")
+    g = next(g for g in both.optimizer.param_groups if g["unit"] == "blocks.1.mlp.0" and g["weight_decay"] > 0)
+    assert g["lr_scale"] == g["wd_scale"] == both.multipliers["blocks.1.mlp.0"]
