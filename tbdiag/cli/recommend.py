@@ -1,4 +1,5 @@
-"""``tbdiag recommend``: TempBalance learning-rate multipliers from a checkpoint's alphas."""
+"""``tbdiag recommend``: TempBalance learning-rate multipliers from a checkpoint's alphas, or another
+per-layer allocation from them (weight decay, sparsity, LoRA ranks)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,19 @@ from typing import Annotated, Optional
 
 import typer
 
+from enum import Enum
+
 from tbdiag.cli.common import (FLAG, Fit, MapName, Metric, Outputs, Unit, choices, out_console, require,
                                require_finite, user_errors)
 
-MAP, INPUT = "TempBalance map", "Input"
+MAP, INPUT, ALLOC = "TempBalance map", "Input", "Other targets"
+
+
+class Target(str, Enum):
+    lr = "lr"
+    weight_decay = "weight_decay"
+    sparsity = "sparsity"
+    lora_rank = "lora_rank"
 
 
 def recommend_command(
@@ -28,9 +38,21 @@ def recommend_command(
     key: Annotated[Optional[str], typer.Option(metavar="NAME", help="Entry of a nested checkpoint holding the weights.", rich_help_panel=INPUT)] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", metavar=FLAG, help="Allow full unpickling (trusted files only).", rich_help_panel=INPUT)] = False,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.", rich_help_panel=INPUT)] = "auto",
-    out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="FILE", help="Write the tbdiag.multipliers/v1 JSON here ('-': stdout).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="FILE", help="Write the JSON here ('-': stdout): tbdiag.multipliers/v1, or tbdiag.allocation/v1 for other targets.")] = None,
+    target: Annotated[Target, typer.Option(metavar=choices(Target), help="lr: TempBalance multipliers; weight_decay: AlphaDecay; sparsity: AlphaPruning; lora_rank: LoRA ranks.", rich_help_panel=ALLOC)] = Target.lr,
+    weight_decay: Annotated[Optional[float], typer.Option(metavar="WD", help="weight_decay: the base weight decay, to show each layer's.", rich_help_panel=ALLOC)] = None,
+    sparsity: Annotated[float, typer.Option(metavar="S", help="sparsity: mean sparsity over the layers, 0 ≤ S < 1.", rich_help_panel=ALLOC)] = 0.5,
+    epsilon: Annotated[float, typer.Option(metavar="E", help="sparsity: spread of the layer ratios, 0 ≤ E < 1.", rich_help_panel=ALLOC)] = 0.3,
+    budget: Annotated[int, typer.Option(metavar="N", help="lora_rank: the sum of the ranks.", rich_help_panel=ALLOC)] = 0,
+    beta: Annotated[float, typer.Option(metavar="B", help="lora_rank: rank ∝ alpha^B.", rich_help_panel=ALLOC)] = 1.0,
+    r_min: Annotated[int, typer.Option(metavar="R", help="lora_rank: smallest rank.", rich_help_panel=ALLOC)] = 1,
+    r_max: Annotated[Optional[int], typer.Option(metavar="R", help="lora_rank: largest rank (default: the budget).", rich_help_panel=ALLOC)] = None,
+    lora_alpha: Annotated[Optional[float], typer.Option(metavar="A", help="lora_rank: keep lora_alpha/r constant at A/(mean rank) (alpha_pattern).", rich_help_panel=ALLOC)] = None,
+    include: Annotated[Optional[list[str]], typer.Option(metavar="GLOB", help="Only layers matching this glob (repeatable).", rich_help_panel=MAP)] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(metavar="GLOB", help="Never layers matching this glob (repeatable).", rich_help_panel=MAP)] = None,
 ) -> None:
-    """Turn a checkpoint's per-layer alphas into TempBalance learning-rate multipliers."""
+    """Turn a checkpoint's per-layer alphas into TempBalance learning-rate multipliers (or, with --target,
+    per-layer weight decay, sparsity or LoRA ranks)."""
     from tbdiag.analysis import analyze
     from tbdiag.export import jsonable
     from tbdiag.tempbalance.recommend import recommend
@@ -44,10 +66,19 @@ def recommend_command(
         if lr is not None:
             require_finite(lr, "--lr", "must be a finite number; e.g. 0.1")
             require(lr > 0, "--lr", lr, "must be positive; e.g. 0.1")
+        if target == Target.lora_rank:
+            require(budget > 0, "--budget", budget, "lora_rank needs a rank budget; e.g. --budget 256")
         outputs = Outputs.check({"--out": out}, [path])
         analysis = analyze(str(path), fit=fit.value, key=key, trust_pickle=trust_pickle, device=device)
-        doc = recommend(analysis, map=map.value, min_ratio=min_ratio, max_ratio=max_ratio, metric=metric.value,
-                        unit=unit.value, exclude_first_last=not keep_first_last, min_evals=min_evals, lr=lr)
+        rule = dict(unit=unit.value, exclude_first_last=not keep_first_last, min_evals=min_evals,
+                    include=tuple(include or ()), exclude=tuple(exclude or ()))
+        if target != Target.lr:
+            _allocate(analysis, target, rule, outputs, out, weight_decay=weight_decay, sparsity=sparsity,
+                      epsilon=epsilon, budget=budget, beta=beta, r_min=r_min, r_max=r_max, lora_alpha=lora_alpha,
+                      map=map.value, min_ratio=min_ratio, max_ratio=max_ratio)
+            return
+        doc = recommend(analysis, map=map.value, min_ratio=min_ratio, max_ratio=max_ratio, metric=metric.value, lr=lr,
+                        **rule)
         outputs.write({"--out": json.dumps(jsonable(doc), indent=1) + "\n"} if out else {})
         if outputs.stdout is None:
             out_console.print(multipliers_table(doc, source=analysis.source, map=map.value, metric=metric.value,
@@ -82,3 +113,35 @@ def multipliers_table(doc: dict, *, source: str, map: str, metric: str, min_rati
             cells.append(f"{e['lr']:.4g}")
         table.add_row(*cells)
     return Group(title, table)
+
+
+def _allocate(analysis, target: Target, rule: dict, outputs: Outputs, out: str | None, **p) -> None:  # noqa: ANN001
+    """Write and print a ``tbdiag.allocation/v1`` document for a target other than lr."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from tbdiag.cli.render import fmt
+    from tbdiag.export import jsonable
+    from tbdiag.tempbalance.recommend import allocation
+
+    if target == Target.weight_decay:
+        params = {k: p[k] for k in ("map", "min_ratio", "max_ratio")}
+        if p["weight_decay"] is not None:
+            params["weight_decay"] = p["weight_decay"]
+    elif target == Target.sparsity:
+        params = {"sparsity": p["sparsity"], "epsilon": p["epsilon"]}
+    else:
+        params = {k: p[k] for k in ("budget", "beta", "r_min", "r_max", "lora_alpha") if p[k] is not None}
+    doc = allocation(analysis, target.value, **rule, **params)
+    outputs.write({"--out": json.dumps(jsonable(doc), indent=1) + "\n"} if out else {})
+    if outputs.stdout is not None:
+        return
+    key = {"weight_decay": "multiplier", "sparsity": "sparsity", "lora_rank": "rank"}[target.value]
+    table = Table(header_style="bold")
+    for col in ("group", "alpha", "params", key):
+        table.add_column(col, justify="left" if col == "group" else "right")
+    for name, g in doc["layers"].items():
+        value = g[key] if isinstance(g[key], int) else f"{g[key]:.4f}"
+        table.add_row(Text(name), fmt(g["alpha"]), f"{g['n_params']:,}", str(value))
+    out_console.print(Text(f"{analysis.source}: {target.value} from alpha ({', '.join(f'{k} {v}' for k, v in params.items())})"))
+    out_console.print(table)

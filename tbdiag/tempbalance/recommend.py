@@ -1,4 +1,5 @@
-"""From an analysis to TempBalance multipliers (``tbdiag.multipliers/v1``), and back from such a file."""
+"""From an analysis to TempBalance multipliers (``tbdiag.multipliers/v1``) and other per-unit allocations
+(``tbdiag.allocation/v1``: weight decay, sparsity, LoRA ranks), and multipliers back from such files."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from tbdiag.analysis import Analysis
 from tbdiag.errors import TbdiagError
 from tbdiag.tempbalance.balancer import METRICS
 from tbdiag.tempbalance.maps import unit_means, unit_multipliers
+from tbdiag.tempbalance import allocate
 from tbdiag.tempbalance.tuned import TuneOptions, tuned_layers
 
 SCHEMA = "tbdiag.multipliers/v1"
+TARGETS = ("lr", "weight_decay", "sparsity", "lora_rank")
 
 
 def recommend(analysis: Analysis, *, map: str = "linear", min_ratio: float = 0.5, max_ratio: float = 1.5,
@@ -53,6 +56,77 @@ def recommend(analysis: Analysis, *, map: str = "linear", min_ratio: float = 0.5
             "layers": layers, "default_multiplier": 1.0}
 
 
+def allocation(analysis: Analysis, target: str, *, unit: str = "layer", exclude_first_last: bool = True,
+               min_evals: int = 50, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+               **parameters: float) -> dict:
+    """The ``tbdiag.allocation/v1`` document: per unit its alpha, the layers it covers, its parameter count
+    and the target's value, on the units of the tuning rule (as `recommend`).
+
+    Targets and their ``parameters``: ``weight_decay`` (AlphaDecay: ``map``, ``min_ratio``, ``max_ratio``,
+    optional ``weight_decay`` — per unit ``multiplier`` and ``weight_decay``); ``sparsity`` (AlphaPruning:
+    ``sparsity``, ``epsilon``, ``max_sparsity`` — per unit ``sparsity``); ``lora_rank`` (``budget``,
+    ``beta``, ``r_min``, ``r_max``, optional ``lora_alpha`` — per unit ``rank``, and ``peft``:
+    `LoraConfig` arguments whose keys are checked against the checkpoint's module names).
+
+    Raises:
+        TbdiagError: an unknown target, bad parameters, or no layer to allocate to.
+    """
+    if target not in TARGETS[1:]:
+        raise TbdiagError(f"target {target!r}: use one of {', '.join(TARGETS[1:])} (lr: recommend)")
+    if target == "lora_rank" and unit != "layer":
+        raise TbdiagError("LoRA ranks are per module: use unit layer")
+    tune = TuneOptions(unit=unit, exclude_first_last=exclude_first_last, min_evals=min_evals,
+                       include=tuple(include), exclude=tuple(exclude), split_qkv=analysis.options.split_qkv)
+    tuned = tuned_layers(analysis.layers, tune)
+    if not tuned:
+        raise TbdiagError(f"{analysis.source}: no layer to allocate to (Conv/Linear with ≥ {min_evals} eigenvalues)")
+    rows = {r.name: r for r in analysis.layers}
+    alphas = unit_means([t.unit for t in tuned], [rows[t.name].alpha for t in tuned])
+    groups = {u: {"alpha": _or_none(a), "layers": [t.name for t in tuned if t.unit == u],
+                  "n_params": sum(_numel(rows[t.name].shape) for t in tuned if t.unit == u)} for u, a in alphas.items()}
+    values = list(alphas.values())
+    doc = {"schema": ALLOCATION_SCHEMA, "source": analysis.source, "target": target, "unit": unit,
+           "fit": analysis.options.fit, "parameters": dict(parameters), "layers": groups}
+    if target == "weight_decay":
+        mult = unit_multipliers(list(alphas), values, parameters.get("map", "linear"),
+                                parameters.get("min_ratio", 0.5), parameters.get("max_ratio", 1.5))
+        wd = parameters.get("weight_decay")
+        for u, g in groups.items():
+            g.update(multiplier=mult[u], **({"weight_decay": wd * mult[u]} if wd is not None else {}))
+    elif target == "sparsity":
+        got = allocate.sparsity(values, [g["n_params"] for g in groups.values()], parameters["sparsity"],
+                                parameters.get("epsilon", 0.3), parameters.get("max_sparsity", 0.99))
+        for g, x in zip(groups.values(), got):
+            g["sparsity"] = x
+    else:
+        ranks = allocate.lora_ranks(values, int(parameters["budget"]), parameters.get("beta", 1.0),
+                                    int(parameters.get("r_min", 1)), _int_or_none(parameters.get("r_max")))
+        for g, r in zip(groups.values(), ranks):
+            g["rank"] = r
+        modules = {n.rsplit(".", 1)[0] for r in analysis.layers for n in _prefixes(r.name)}
+        doc["peft"] = allocate.peft_patterns(dict(zip(groups, ranks)), sorted(modules),
+                                             lora_alpha=parameters.get("lora_alpha"),
+                                             default_r=round(sum(ranks) / len(ranks)))
+    return doc
+
+
+ALLOCATION_SCHEMA = allocate.SCHEMA
+
+
+def _prefixes(name: str) -> list[str]:
+    """Every dotted prefix of a layer name, itself included, each with a dummy last part for rsplit."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) + ".x" for i in range(1, len(parts) + 1)]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def _int_or_none(x: float | None) -> int | None:
+    return None if x is None else int(x)
+
+
 def _or_none(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
@@ -68,7 +142,9 @@ def load_multipliers(path: str | Path) -> dict[str, float]:
 
     hint = "write one with tbdiag recommend"
     doc = read_json(path, hint)
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+    weight_decay_allocation = isinstance(doc, dict) and doc.get("schema") == ALLOCATION_SCHEMA \
+        and doc.get("target") == "weight_decay"
+    if not isinstance(doc, dict) or (doc.get("schema") != SCHEMA and not weight_decay_allocation):
         found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
         raise TbdiagError(f"{path}: schema is {str(found)[:40]!r}, not {SCHEMA}; {hint}")
     layers = doc.get("layers")
