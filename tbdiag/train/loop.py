@@ -219,7 +219,8 @@ def _build(config: TrainConfig, dev: torch.device, resumed: bool) -> Parts:
         lo, hi = config.ratios()
         tb = TempBalance(model, lambda groups: torch.optim.SGD(groups, **sgd), map=config.tb_map, min_ratio=lo,
                          max_ratio=hi, metric=config.tb_metric, fit=config.tb_fit, device=str(dev), initial=initial,
-                         every=config.tb_every if config.method in ("tb", "tb+snr") else 0)
+                         every=config.tb_every if config.method in ("tb", "tb+snr") else 0,
+                         no_decay=False)  # weight decay on every parameter, as the paper's (and CAL's) SGD
         optimizer = tb.optimizer
     else:
         optimizer = torch.optim.SGD(model.parameters(), **sgd)
