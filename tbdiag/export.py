@@ -18,7 +18,7 @@ from tbdiag.analysis import Analysis
 from tbdiag.errors import TbdiagError
 from tbdiag.metrics import LayerResult, summarize
 
-CSV_COLUMNS = ["source", *LayerResult.__dataclass_fields__]
+CSV_COLUMNS = ["source", *(f for f in LayerResult.__dataclass_fields__ if f != "traps")]  # traps: a list, JSON only
 
 
 # Files a reader of an input folder opens or may open: checkpoints, shard indexes, configs, run state.
@@ -259,6 +259,7 @@ def to_csv(analyses: Sequence[Analysis]) -> str:
     for a in analyses:
         for row in a.to_dict()["layers"]:
             row = jsonable(row)
+            row.pop("traps", None)
             row["shape"] = "x".join(str(s) for s in row["shape"])
             writer.writerow({"source": a.source, **{k: ("" if v is None else v) for k, v in row.items()}})
     return buf.getvalue()
@@ -355,6 +356,10 @@ def _row(check: _Fields, r: Any, what: str) -> LayerResult:
             values[name] = tuple(check.count(d, f"{here}[{j}]") for j, d in enumerate(check.array(value, here)))
         elif name == "n_tail":
             values[name] = check.count(None if value is _MISSING else value, here, null=0)
+        elif field.type == "int | None":  # counts added later (num_spikes …): absent or null in older files
+            values[name] = None if value is _MISSING or value is None else check.count(value, here)
+        elif name == "traps":
+            values[name] = _traps(check, [] if value is _MISSING else value, here)
         elif field.type == "int":
             values[name] = check.count(value, here)
         elif name == "warning":
@@ -362,6 +367,23 @@ def _row(check: _Fields, r: Any, what: str) -> LayerResult:
         else:
             values[name] = check.text(value, here)
     return LayerResult(**values)
+
+
+def _traps(check: _Fields, value: Any, what: str) -> tuple:
+    """A row's correlation traps: a list of objects holding an ``eigenvalue`` and a list of ``entries``."""
+    traps = []
+    for i, trap in enumerate(check.array(value, what)):
+        trap = check.mapping(trap, f"{what}[{i}]")
+        entries = []
+        for j, e in enumerate(check.array(trap.get("entries", _MISSING), f"{what}[{i}].entries")):
+            e, here = check.mapping(e, f"{what}[{i}].entries[{j}]"), f"{what}[{i}].entries[{j}]"
+            entries.append({"slice": check.count(e.get("slice", 0), f"{here}.slice"),
+                            "row": check.count(e.get("row", _MISSING), f"{here}.row"),
+                            "col": check.count(e.get("col", _MISSING), f"{here}.col"),
+                            "value": check.number(e.get("value", _MISSING), f"{here}.value", null=False)})
+        traps.append({"eigenvalue": check.number(trap.get("eigenvalue", _MISSING), f"{what}[{i}].eigenvalue"),
+                      "entries": entries})
+    return tuple(traps)
 
 
 def _options(check: _Fields, raw: dict) -> Any:

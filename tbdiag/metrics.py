@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Sequence
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tbdiag.mp import matrix_entropy, mp_fit
 from tbdiag.powerlaw import FITS, PowerLawFit, failed_fit
 
 OVER_TRAINED_BELOW = 2.0  # HT-SR reading: alpha < 2 hints at an over-trained (very heavy-tailed) layer
@@ -40,6 +42,18 @@ class LayerResult:
     stable_rank: float
     status: str
     warning: str = ""
+    # Marchenko–Pastur view of the ESD (`tbdiag.mp`, WeightWatcher's definitions); nan/None when not fitted.
+    mp_sigma: float = math.nan
+    mp_bulk_max: float = math.nan
+    num_spikes: int | None = None
+    mp_softrank: float = math.nan
+    matrix_entropy: float = math.nan
+    # Randomised ESD (``randomize``): the element-wise permuted weights; nan/None/() when not computed.
+    rand_lambda_max: float = math.nan
+    rand_bulk_max: float = math.nan
+    rand_distance: float = math.nan
+    num_traps: int | None = None
+    traps: tuple = ()
 
 
 def _log10(x: float) -> float:
@@ -79,7 +93,21 @@ def layer_result(name: str, kind: str, shape: tuple[int, ...], evals: torch.Tens
         pl = FITS[fit](nonzero, **(fit_kwargs or {}))
         if len(nonzero) < n_evals:
             warning = f"{n_evals - len(nonzero)} zero eigenvalues left out of the fit"
-    return _row(name, kind, shape, evals, pl, lambda_max, fnorm2, warning)
+    row = _row(name, kind, shape, evals, pl, lambda_max, fnorm2, warning)
+    return dataclasses.replace(row, **mp_fields(evals, shape, min_evals)) if lambda_max > 0 else row
+
+
+def mp_fields(evals: torch.Tensor, shape: tuple[int, ...], min_evals: int) -> dict:
+    """The Marchenko–Pastur fields of a row (`tbdiag.mp`): the fit needs ``min_evals`` eigenvalues, the
+    entropy only a rank of at least 2. ``evals`` are finite, ascending, with a positive maximum."""
+    ev = evals.double().cpu().numpy()
+    n, m = max(shape[0], shape[1]), min(shape[0], shape[1])
+    out = {"matrix_entropy": matrix_entropy(ev, n)}
+    if len(ev) >= min_evals:
+        fit = mp_fit(ev, n, m)
+        out.update(mp_sigma=fit.sigma, mp_bulk_max=fit.bulk_max, num_spikes=fit.num_spikes,
+                   mp_softrank=fit.softrank)
+    return out
 
 
 def _row(name: str, kind: str, shape: tuple[int, ...], evals: torch.Tensor, pl: PowerLawFit,

@@ -38,7 +38,10 @@ def test_json_and_csv_files(tmp_path):
     assert layer["status"] == "too_few_evals" and layer["alpha"] is None and layer["n_evals"] == 9
     expected = {"name", "kind", "shape", "n_evals", "alpha", "alpha_err", "xmin", "D", "n_tail", "lambda_max",
                 "fnorm2", "alpha_weighted", "log_norm", "log_spectral_norm", "log_alpha_norm", "stable_rank",
-                "status", "warning"}
+                "status", "warning",
+                # MP bulk and spikes (always), randomised ESD and traps (null/[] unless --randomize): additive fields
+                "mp_sigma", "mp_bulk_max", "num_spikes", "mp_softrank", "matrix_entropy",
+                "rand_lambda_max", "rand_bulk_max", "rand_distance", "num_traps", "traps"}
     assert set(layer) == expected
     rows = list(csv.DictReader(io.StringIO(c.read_text())))
     assert [r["name"] for r in rows] == [l["name"] for l in doc["layers"]]
