@@ -13,6 +13,7 @@ from tbdiag.cli.common import (FLAG, Estimator, Fit, Outputs, Precision, choices
                                require_finite, user_errors)
 
 FIT, LAYERS, INPUT, COMPUTE, OUTPUT = "Power-law fit", "Layers", "Input", "Compute", "Output"
+COMPARE = "Randomise and compare"
 
 
 def analyze_command(
@@ -35,6 +36,10 @@ def analyze_command(
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", metavar=FLAG, help="Allow full unpickling and TorchScript: runs code from the file; trusted files only.", rich_help_panel=INPUT)] = False,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.", rich_help_panel=COMPUTE)] = "auto",
     precision: Annotated[Precision, typer.Option(metavar=choices(Precision), help="Eigensolver precision.", rich_help_panel=COMPUTE)] = Precision.float64,
+    randomize: Annotated[bool, typer.Option("--randomize", metavar=FLAG, help="Also each layer's ESD with its entries shuffled: rand_distance and correlation traps.", rich_help_panel=COMPARE)] = False,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed of --randomize's permutations (with the layer name).", rich_help_panel=COMPARE)] = 0,
+    base: Annotated[Optional[Path], typer.Option(metavar="PATH", help="The checkpoint PATH was fine-tuned from: analyse ΔW = W − W_base per layer (for a LoRA adapter folder: W_base + ΔW with --both).", rich_help_panel=COMPARE)] = None,
+    both: Annotated[bool, typer.Option("--both", metavar=FLAG, help="With --base: the full weights too (the fine-tuned W, or W_base + ΔW of an adapter).", rich_help_panel=COMPARE)] = False,
     json_out: Annotated[Optional[str], typer.Option("--json", metavar="FILE", help="Write the analysis JSON here ('-' for stdout).", rich_help_panel=OUTPUT)] = None,
     csv_out: Annotated[Optional[str], typer.Option("--csv", metavar="FILE", help="Write one CSV row per layer here ('-' for stdout).", rich_help_panel=OUTPUT)] = None,
     html: Annotated[Optional[str], typer.Option("--html", metavar="FILE", help="Write an HTML report here (a comparison for several paths).", rich_help_panel=OUTPUT)] = None,
@@ -48,15 +53,19 @@ def analyze_command(
 
     with user_errors():
         _check_ranges(xmin_pos, conv_norm, min_evals, peak_bins, farms_window, farms_windows, farms_ratio)
+        require(seed >= 0, "--seed", seed, "must be 0 or more")
         if html == "-":
             raise TbdiagError("--html -: an HTML report goes to a file; name one")
-        outputs = Outputs.check({"--json": json_out, "--csv": csv_out, "--html": html}, paths)
+        if both and base is None:
+            raise TbdiagError("--both: shows the weights beside their change, which needs --base BASE; add it")
+        outputs = Outputs.check({"--json": json_out, "--csv": csv_out, "--html": html}, [*paths, *([base] if base else [])])
         options = AnalyzeOptions(fit=fit.value, xmin_pos=xmin_pos, conv_norm=conv_norm, min_evals=min_evals,
                                  include=tuple(include or ()), exclude=tuple(exclude or ()),
                                  include_embeddings=embeddings, device=device, precision=precision.value,
                                  peak_bins=peak_bins, peak_lower_bound_quirk=peak_quirk, key=key,
                                  trust_pickle=trust_pickle, split_qkv=split_qkv, estimator=estimator.value,
-                                 farms_window=farms_window, farms_per_dim=farms_windows, farms_ratio=farms_ratio)
+                                 farms_window=farms_window, farms_per_dim=farms_windows, farms_ratio=farms_ratio,
+                                 randomize=randomize, seed=seed)
         if plan:
             from tbdiag.cli.render import plan_table
             from tbdiag.plan import make_plan
@@ -67,7 +76,9 @@ def analyze_command(
         from tbdiag.distributed import process_group
 
         with process_group("gloo") as rank:  # gloo carries the gathered rows; eigenvalues stay on each rank's device
-            analyses = [_analyze_with_progress(analyze, str(p), options, keep_spectra=html is not None) for p in paths]
+            analyses = [_analyze_with_progress(analyze, str(p), options, keep_spectra=html is not None,
+                                               base=None if base is None else str(base), view=view)
+                        for p in paths for view in _views(p, base, both)]
         # Everything is computed before anything is written: a failure leaves no partial output.
         if rank != 0:
             return  # under torchrun, rank 0 alone writes and prints
@@ -76,7 +87,7 @@ def analyze_command(
             from tbdiag.report.render import checkpoint_report, comparison_report
 
             texts["--html"] = checkpoint_report(analyses[0]) if len(analyses) == 1 else \
-                comparison_report([(Path(a.source).name, a) for a in analyses])
+                comparison_report([(label(a), a) for a in analyses])
         if json_out:
             texts["--json"] = to_json(analyses)
         if csv_out:
@@ -106,9 +117,25 @@ def _check_ranges(xmin_pos: float, conv_norm: float, min_evals: int, peak_bins: 
             "must be a finite positive number (1: square windows)")
 
 
-def _analyze_with_progress(analyze, path: str, options, keep_spectra: bool):  # noqa: ANN001, ANN202 - CLI glue
+def _views(path: Path, base: Path | None, both: bool) -> list[str | None]:
+    """The views of one path: its own (weights; ΔW with a base or for an adapter), and with ``both`` the full
+    weights too (the fine-tuned W, or W_base + ΔW of an adapter)."""
+    from tbdiag.lora import adapter_folder
+
+    if base is None:
+        return [None]
+    return ["delta", "merged" if adapter_folder(path) else "weights"] if both else ["delta"]
+
+
+def label(a) -> str:  # noqa: ANN001 - an Analysis
+    """A short label of an analysis in a comparison: the file name, and what the rows describe."""
+    name = Path(a.source).name or a.source
+    return name if a.view == "weights" and a.base is None else f"{name} ({a.view})"
+
+
+def _analyze_with_progress(analyze, path: str, options, keep_spectra: bool, **kwargs):  # noqa: ANN001, ANN202 - CLI glue
     if not sys.stderr.isatty():
-        return analyze(path, options, keep_spectra=keep_spectra)
+        return analyze(path, options, keep_spectra=keep_spectra, **kwargs)
     from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -119,4 +146,4 @@ def _analyze_with_progress(analyze, path: str, options, keep_spectra: bool):  # 
         def step(spec, index: int, total: int, done_cost: float, total_cost: float) -> None:  # noqa: ANN001
             bar.update(task, completed=done_cost, total=total_cost, description=escape(f"{Path(path).name}: {spec.name}"))
 
-        return analyze(path, options, progress=step, keep_spectra=keep_spectra)
+        return analyze(path, options, progress=step, keep_spectra=keep_spectra, **kwargs)

@@ -32,19 +32,36 @@ def _alpha_cell(alpha: float, bands: bool) -> Text:
 
 def analysis_table(a: Analysis) -> Table:
     """One row per layer, in model order."""
-    title = Text(f"{a.source}  ({a.format}, {a.n_params:,} weights, fit={a.options.fit})")
+    title = Text(f"{a.source}{_view_text(a)}  ({a.format}, {a.n_params:,} weights, fit={a.options.fit})")
     table = Table(title=title, title_justify="left", header_style="bold")
-    for col in ("layer", "kind", "shape", "#eigs", "alpha", "±err", "D", "n_tail", "λ_max", "alpha_w",
-                "stable_rank", "status"):
+    rand = a.options.randomize
+    columns = ["layer", "kind", "shape", "#eigs", "alpha", "±err", "D", "n_tail", "λ_max", "alpha_w", "stable_rank",
+               "spikes", "mp_softrank", "entropy", *(["rand_dist", "traps"] if rand else []), "status"]
+    for col in columns:
         table.add_column(col, justify="left" if col in ("layer", "kind", "shape", "status") else "right",
                          no_wrap=col == "layer")
     bands = a.options.fit == BANDS_FIT
     for r in a.layers:
         status = r.status if not r.warning else f"{r.status} ({r.warning})"
+        extra = [fmt(r.rand_distance), _count(r.num_traps)] if rand else []
         table.add_row(Text(r.name), r.kind, "×".join(map(str, r.shape)), str(r.n_evals), _alpha_cell(r.alpha, bands),
                       fmt(r.alpha_err), fmt(r.D), str(r.n_tail or "-"), fmt(r.lambda_max), fmt(r.alpha_weighted),
-                      fmt(r.stable_rank, 1), Text(status))
+                      fmt(r.stable_rank, 1), _count(r.num_spikes), fmt(r.mp_softrank), fmt(r.matrix_entropy), *extra,
+                      Text(status))
     return table
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else str(n)
+
+
+def _view_text(a: Analysis) -> str:
+    """What the rows describe, when not the checkpoint's own weights."""
+    if a.view == "delta":
+        return f"  ΔW = W − W_base, base {a.base}" if a.base else "  ΔW = s·B·A (LoRA updates)"
+    if a.view == "merged":
+        return f"  W_base + ΔW, base {a.base}"
+    return ""
 
 
 def summary_text(a: Analysis) -> Text:
