@@ -20,6 +20,7 @@ _EXPORTS = {
     "TempBalance": "tbdiag.tempbalance",
     "param_groups": "tbdiag.tempbalance.optim",
     "load_multipliers": "tbdiag.tempbalance.recommend",
+    "prune": "tbdiag.pruning",
 }
 
 __all__ = ["__version__", *_EXPORTS]
