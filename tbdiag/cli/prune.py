@@ -26,7 +26,7 @@ def prune_command(
     epsilon: Annotated[float, typer.Option(metavar="E", help="alpha: ratios spread over [1 − E, 1 + E] before rescaling to S (0 ≤ E < 1).", rich_help_panel=ALLOC)] = 0.3,
     max_sparsity: Annotated[float, typer.Option(metavar="X", help="No layer is pruned beyond X (S ≤ X < 1).", rich_help_panel=ALLOC)] = 0.99,
     unit: Annotated[Unit, typer.Option(metavar=choices(Unit), help="A sparsity per layer, or per transformer block (its mean alpha).", rich_help_panel=ALLOC)] = Unit.layer,
-    keep_first_last: Annotated[bool, typer.Option("--keep-first-last/--prune-first-last", metavar=FLAG, help="Leave the input and output layers dense (the layers outside numbered blocks: LM head, stem), as AlphaPruning does, or prune them too.", rich_help_panel=LAYERS)] = True,
+    prune_first_last: Annotated[bool, typer.Option("--prune-first-last", metavar=FLAG, help="Also prune the input and output layers (outside numbered blocks: LM head, stem), which AlphaPruning leaves dense.", rich_help_panel=LAYERS)] = False,
     min_evals: Annotated[int, typer.Option(metavar="N", help="Layers with fewer eigenvalues stay dense (N ≥ 2).", rich_help_panel=LAYERS)] = 50,
     fit: Annotated[Fit, typer.Option(metavar=choices(Fit), help="Estimator of alpha (AlphaPruning fits peak).", rich_help_panel=FIT)] = Fit.peak,
     peak_quirk: Annotated[bool, typer.Option("--peak-quirk", metavar=FLAG, help="peak: reproduce the reference implementation's lower bound.", rich_help_panel=FIT)] = False,
@@ -55,7 +55,7 @@ def prune_command(
             raise TbdiagError("--out: missing, nothing to write; give --out NEW for the pruned checkpoint, "
                               "--allocation-json FILE for the allocation alone, or --plan-only to show it")
         result = prune(path, out, sparsity=sparsity, allocation=allocation.value, epsilon=epsilon,
-                       max_sparsity=max_sparsity, unit=unit.value, prune_first_last=not keep_first_last,
+                       max_sparsity=max_sparsity, unit=unit.value, prune_first_last=prune_first_last,
                        min_evals=min_evals, fit=fit.value, peak_lower_bound_quirk=peak_quirk,
                        allocation_json=None if allocation_json == STDOUT else allocation_json, key=key,
                        trust_pickle=trust_pickle, device=device)
