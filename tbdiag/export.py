@@ -275,7 +275,7 @@ def analysis_from_dict(doc: Any, where: str = "<json>") -> Analysis:
     Raises:
         TbdiagError: another schema, or a malformed or incomplete document (one line naming the field).
     """
-    from tbdiag.analysis import SCHEMA
+    from tbdiag.analysis import SCHEMA, VIEWS
 
     if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
         found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
@@ -288,9 +288,14 @@ def analysis_from_dict(doc: Any, where: str = "<json>") -> Analysis:
     rows = tuple(_row(check, r, f"layers[{i}]") for i, r in enumerate(layers))
     skipped = doc["summary"].get("skipped", {}) if isinstance(doc.get("summary"), dict) else {}
     summary = dict(summarize(rows), skipped=skipped if isinstance(skipped, dict) else {})
+    view = check.text(doc.get("view", "weights"), "view")
+    if view not in VIEWS:
+        raise check.bad("view", view, f"one of {', '.join(VIEWS)}")
     return Analysis(check.text(doc.get("source", _MISSING), "source"), check.text(doc.get("format", "?"), "format"),
                     check.count(doc.get("n_params", 0), "n_params", null=0), options, rows, summary,
-                    check.mapping(doc.get("timing", {}), "timing"))
+                    check.mapping(doc.get("timing", {}), "timing"),
+                    base=None if doc.get("base") is None else check.text(doc["base"], "base"),
+                    view=view)
 
 
 class _Fields:

@@ -40,6 +40,7 @@ app.command("analyze", cls=_Command, no_args_is_help=True)(analyze_command)
 app.command("recommend", cls=_Command, no_args_is_help=True)(recommend_command)
 app.command("train", cls=_Command, no_args_is_help=True)(train_command)
 app.command("report", cls=_Command, no_args_is_help=True)(report_command)
+app.command("diff", cls=_Command, no_args_is_help=True)(__import__("tbdiag.cli.diff", fromlist=["diff_command"]).diff_command)
 app.command("prune", cls=_Command, no_args_is_help=True)(__import__("tbdiag.cli.prune", fromlist=["_"]).prune_command)
 
 

@@ -103,3 +103,34 @@ def plan_table(plan) -> Table:  # noqa: ANN001 - tbdiag.plan.Plan, imported lazi
         table.add_row(Text(layer.name), layer.kind, "×".join(map(str, layer.shape)), str(layer.n_evals),
                       f"{layer.bytes / 1e6:,.1f}", f"{layer.seconds:.2f}", f"{100 * layer.seconds / total_s:.1f}%")
     return table
+
+
+def _signed(x: float | None) -> Text:
+    """A change, coloured: up yellow, down green, ``-`` when it cannot be computed."""
+    if x is None or not math.isfinite(x):
+        return Text("-")
+    return Text(f"{x:+.3f}" if x == 0 or 1e-3 <= abs(x) < 1e5 else f"{x:+.2e}", style="yellow" if x > 0 else "green" if x < 0 else "")
+
+
+def diff_table(doc: dict, top: int = 0) -> Table:
+    """A ``tbdiag.diff/v1`` document: one row per common layer, largest change of alpha first."""
+    a, b = doc["a"], doc["b"]
+    title = Text(f"{a['source']} ({a['view']}) → {b['source']} ({b['view']}): {len(doc['layers'])} common layers, "
+                 f"sorted by |Δalpha|")
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for col in ("layer", "alpha A", "alpha B", "Δalpha", "Δalpha_w", "Δlog_norm", "Δlog_λmax", "Δstable_rank",
+                "Δmp_softrank", "Δspikes", "Δentropy"):
+        table.add_column(col, justify="left" if col == "layer" else "right", no_wrap=col == "layer")
+    shown = doc["layers"][:top] if top else doc["layers"]
+    for row in shown:
+        d = row["delta"]
+        table.add_row(Text(row["name"]), fmt(row["a"]["alpha"]), fmt(row["b"]["alpha"]),
+                      *(_signed(d[m]) for m in ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm",
+                                                "stable_rank", "mp_softrank", "num_spikes", "matrix_entropy")))
+    if len(shown) < len(doc["layers"]):
+        table.caption = f"{len(doc['layers']) - len(shown)} more rows in the JSON (--top 0 shows all)"
+    for side, names in (("A", doc["only_a"]), ("B", doc["only_b"])):
+        if names:
+            more = f" … (+{len(names) - 5})" if len(names) > 5 else ""
+            table.caption = (table.caption or "") + f"\nonly in {side}: {', '.join(names[:5])}{more}"
+    return table

@@ -63,8 +63,10 @@ def alpha_by_layer(names: Sequence[str], alphas: Sequence, errors: Sequence, ban
     return to_data_uri(fig)
 
 
-def esd(evals: np.ndarray, row: dict) -> str:
-    """One layer's ESD: log–log density with the fitted power law from xmin, and a linear-scale view.
+def esd(evals: np.ndarray, row: dict, rand: np.ndarray | None = None) -> str:
+    """One layer's ESD: log–log density with the fitted power law from xmin, and a linear-scale view; the MP
+    bulk edge λ₊ (dotted) when fitted; with ``rand`` (the randomised ESD) both panels overlay it, with its
+    bulk edge, so what training added stands out from what a shuffle of the same entries gives.
 
     Histograms are drawn as one ``stairs`` artist each (not a patch per bin): a report of hundreds of
     layers renders in seconds.
@@ -73,26 +75,42 @@ def esd(evals: np.ndarray, row: dict) -> str:
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.2, top=0.88, wspace=0.25)
     ax_log, ax_lin = fig.subplots(1, 2)
     positive = evals[evals > 0]
-    if len(positive) >= 2 and positive.max() > positive.min():
-        edges = np.geomspace(positive.min(), positive.max(), min(60, max(10, len(positive) // 8)))
+    both = np.concatenate([positive, rand[rand > 0]]) if rand is not None else positive
+    if len(positive) >= 2 and both.max() > both.min():
+        edges = np.geomspace(both.min(), both.max(), min(60, max(10, len(positive) // 8)))
         density, _ = np.histogram(positive, bins=edges, density=True)
-        ax_log.stairs(np.where(density > 0, density, np.nan), edges, fill=True, color="#6fa8dc")
+        ax_log.stairs(np.where(density > 0, density, np.nan), edges, fill=True, color="#6fa8dc", label="ESD")
+        if rand is not None:
+            rdensity, _ = np.histogram(rand[rand > 0], bins=edges, density=True)
+            ax_log.stairs(np.where(rdensity > 0, rdensity, np.nan), edges, color="#8e44ad", lw=1.2, label="shuffled")
         ax_log.set_xscale("log")
         ax_log.set_yscale("log")
-        alpha, xmin, n_tail = row.get("alpha"), row.get("xmin"), row.get("n_tail") or 0
-        if alpha is not None and xmin is not None and n_tail:
-            xs = np.geomspace(xmin, positive.max(), 50)
-            fitted = n_tail / len(positive) * (alpha - 1) / xmin * (xs / xmin) ** (-alpha)
-            ax_log.plot(xs, fitted, color="#cc0000", lw=1.5, label=f"α = {alpha:.2f}")
-            ax_log.axvline(xmin, color="#cc0000", ls="--", lw=1, label="xmin")
-            ax_log.legend(fontsize=7)
-    counts, edges = np.histogram(evals, bins=min(60, max(10, len(evals) // 8)))
+        _power_law(ax_log, row, positive)
+        ax_log.legend(fontsize=6)
+    lin = np.concatenate([evals, rand]) if rand is not None else evals
+    counts, edges = np.histogram(evals, bins=np.histogram_bin_edges(lin, bins=min(60, max(10, len(evals) // 8))))
     ax_lin.stairs(counts, edges, fill=True, color="#93c47d")
-    for ax, title in ((ax_log, "log–log ESD"), (ax_lin, "linear scale")):
+    if rand is not None:
+        ax_lin.stairs(np.histogram(rand, bins=edges)[0], edges, color="#8e44ad", lw=1.2)
+    for ax in (ax_log, ax_lin):
+        for key, color in (("mp_bulk_max", "#38761d"), ("rand_bulk_max", "#8e44ad")):
+            if row.get(key) is not None:
+                ax.axvline(row[key], color=color, ls=":", lw=1)
+    for ax, title in ((ax_log, "log–log ESD"), (ax_lin, "linear scale; dotted: MP bulk edge")):
         ax.text(0.5, 1.03, title, transform=ax.transAxes, ha="center", fontsize=8)
         _light_ticks(ax)
         ax.set_xlabel("eigenvalue", fontsize=7)
     return to_data_uri(fig, tight=False)
+
+
+def _power_law(ax, row: dict, positive: np.ndarray) -> None:  # noqa: ANN001 - a matplotlib Axes
+    """The fitted power law from xmin, and xmin, when the row has a fit."""
+    alpha, xmin, n_tail = row.get("alpha"), row.get("xmin"), row.get("n_tail") or 0
+    if alpha is not None and xmin is not None and n_tail:
+        xs = np.geomspace(xmin, positive.max(), 50)
+        fitted = n_tail / len(positive) * (alpha - 1) / xmin * (xs / xmin) ** (-alpha)
+        ax.plot(xs, fitted, color="#cc0000", lw=1.5, label=f"α = {alpha:.2f}")
+        ax.axvline(xmin, color="#cc0000", ls="--", lw=1, label="xmin")
 
 
 def _light_ticks(ax) -> None:  # noqa: ANN001 - a matplotlib Axes

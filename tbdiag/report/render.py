@@ -54,8 +54,9 @@ def _view(a: Analysis, ident: str, with_esd: bool = True) -> dict:
         view["multipliers"], view["multipliers_note"] = jsonable(recommend(a)), ""
     except TbdiagError as exc:
         view["multipliers"], view["multipliers_note"] = None, str(exc)
-    view["esd_figures"] = ({r["name"]: figures.esd(a.spectra[r["name"]], r) for r in rows if r["name"] in a.spectra}
-                           if with_esd and a.spectra else {})
+    view["esd_figures"] = ({r["name"]: figures.esd(a.spectra[r["name"]], r, a.rand_spectra.get(r["name"]))
+                            for r in rows if r["name"] in a.spectra} if with_esd and a.spectra else {})
+    view["randomize"], view["view"], view["base"] = a.options.randomize, a.view, a.base
     return view
 
 

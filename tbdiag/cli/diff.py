@@ -1,0 +1,66 @@
+"""``tbdiag diff A B``: per-layer change of alpha and the other metrics, as a table, JSON and an HTML report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tbdiag.cli.common import FLAG, Fit, Outputs, choices, err_console, out_console, require, user_errors
+
+
+def diff_command(
+    a: Annotated[str, typer.Argument(metavar="A", help="The analysis JSON or checkpoint to compare from (e.g. the base model).", show_default=False)],
+    b: Annotated[str, typer.Argument(metavar="B", help="The one to compare to (e.g. the fine-tuned model).", show_default=False)],
+    fit: Annotated[Fit, typer.Option(metavar=choices(Fit), help="Estimator for checkpoints analysed here.")] = Fit.ks,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N (checkpoints analysed here).")] = "auto",
+    top: Annotated[int, typer.Option(metavar="N", help="Rows in the table (0: all); the JSON always has all.")] = 0,
+    json_out: Annotated[Optional[str], typer.Option("--json", metavar="FILE", help="Write the tbdiag.diff/v1 JSON here ('-' for stdout).")] = None,
+    html: Annotated[Optional[str], typer.Option("--html", metavar="FILE", help="Write the comparison report of A and B here.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar=FLAG, help="No table.")] = False,
+) -> None:
+    """Per-layer change of alpha and the other metrics from A to B, largest change of alpha first."""
+    from tbdiag.errors import TbdiagError
+
+    with user_errors():
+        require(top >= 0, "--top", top, "must be 0 (all rows) or more")
+        if html == "-":
+            raise TbdiagError("--html -: an HTML report goes to a file; name one")
+        outputs = Outputs.check({"--json": json_out, "--html": html}, [a, b])
+        analyses = [_load(p, fit.value, device, keep_spectra=html is not None) for p in (a, b)]
+        from tbdiag.diff import diff
+        from tbdiag.export import jsonable
+
+        doc = diff(*analyses)
+        texts = {}
+        if json_out:
+            import json
+
+            texts["--json"] = json.dumps(jsonable(doc), indent=1, allow_nan=False) + "\n"
+        if html:
+            from tbdiag.cli.analyze import label
+            from tbdiag.report.render import comparison_report
+
+            texts["--html"] = comparison_report([(label(x), x) for x in analyses])
+        outputs.write(texts)
+        if not quiet:
+            from tbdiag.cli.render import diff_table
+
+            (err_console if outputs.stdout else out_console).print(diff_table(doc, top))
+
+
+def _load(path: str, fit: str, device: str, keep_spectra: bool):  # noqa: ANN202 - an Analysis
+    """An analysis JSON (one analysis) or a checkpoint, analysed here."""
+    from tbdiag.errors import TbdiagError
+
+    if path.endswith(".json") and Path(path).is_file():
+        from tbdiag.export import read_analyses
+
+        found = read_analyses(path)
+        if len(found) != 1:
+            raise TbdiagError(f"{path}: holds {len(found)} analyses; write each to its own file and pass one")
+        return found[0]
+    from tbdiag.analysis import analyze
+
+    return analyze(path, fit=fit, device=device, keep_spectra=keep_spectra)
