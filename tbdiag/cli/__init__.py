@@ -11,6 +11,8 @@ from typer.core import TyperCommand, TyperGroup
 from tbdiag import __version__
 from tbdiag.cli.analyze import analyze_command
 from tbdiag.cli.common import FLAG
+from tbdiag.cli.diff import diff_command
+from tbdiag.cli.prune import prune_command
 from tbdiag.cli.recommend import recommend_command
 from tbdiag.cli.report import report_command
 from tbdiag.cli.train import train_command
@@ -40,8 +42,8 @@ app.command("analyze", cls=_Command, no_args_is_help=True)(analyze_command)
 app.command("recommend", cls=_Command, no_args_is_help=True)(recommend_command)
 app.command("train", cls=_Command, no_args_is_help=True)(train_command)
 app.command("report", cls=_Command, no_args_is_help=True)(report_command)
-app.command("diff", cls=_Command, no_args_is_help=True)(__import__("tbdiag.cli.diff", fromlist=["diff_command"]).diff_command)
-app.command("prune", cls=_Command, no_args_is_help=True)(__import__("tbdiag.cli.prune", fromlist=["_"]).prune_command)
+app.command("diff", cls=_Command, no_args_is_help=True)(diff_command)
+app.command("prune", cls=_Command, no_args_is_help=True)(prune_command)
 
 
 def _version(value: bool) -> None:
