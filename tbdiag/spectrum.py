@@ -34,16 +34,16 @@ def resolve_device(spec: str = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise TbdiagError(f"--device {spec}: not a device; use auto, cpu, cuda or cuda:N") from None
+        raise TbdiagError(f"device {spec}: not a device; use auto, cpu, cuda or cuda:N", cli={"device ": "--device "}) from None
     if device.type == "cpu":
         return device
     if device.type != "cuda":
-        raise TbdiagError(f"--device {spec}: only cpu and cuda are supported; use auto, cpu, cuda or cuda:N")
+        raise TbdiagError(f"device {spec}: only cpu and cuda are supported; use auto, cpu, cuda or cuda:N", cli={"device ": "--device "})
     if not torch.cuda.is_available():
-        raise TbdiagError(f"--device {spec}: no CUDA GPU is available here; use --device cpu or auto")
+        raise TbdiagError(f"device {spec}: no CUDA GPU is available here; use device cpu or auto", cli={"device ": "--device "})
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise TbdiagError(f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s); "
-                          f"use cuda:0 … cuda:{torch.cuda.device_count() - 1}")
+        raise TbdiagError(f"device {spec}: this machine has {torch.cuda.device_count()} GPU(s); "
+                          f"use cuda:0 … cuda:{torch.cuda.device_count() - 1}", cli={"device ": "--device "})
     return device
 
 

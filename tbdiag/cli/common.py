@@ -35,7 +35,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except TbdiagError as exc:
-        err_console.print(f"error: {exc}", markup=False, soft_wrap=True)
+        err_console.print(f"error: {exc.cli_message()}", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err_console.print("interrupted", markup=False)
