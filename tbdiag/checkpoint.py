@@ -75,6 +75,10 @@ def open_checkpoint(source: Any, *, key: str | None = None, trust_pickle: bool =
 
 
 def _open_folder(folder: Path, key: str | None, trust_pickle: bool) -> Checkpoint:
+    if (folder / "adapter_config.json").is_file() and any(folder.glob("adapter_model.*")):
+        # its lora_A/lora_B factors are no layers of their own: `tbdiag.analysis` reads it through `tbdiag.lora`
+        raise CheckpointError(f"{folder}: a PEFT adapter folder, not a model checkpoint; only an analysis reads it "
+                              "(each layer's update ΔW = s·B·A, no plan), or pass the base model's checkpoint")
     for index_name, fmt in (("model.safetensors.index.json", "safetensors-sharded"),
                             ("pytorch_model.bin.index.json", "torch-sharded")):
         index = folder / index_name

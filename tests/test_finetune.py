@@ -211,6 +211,7 @@ def test_lora_merged_view_and_cli(lora, tmp_path):
         analyze(adapter, view="weights")
     one_line_error(run("analyze", adapter, "--base", SAMPLES / "cnn_trained.safetensors", "--both"),
                    "is not a layer of the base model")
+    one_line_error(run("analyze", adapter, "--plan"), "a PEFT adapter folder, not a model checkpoint")
 
 
 def test_lora_bad_configs(lora, tmp_path):
