@@ -101,7 +101,8 @@ class AnalyzeOptions:
             raise TbdiagError(f"--min-evals {self.min_evals}: a fit needs at least 2 eigenvalues")
         if self.randomize and self.estimator != "full":
             raise TbdiagError("randomize compares the full ESD with its shuffled twin; it does not apply to the "
-                              f"{self.estimator} estimator: use the full estimator")
+                              f"{self.estimator} estimator: use the full estimator",
+                              cli={"randomize": "--randomize", "the full estimator": "--estimator full"})
         if not 0 <= self.seed < 2 ** 63:
             raise TbdiagError(f"seed {self.seed}: must be a whole number from 0 to 2^63 − 1")
 

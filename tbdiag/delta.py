@@ -30,14 +30,15 @@ def pair_specs(tuned: list[LayerSpec], base: list[LayerSpec], tuned_source: str,
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise TbdiagError(f"{tuned_source}: layer {missing[0]}{more} not in the base {base_source}; pass the base model "
-                          "it was fine-tuned from, or leave such layers out with exclude patterns")
+                          "it was fine-tuned from, or leave such layers out with exclude patterns",
+                          cli={"exclude patterns": "--exclude"})
     specs = []
     for spec in tuned:
         other = by_name[spec.name]
         if tuple(other.shape) != tuple(spec.shape):
             raise TbdiagError(f"{tuned_source}: layer {spec.name} is {list(spec.shape)} but {list(other.shape)} in the "
                               f"base {base_source}; pass the base model it was fine-tuned from, or leave the layer out "
-                              "with an exclude pattern")
+                              "with an exclude pattern", cli={"an exclude pattern": "--exclude"})
         ref = TensorRef(spec.ref.name, spec.shape, _dtype(spec.ref.dtype, other.ref.dtype),
                         load=_difference(spec.ref, other.ref), kind_hint=spec.ref.kind_hint,
                         transposed=spec.ref.transposed)

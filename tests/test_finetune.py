@@ -87,6 +87,7 @@ def test_randomize_cli_json_round_trip_and_report(planted, tmp_path):
     page = html.read_text()
     assert "trap at λ" in page and "W[5, 7] = 60.000" in page and "shuffled" in page
     one_line_error(run("analyze", src, "--randomize", "--seed", "-1"), "--seed -1: must be 0 or more")
+    one_line_error(run("analyze", src, "--randomize", "--estimator", "farms"), "use --estimator full")
 
 
 # --base: deltas of a fine-tuned sample checkpoint ------------------------------------------------------------
@@ -145,6 +146,7 @@ def test_delta_cli_both_views_and_mismatches(finetuned, tmp_path):
     del state["fc.weight"]
     save_file(state, bad)
     one_line_error(run("analyze", finetuned, "--base", bad, "--json", out), "layer fc not in the base")
+    assert "out with --exclude" in run("analyze", finetuned, "--base", bad).stderr
     assert run("analyze", finetuned, "--base", bad, "--exclude", "fc", "-q").exit_code == 0  # the way out it names
     one_line_error(run("analyze", finetuned, "--both", "--json", out), "--both: shows the weights beside their change")
     one_line_error(run("analyze", finetuned, "--base", finetuned.parent / "nope.pt"), "no such file")
