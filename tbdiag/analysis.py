@@ -85,20 +85,21 @@ class AnalyzeOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.fit not in FITS:
-            raise TbdiagError(f"--fit {self.fit}: unknown estimator; use one of {', '.join(FITS)}")
-        if not self.xmin_pos >= 1:
-            raise TbdiagError(f"--xmin-pos {self.xmin_pos}: must be at least 1 (2 puts xmin at the median)")
-        if not self.conv_norm > 0:
-            raise TbdiagError(f"--conv-norm {self.conv_norm}: must be positive (the reference uses 0.5)")
-        if self.precision not in PRECISIONS:
-            raise TbdiagError(f"--precision {self.precision}: use float64 or float32")
-        if self.estimator not in ("full", "farms"):
-            raise TbdiagError(f"--estimator {self.estimator}: use full or farms")
-        if self.farms_per_dim < 1 or self.farms_ratio <= 0 or self.farms_window < 0:
-            raise TbdiagError("--farms-windows must be ≥ 1, --farms-ratio > 0 and --farms-window ≥ 0")
-        if self.min_evals < 2:
-            raise TbdiagError(f"--min-evals {self.min_evals}: a fit needs at least 2 eigenvalues")
+        checks = [
+            ("fit", self.fit in FITS, f"unknown estimator; use one of {', '.join(FITS)}"),
+            ("xmin_pos", self.xmin_pos >= 1, "must be at least 1 (2 puts xmin at the median)"),
+            ("conv_norm", self.conv_norm > 0, "must be positive (the reference uses 0.5)"),
+            ("precision", self.precision in PRECISIONS, "use float64 or float32"),
+            ("estimator", self.estimator in ("full", "farms"), "use full or farms"),
+            ("farms_per_dim", self.farms_per_dim >= 1, "must be at least 1"),
+            ("farms_ratio", self.farms_ratio > 0, "must be positive"),
+            ("farms_window", self.farms_window >= 0, "must be 0 (half the smaller side) or more"),
+            ("min_evals", self.min_evals >= 2, "a fit needs at least 2 eigenvalues"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                flag = {"farms_per_dim": "--farms-windows"}.get(name, "--" + name.replace("_", "-"))
+                raise TbdiagError(f"{name} {getattr(self, name)}: {why}", cli={f"{name} ": f"{flag} "})
         if self.randomize and self.estimator != "full":
             raise TbdiagError("randomize compares the full ESD with its shuffled twin; it does not apply to the "
                               f"{self.estimator} estimator: use the full estimator",
@@ -220,7 +221,7 @@ def plan_source(source: Any, options: AnalyzeOptions, *, base: Any = None, view:
             base_source = base_ckpt.source
         planned = Planned(ckpt.source, ckpt.format, ckpt.n_params, specs, skipped, base_source, view)
     if not planned.specs:
-        hint = "loosen --include/--exclude" if planned.skipped.get("excluded") else "pass a model checkpoint"
+        hint = "loosen the include/exclude patterns" if planned.skipped.get("excluded") else "pass a model checkpoint"
         raise TbdiagError(f"{planned.source}: no layers to analyse (no Linear/Conv weights found); {hint}")
     return planned
 

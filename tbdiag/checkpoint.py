@@ -209,7 +209,8 @@ def _open_file(path: Path, key: str | None, trust_pickle: bool) -> Checkpoint:
     if fmt == "torchscript":
         if not trust_pickle:
             raise CheckpointError(f"{path}: a TorchScript archive, which loads by running its code; re-run with "
-                                  "--trust-pickle if you trust its origin, or save model.state_dict() instead")
+                                  "trust_pickle=True if you trust its origin, or save model.state_dict() instead",
+                                  cli={"trust_pickle=True": "--trust-pickle"})
         module = torch.jit.load(str(path), map_location="cpu")
         refs = _mapping_refs(dict(module.state_dict()), key, str(path))
         return Checkpoint(str(path), fmt, tuple(refs))
@@ -220,7 +221,7 @@ def _open_file(path: Path, key: str | None, trust_pickle: bool) -> Checkpoint:
 def _torch_load(path: Path, *, mmap: bool, trust_pickle: bool) -> Any:
     try:
         if trust_pickle:
-            log.warning("%s: loading with full unpickling (--trust-pickle)", path)
+            log.warning("%s: loading with full unpickling (trust_pickle=True)", path)
             return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)  # explicit trust opt-in
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same to the user
@@ -228,8 +229,8 @@ def _torch_load(path: Path, *, mmap: bool, trust_pickle: bool) -> Any:
         if "Weights only load failed" in text:
             found = re.search(r"GLOBAL ([\w.]+)", text)
             what = f" ({found.group(1)})" if found else ""
-            raise CheckpointError(f"{path}: unpickling it would run code{what}; re-run with --trust-pickle only if "
-                                  "you trust its origin, or re-save it as a plain state dict") from exc
+            raise CheckpointError(f"{path}: unpickling it would run code{what}; re-run with trust_pickle=True only "
+                                  "if you trust its origin, or re-save it as a plain state dict", cli={"trust_pickle=True": "--trust-pickle"}) from exc
         first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line[:120]}); "
                               "re-save or re-download it") from exc
@@ -273,7 +274,8 @@ def select_state_dict(obj: Any, key: str | None, where: str) -> Mapping:
     if key:
         for part in key.split("."):
             if not isinstance(obj, Mapping) or part not in obj:
-                raise CheckpointError(f"{where}: no entry '{key}' in the checkpoint; check --key")
+                raise CheckpointError(f"{where}: no entry '{key}' in the checkpoint; check the key",
+                                      cli={"check the key": "check --key"})
             obj = obj[part]
     while True:
         if isinstance(obj, torch.nn.Module):

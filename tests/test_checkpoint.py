@@ -87,7 +87,7 @@ def test_torchscript_refused_unless_trusted(tmp_path, tiny):
     model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.ReLU(), torch.nn.Linear(30, 5))
     p = tmp_path / "scripted.pt"
     torch.jit.save(torch.jit.script(model), str(p))
-    with pytest.raises(CheckpointError, match="TorchScript.*--trust-pickle"):
+    with pytest.raises(CheckpointError, match="TorchScript.*trust_pickle=True"):
         analyze(p)
     assert_same_rows(analyze(model), analyze(p, trust_pickle=True))
 
@@ -100,7 +100,7 @@ class NotAllowed:
 def test_pickle_that_needs_code_is_refused_unless_trusted(tmp_path):
     p = tmp_path / "code.pt"
     torch.save({"obj": NotAllowed(), "fc.weight": torch.randn(30, 20)}, p)
-    with pytest.raises(CheckpointError, match="would run code.*NotAllowed.*--trust-pickle"):
+    with pytest.raises(CheckpointError, match="would run code.*NotAllowed.*trust_pickle=True"):
         analyze(p)
     assert [r.name for r in analyze(p, trust_pickle=True).layers] == ["fc"]
 
@@ -109,7 +109,7 @@ def test_pickled_module_with_trust(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(20, 30), torch.nn.Linear(30, 5))
     p = tmp_path / "whole_model.pt"
     torch.save({"model": model, "epoch": 1}, p)
-    with pytest.raises(CheckpointError, match="--trust-pickle"):
+    with pytest.raises(CheckpointError, match="trust_pickle=True"):
         analyze(p)
     assert_same_rows(analyze(model), analyze(p, trust_pickle=True))
 
