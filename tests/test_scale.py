@@ -105,7 +105,7 @@ def test_farms_removes_the_aspect_ratio_bias():
     spread = lambda d: max(d.values()) - min(d.values())  # noqa: E731
     assert spread(full) > 2.0  # iid Gaussian matrices, yet alpha follows the shape
     assert spread(farms) < 0.1
-    with pytest.raises(TbdiagError, match="--estimator"):
+    with pytest.raises(TbdiagError, match="estimator half"):
         analyze(state, estimator="half")
 
 
