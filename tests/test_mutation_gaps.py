@@ -26,6 +26,7 @@ from tbdiag.metrics import band_flags, layer_result, summarize
 from tbdiag.mp import matrix_entropy, mp_fit
 from tbdiag import powerlaw, spectrum
 from tbdiag.powerlaw import failed_fit, fit_ks, fit_median, fit_peak, hill_alphas, ks_bounds, ks_distances
+from tbdiag.tempbalance.allocate import lora_ranks, peft_patterns, sparsity
 from tbdiag.tempbalance.maps import check_ratios, multipliers, unit_means, unit_multipliers
 from tbdiag.tempbalance.tuned import (TuneOptions, plan_model, tensor_of, tuned_layers, unit_of_parameters,
                                       unwrap)
@@ -796,3 +797,86 @@ def test_transformers_conv1d_is_a_transposed_linear():
     assert kind_of_module(nn.Conv3d(2, 4, 3)) == "conv3d" and kind_of_module(nn.LayerNorm(4)) is None
     (spec,) = _plan(*[_ref("c.weight", torch.randn(8, 24), kind_hint="linear", transposed=True)])
     assert spec.kind == "linear"
+
+
+# --- tempbalance/allocate.py -----------------------------------------------------------------------------------
+
+
+def test_sparsity_follows_alphapruning_with_an_exact_mean():
+    """r = (α − α_min)/(α_max − α_min)·2ε + 1 − ε, s = S·r·Σn/Σ(n·r): parameter-weighted mean exactly S."""
+    sizes = [100, 200, 300]
+    r = [0.7, 1.0, 1.3]
+    got = sparsity([2.0, 3.0, 4.0], sizes, 0.5)  # ε = 0.3
+    assert got == pytest.approx([0.5 * x * 600 / 660 for x in r], rel=1e-12)
+    held = sparsity([2.0, 3.0, 4.0], sizes, 0.9, max_sparsity=0.95)  # the third would pass 0.95: held there
+    c = (0.9 * 600 - 300 * 0.95) / (100 * 0.7 + 200 * 1.0)
+    assert held == pytest.approx([0.7 * c, 1.0 * c, 0.95], rel=1e-12)
+    assert sum(s * n for s, n in zip(held, sizes)) / 600 == pytest.approx(0.9, abs=1e-12)
+    assert sparsity([2.0, 3.0, 4.0], sizes, 0.9, max_sparsity=0.9) == pytest.approx([0.9] * 3)  # all held
+    assert sparsity([2.0, math.nan, 4.0], sizes, 0.5, epsilon=0.2) == pytest.approx(
+        [0.5 * x * 600 / (80 + 200 + 360) for x in (0.8, 1.0, 1.2)])  # a unit without alpha: r = 1
+    for alphas in ([3.0, 3.0, 3.0], [math.nan] * 3):
+        assert sparsity(alphas, sizes, 0.4) == pytest.approx([0.4] * 3)  # no spread: uniform
+    assert sparsity([3.0], [1], 0.5) == pytest.approx([0.5])
+    assert sparsity([2.0, 4.0], [10, 10], 0.0) == [0.0, 0.0]
+    assert sparsity([2.0, 4.0], [10, 10], 0.5, epsilon=0.0) == pytest.approx([0.5, 0.5])
+
+
+def test_sparsity_refuses_what_is_out_of_range():
+    for kwargs, message in (
+            (dict(target=1.0), "sparsity 1.0: must be at least 0 and below 1"),
+            (dict(target=1.5), "sparsity 1.5: must be at least 0 and below 1"),
+            (dict(target=-0.1), "sparsity -0.1: must be at least 0 and below 1"),
+            (dict(target=0.5, epsilon=1.0), "epsilon 1.0: must be at least 0 and below 1"),
+            (dict(target=0.5, epsilon=-0.1), "epsilon -0.1: must be at least 0 and below 1"),
+            (dict(target=0.5, max_sparsity=1.0), "max sparsity 1.0: must lie between the target 0.5 and 1"),
+            (dict(target=0.5, max_sparsity=1.5), "max sparsity 1.5: must lie between the target 0.5 and 1"),
+            (dict(target=0.5, max_sparsity=0.4), "max sparsity 0.4: must lie between the target 0.5 and 1")):
+        with pytest.raises(TbdiagError) as info:
+            sparsity([2.0, 3.0], [10, 10], **kwargs)
+        assert str(info.value) == message
+
+
+def test_lora_ranks_are_proportional_and_rounded_by_largest_remainders():
+    assert lora_ranks([1.0, 2.0, 3.0, 6.0], 24) == [2, 4, 6, 12]
+    # real ranks 5.77, 2.31, 1.92: floors 5, 2, 1 and the two largest remainders (third, first) get one more
+    assert lora_ranks([3.0, 1.2, 1.0], 10) == [6, 2, 2]
+    assert lora_ranks([1.0, 1.0, 1.0], 10) == [4, 3, 3]  # ties: the first unit first
+    assert lora_ranks([1.0, 10.0], 5) == [1, 4]  # r_min defaults to 1 ...
+    assert lora_ranks([1.0, 10.0], 5, r_min=2) == [2, 3]
+    assert lora_ranks([1.0, 10.0, 10.0], 12, r_max=5) == [2, 5, 5]  # ... and r_max to the budget
+    assert lora_ranks([1.0, 4.0], 10, beta=0.5) == [3, 7]  # ∝ α^β: 1 and 2
+    assert lora_ranks([2.0], 8) == [8] and lora_ranks([1.0, 2.0], 8, r_min=4, r_max=4) == [4, 4]
+    assert lora_ranks([1.0, 5.0], 2) == [1, 1] and lora_ranks([1.0, 5.0], 16, r_max=8) == [8, 8]
+    # a unit without a positive finite alpha takes the mean of the others
+    assert lora_ranks([2.0, math.nan, 4.0], 18) == [4, 6, 8]
+    assert lora_ranks([0.0, 2.0, 4.0], 18) == [6, 4, 8]
+    assert lora_ranks([-1.0, 0.5, 4.0], 27, r_max=100) == lora_ranks([2.25, 0.5, 4.0], 27, r_max=100) == [9, 2, 16]
+    assert lora_ranks([0.5, math.nan, 4.0], 27) == [2, 9, 16]  # mean of 0.5 and 4
+    assert lora_ranks([math.nan, math.nan], 6) == [3, 3]
+
+
+def test_lora_ranks_refuse_impossible_budgets():
+    for args, kwargs, message in (
+            (([], 0), {}, "ranks 1–0 for 0 layers: need 1 ≤ r_min ≤ r_max and at least one layer"),
+            (([1.0, 2.0], 8), dict(r_min=0), "ranks 0–8 for 2 layers: need 1 ≤ r_min ≤ r_max and at least one layer"),
+            (([1.0, 2.0], 8), dict(r_min=5, r_max=4), "ranks 5–4 for 2 layers"),
+            (([1.0, 2.0], 3), dict(r_min=2), "rank budget 3: 2 layers need between 4 (r_min 2) and 6 (r_max 3)"),
+            (([1.0, 2.0], 9), dict(r_max=4), "rank budget 9: 2 layers need between 2 (r_min 1) and 8 (r_max 4)")):
+        with pytest.raises(TbdiagError) as info:
+            lora_ranks(*args, **kwargs)
+        assert str(info.value).startswith(message)
+
+
+def test_peft_patterns_pin_each_module_and_keep_alpha_over_r():
+    names = ["model", "model.a", "model.a.q", "model.a.v", "model.b.q"]
+    doc = peft_patterns({"model.a.q": 4, "model.a.v": 16}, names, lora_alpha=32)
+    assert doc == {"r": 8, "target_modules": r"^(model\.a\.q|model\.a\.v)$",
+                   "rank_pattern": {r"^model\.a\.q$": 4, r"^model\.a\.v$": 16}, "lora_alpha": 32,
+                   "alpha_pattern": {r"^model\.a\.q$": 16.0, r"^model\.a\.v$": 64.0}}
+    assert peft_patterns({"model.b.q": 2}, names, default_r=4) == {
+        "r": 4, "target_modules": r"^(model\.b\.q)$", "rank_pattern": {r"^model\.b\.q$": 2}}
+    with pytest.raises(TbdiagError) as info:
+        peft_patterns({"a.x": 4}, names)
+    assert str(info.value) == (r"LoRA key ^a\.x$: matches 0 modules of the model, not one; the ranks were computed "
+                               "for another model or naming (pass the model the adapter will wrap)")
