@@ -551,6 +551,21 @@ def test_tuned_layers_take_embeddings_only_on_request():
         "blocks.0.emb", "blocks.0.fc", "blocks.1.conv"]
 
 
+def test_tuned_layers_filter_by_eigenvalue_count_and_globs():
+    rows = [SimpleNamespace(name=n, kind="linear", n_evals=e) for n, e in (
+        ("stem", 64), ("blocks.0.q", 50), ("blocks.0.k", 49), ("blocks.1.q", 64), ("blocks.1.up", 64), ("head", 64))]
+    assert [t.name for t in tuned_layers(rows)] == ["blocks.0.q", "blocks.1.q", "blocks.1.up"]  # ≥ 50 eigenvalues
+    only = TuneOptions(include=("blocks.1.*",), exclude=("*.up",))
+    assert [t.name for t in tuned_layers(rows, only)] == ["blocks.1.q"]
+    assert [t.name for t in tuned_layers(rows, TuneOptions(exclude=("*.q",)))] == ["blocks.1.up"]
+    with pytest.raises(TbdiagError) as info:
+        TuneOptions(unit="blocks")
+    assert str(info.value) == "unit 'blocks': use one of layer, block"
+    with pytest.raises(TbdiagError) as info:
+        TuneOptions(min_evals=1)
+    assert str(info.value) == "min_evals 1: must be at least 2"
+
+
 def test_tensor_of_a_layer_known_by_name():
     assert tensor_of("fc") == "fc.weight" and tensor_of("blocks.0.attn.q") == "blocks.0.attn.q.weight"
     assert tensor_of("h.0.attn.c_attn.k") == "h.0.attn.c_attn.weight"  # a part of a split fused matrix
@@ -635,10 +650,19 @@ def test_one_stack_of_eigensolves_is_shared_over_threads(monkeypatch):
         torch.set_num_threads(2)
         got = spectrum.eigvalsh_shared([grams])  # a single stack of three matrices
         assert calls == [2] and torch.allclose(got[0], torch.linalg.eigvalsh(grams), rtol=1e-12, atol=1e-9)
+        spectrum.eigvalsh_shared([grams[:2]])  # two matrices: shared
+        assert calls == [2, 2]
+        spectrum.eigvalsh_shared([grams[:1]])  # one matrix: nothing to share
+        assert calls == [2, 2]
+        monkeypatch.setattr(spectrum, "PARALLEL_MIN_WORK", 3 * 30 ** 3)  # just enough work
+        spectrum.eigvalsh_shared([grams])
+        assert calls == [2, 2, 2]
         monkeypatch.setattr(spectrum, "PARALLEL_MIN_WORK", 3 * 30 ** 3 + 1)  # not enough work: one call
         spectrum.eigvalsh_shared([grams])
-        spectrum.eigvalsh_shared([grams[:1]])  # one matrix: nothing to share
-        assert calls == [2]
+        torch.set_num_threads(1)
+        monkeypatch.setattr(spectrum, "PARALLEL_MIN_WORK", 1)
+        spectrum.eigvalsh_shared([grams])  # one thread: nothing to share
+        assert calls == [2, 2, 2]
     finally:
         torch.set_num_threads(before)
 
@@ -740,10 +764,26 @@ def test_fused_qkv_is_split_into_three_equal_parts_on_request():
         assert [(s.name, s.shape) for s in specs] == [(f"h.0.attn.c_attn.{p}", (8, 8)) for p in "qkv"]
         for i, s in enumerate(specs):
             assert torch.equal(s.ref.load(), conv1d[:, 8 * i:8 * (i + 1)])
+    assert all(type(d) is int for s in specs for d in s.shape + s.ref.shape)
+    wide = torch.randn(24, 48, generator=g)  # a Conv1D 24 → 3·16: columns, though 24 rows split in three too
+    specs = _plan(_ref("h.1.attn.c_attn.weight", wide, transposed=True), split_qkv=True)
+    assert [s.shape for s in specs] == [(24, 16)] * 3 and torch.equal(specs[2].ref.load(), wide[:, 32:])
+    assert [s.name for s in _plan(_ref("qkv.weight", rows_w), split_qkv=True)] == ["qkv.q", "qkv.k", "qkv.v"]
     assert [s.name for s in _plan(_ref("h.0.attn.qkv.weight", rows_w))] == ["h.0.attn.qkv"]  # not by default
+    # only the layer's own name counts: a projection inside a module called qkv is not fused
+    assert [s.name for s in _plan(_ref("blocks.0.qkv.proj.weight", rows_w), split_qkv=True)] == ["blocks.0.qkv.proj"]
     assert [s.name for s in _plan(_ref("h.0.mlp.fc.weight", rows_w), split_qkv=True)] == ["h.0.mlp.fc"]
     assert [s.name for s in _plan(_ref("h.0.qkv.weight", torch.randn(7, 5)), split_qkv=True)] == ["h.0.qkv"]
     assert [s.name for s in _plan(_ref("h.0.qkv.weight", torch.randn(24, 8, 3)), split_qkv=True)] == ["h.0.qkv"]
+
+
+def test_planning_skips_what_is_no_layer_and_goes_on():
+    refs = (_ref("emb.weight", torch.randn(20, 8)), _ref("cls_token", torch.randn(1, 1, 8)),
+            _ref("bil.weight", torch.randn(4, 8, 8), kind_hint="linear"),  # a Bilinear: no matrix view
+            _ref("tok_emb.weight", torch.randn(30, 8)), _ref("ln.weight", torch.randn(8)),
+            _ref("fc.weight", torch.randn(6, 8)))
+    specs, skipped = plan_layers(Checkpoint("mem", "test", refs))
+    assert [s.name for s in specs] == ["fc"] and skipped == {"embedding": 2, "excluded": 0}
 
 
 def test_fused_axis_finds_the_stacked_dimension():
@@ -818,6 +858,7 @@ def test_sparsity_follows_alphapruning_with_an_exact_mean():
     for alphas in ([3.0, 3.0, 3.0], [math.nan] * 3):
         assert sparsity(alphas, sizes, 0.4) == pytest.approx([0.4] * 3)  # no spread: uniform
     assert sparsity([3.0], [1], 0.5) == pytest.approx([0.5])
+    assert sparsity([2.0, 3.0], [0, 0], 0.5) == [0.0, 0.0]  # nothing to prune
     assert sparsity([2.0, 4.0], [10, 10], 0.0) == [0.0, 0.0]
     assert sparsity([2.0, 4.0], [10, 10], 0.5, epsilon=0.0) == pytest.approx([0.5, 0.5])
 
@@ -844,6 +885,7 @@ def test_lora_ranks_are_proportional_and_rounded_by_largest_remainders():
     assert lora_ranks([1.0, 1.0, 1.0], 10) == [4, 3, 3]  # ties: the first unit first
     assert lora_ranks([1.0, 10.0], 5) == [1, 4]  # r_min defaults to 1 ...
     assert lora_ranks([1.0, 10.0], 5, r_min=2) == [2, 3]
+    assert lora_ranks([1.0, 1.0, 10.0, 10.0], 16, r_min=3) == [3, 3, 5, 5]  # held at r_min, the rest rescaled
     assert lora_ranks([1.0, 10.0, 10.0], 12, r_max=5) == [2, 5, 5]  # ... and r_max to the budget
     assert lora_ranks([1.0, 4.0], 10, beta=0.5) == [3, 7]  # ∝ α^β: 1 and 2
     assert lora_ranks([2.0], 8) == [8] and lora_ranks([1.0, 2.0], 8, r_min=4, r_max=4) == [4, 4]
