@@ -176,7 +176,7 @@ def analyze(source: Any, options: AnalyzeOptions | None = None, *, base: Any = N
     rand_spectra: dict = {}
     rows = measure_shared(planned.specs, options, device=device, progress=progress,
                           spectra=spectra if keep_spectra else None, rand_spectra=rand_spectra if keep_spectra else None)
-    summary = dict(summarize(rows), skipped=planned.skipped)
+    summary = dict(summarize(rows, options.fit), skipped=planned.skipped)
     timing = {"total_s": time.perf_counter() - t0, "device": str(device)}
     return Analysis(planned.source, planned.format, planned.n_params, options, tuple(rows), summary, timing, spectra,
                     rand_spectra, planned.base, planned.view)

@@ -1,4 +1,4 @@
-"""Analyses as JSON (``tbdiag.analysis/v1``) and CSV, and atomic file writes."""
+"""Analyses as JSON (``tbdiag.analysis/v1``) and CSV, and analysis JSON read back (every field checked)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,7 @@ import csv
 import io
 import json
 import math
-import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,207 +15,6 @@ from tbdiag.errors import TbdiagError
 from tbdiag.metrics import LayerResult, summarize
 
 CSV_COLUMNS = ["source", *(f for f in LayerResult.__dataclass_fields__ if f != "traps")]  # traps: a list, JSON only
-
-
-# Files a reader of an input folder opens or may open: checkpoints, shard indexes, configs, run state.
-READ_SUFFIXES = frozenset({".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".th", ".pkl", ".tar", ".json", ".jsonl"})
-_FOLDER_DEPTH = 3  # input folders are searched this deep for files an output must not replace
-
-
-def check_outputs(targets: Sequence[str | Path], inputs: Sequence[str | Path] = ()) -> list[Path]:
-    """Check output files before any work starts; return the paths they will be written to.
-
-    Refused, with a one-line `TbdiagError`: a target that is a folder or not a regular file, whose folder
-    does not exist or cannot be written, that two targets name (through any spelling), that is an input or
-    the same file as one (symlinks, hard links, relative paths), that is the same file as one an input
-    folder holds (a shard, an index, a run's metrics), or that is a new file inside an input folder with a
-    name that folder's reader would pick up (``READ_SUFFIXES``). A symlink target is written through: the
-    file it points to is replaced, the link stays.
-    """
-    resolved: list[Path] = []
-    seen: dict[Path, str] = {}
-    for target in targets:
-        path = Path(target).resolve()
-        if path.is_dir():
-            raise TbdiagError(f"{target}: is a folder; name a file (e.g. {Path(target) / 'out'})")
-        if path.exists() and not path.is_file():
-            raise TbdiagError(f"{target}: is not a regular file; name a regular file")
-        if not path.parent.is_dir():
-            raise TbdiagError(f"{target}: folder {Path(target).parent} does not exist; create it or choose another path")
-        if not os.access(path.parent, os.W_OK | os.X_OK):
-            raise TbdiagError(f"{target}: folder {Path(target).parent} is not writable; choose another path")
-        if path in seen:
-            raise TbdiagError(f"{target}: names the same file as {seen[path]}; give each output its own file")
-        seen[path] = str(target)
-        _refuse_inputs(str(target), path, inputs)
-        resolved.append(path)
-    return resolved
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _refuse_inputs(target: str, path: Path, inputs: Sequence[str | Path]) -> None:
-    """Raise when the output ``path`` (resolved) is, or lies among the read files of, one of ``inputs``."""
-    ident = _identity(path)
-    for source in inputs:
-        source_path = Path(source)
-        if not source_path.exists():
-            continue  # reported by whoever reads it
-        if ident is not None and _identity(source_path) == ident:
-            raise TbdiagError(f"{target}: is the input {source}; write the output to another file")
-        if not source_path.is_dir():
-            continue
-        folder = source_path.resolve()
-        if ident is not None:
-            for held in _read_files(folder):
-                if _identity(held) == ident:
-                    raise TbdiagError(f"{target}: is the same file as {held}, part of the input {source}; "
-                                      "write the output to another file")
-        if path.is_relative_to(folder) and path.suffix in READ_SUFFIXES:
-            raise TbdiagError(f"{target}: is inside the input folder {source}, which reads files like it; "
-                              "write the output outside that folder")
-
-
-def _read_files(folder: Path) -> Iterator[Path]:
-    """Files with a ``READ_SUFFIXES`` name in ``folder``, ``_FOLDER_DEPTH`` levels deep."""
-    level = [folder]
-    for _ in range(_FOLDER_DEPTH):
-        below = []
-        for d in level:
-            try:
-                entries = list(d.iterdir())
-            except OSError:
-                continue
-            for entry in entries:
-                if entry.is_dir():
-                    below.append(entry)
-                elif entry.suffix in READ_SUFFIXES:
-                    yield entry
-        level = below
-
-
-def _temporary(path: Path) -> Path:
-    """An empty temporary file beside ``path`` with the usual permissions (mkstemp makes 0600)."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise TbdiagError(f"{path}: folder {folder} does not exist; create it or choose another path")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise TbdiagError(f"{path}: cannot write in {folder} ({exc.strerror}); choose another path") from exc
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
-def _fill(tmp: Path, write: Callable[[Path], None]) -> None:
-    write(tmp)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_save(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
-
-    A crash at any moment leaves either the old file or the new one, never a half-written file.
-
-    Raises:
-        TbdiagError: the folder does not exist or is not writable.
-    """
-    path = Path(path)
-    tmp = _temporary(path)
-    try:
-        _fill(tmp, write)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically (see `atomic_save`)."""
-    atomic_save(path, lambda tmp: _write_text(tmp, text))
-
-
-def _write_text(tmp: Path, text: str) -> None:
-    tmp.write_text(text, encoding="utf-8", newline="")
-
-
-def write_outputs(files: Sequence[tuple[str | Path, str]]) -> None:
-    """Write every ``(path, text)`` or none of them.
-
-    Each text goes to a temporary file beside its path first; only when all are written and synced are
-    they renamed over their paths. Should a rename fail, the files already replaced get their previous
-    content back (kept meanwhile as a hard link) and files that did not exist are removed. Paths should
-    have passed `check_outputs`.
-
-    Raises:
-        TbdiagError: a folder is missing or not writable, or a write or rename failed; nothing was written.
-    """
-    temps: list[tuple[Path, Path]] = []
-    try:
-        for path, text in files:
-            path = Path(path)
-            temps.append((path, _temporary(path)))
-            _fill(temps[-1][1], lambda tmp, text=text: _write_text(tmp, text))
-        _replace_all(temps)
-    except OSError as exc:
-        where = next((str(p) for p, t in temps if str(t) == exc.filename), exc.filename or "output")
-        raise TbdiagError(f"{where}: cannot write ({exc.strerror}); nothing was written; "
-                          "check the disk and the folder's permissions") from None
-    finally:
-        for _, tmp in temps:
-            tmp.unlink(missing_ok=True)
-
-
-def _replace_all(temps: Sequence[tuple[Path, Path]]) -> None:
-    """Rename each temporary over its path; on a failure, put back what the earlier renames replaced."""
-    done: list[tuple[Path, Path | None]] = []  # (path, hard link to its previous content, or None: was new)
-    try:
-        for path, tmp in temps:
-            previous = _keep(path)
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                if previous is not None:
-                    previous.unlink(missing_ok=True)
-                raise
-            done.append((path, previous))
-    except BaseException:
-        for path, previous in reversed(done):
-            if previous is not None:
-                os.replace(previous, path)
-            else:
-                path.unlink(missing_ok=True)
-        raise
-    finally:
-        for _, previous in done:
-            if previous is not None:
-                previous.unlink(missing_ok=True)
-
-
-def _keep(path: Path) -> Path | None:
-    """A hard link to (or, where links are not possible, a copy of) ``path`` beside it; None: no such file."""
-    if not path.exists():
-        return None
-    keep = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.keep")
-    try:
-        os.link(path, keep)
-    except OSError:
-        shutil.copy2(path, keep)
-    return keep
 
 
 def jsonable(obj: Any) -> Any:
@@ -287,7 +82,7 @@ def analysis_from_dict(doc: Any, where: str = "<json>") -> Analysis:
         raise check.bad("layers", layers, "a list of layers (tbdiag never writes an analysis without layers)")
     rows = tuple(_row(check, r, f"layers[{i}]") for i, r in enumerate(layers))
     skipped = doc["summary"].get("skipped", {}) if isinstance(doc.get("summary"), dict) else {}
-    summary = dict(summarize(rows), skipped=skipped if isinstance(skipped, dict) else {})
+    summary = dict(summarize(rows, options.fit), skipped=skipped if isinstance(skipped, dict) else {})
     view = check.text(doc.get("view", "weights"), "view")
     if view not in VIEWS:
         raise check.bad("view", view, f"one of {', '.join(VIEWS)}")

@@ -129,11 +129,12 @@ def _row(name: str, kind: str, shape: tuple[int, ...], evals: torch.Tensor, pl: 
     )
 
 
-def summarize(rows: Sequence[LayerResult]) -> dict:
+def summarize(rows: Sequence[LayerResult], fit: str) -> dict:
     """Model-level summary: alpha statistics over fitted layers and the layers outside the HT-SR bands.
 
-    ``over_trained``/``under_trained`` are computed whatever the fit; they are a reading only for
-    `BANDS_FIT` alphas, so show them through `band_flags`.
+    ``over_trained``/``under_trained`` list layers only when ``fit`` is `BANDS_FIT`, the fit the bands were
+    calibrated on; for any other fit they are ``None`` (JSON ``null``): no reading, rather than a wrong one.
+    ``bands_fit`` names the fit the bands belong to.
     """
     fitted = [r for r in rows if r.status == "ok" and math.isfinite(r.alpha)]
     alphas = [r.alpha for r in fitted]
@@ -147,8 +148,9 @@ def summarize(rows: Sequence[LayerResult]) -> dict:
         "alpha_mean": statistics.fmean(alphas) if alphas else math.nan,
         "alpha_median": statistics.median(alphas) if alphas else math.nan,
         "alpha_weighted_mean": statistics.fmean(weighted) if weighted else math.nan,
-        "over_trained": [r.name for r in fitted if r.alpha < OVER_TRAINED_BELOW],
-        "under_trained": [r.name for r in fitted if r.alpha > UNDER_TRAINED_ABOVE],
+        "over_trained": [r.name for r in fitted if r.alpha < OVER_TRAINED_BELOW] if fit == BANDS_FIT else None,
+        "under_trained": [r.name for r in fitted if r.alpha > UNDER_TRAINED_ABOVE] if fit == BANDS_FIT else None,
+        "bands_fit": BANDS_FIT,
         "status_counts": statuses,
     }
 

@@ -161,7 +161,7 @@ def read_config(folder: Path) -> TrainConfig:
 
 def write_config(folder: Path, config: TrainConfig) -> None:
     """Create the run folder and write its config."""
-    from tbdiag.export import atomic_write
+    from tbdiag.outputs import atomic_write
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "checkpoints").mkdir(exist_ok=True)
@@ -197,7 +197,7 @@ def _short(exc: BaseException) -> str:
 
 def write_pointer(folder: Path, epoch: int) -> None:
     """Point ``checkpoints/last.json`` at the pair of ``epoch``."""
-    from tbdiag.export import atomic_write
+    from tbdiag.outputs import atomic_write
 
     stem = _stem(epoch)
     atomic_write(folder / "checkpoints" / "last.json", json.dumps({"epoch": epoch, "weights": f"{stem}.safetensors",
@@ -210,7 +210,7 @@ def save_checkpoint(folder: Path, epoch: int, weights: dict[str, torch.Tensor], 
     from safetensors.torch import save_file
 
     from tbdiag.checkpoint import order_metadata
-    from tbdiag.export import atomic_save
+    from tbdiag.outputs import atomic_save
 
     ck = folder / "checkpoints"
     stem = _stem(epoch)
@@ -230,7 +230,7 @@ def save_best(folder: Path, weights: dict[str, torch.Tensor], record: dict) -> N
     from safetensors.torch import save_file
 
     from tbdiag.checkpoint import order_metadata
-    from tbdiag.export import atomic_save, atomic_write
+    from tbdiag.outputs import atomic_save, atomic_write
 
     ck = folder / "checkpoints"
     meta = {"epoch": str(record["epoch"]), **order_metadata(list(weights))}
@@ -379,6 +379,6 @@ def read_metrics(folder: Path) -> list[dict]:
 
 def write_metrics(folder: Path, history: list[dict]) -> None:
     """Rewrite ``metrics.jsonl`` from the history of completed epochs."""
-    from tbdiag.export import atomic_write
+    from tbdiag.outputs import atomic_write
 
     atomic_write(folder / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from tbdiag.cli import app
+from tbdiag.cli.common import Estimator, Fit, MapName, Metric, Precision, Unit
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
 runner = CliRunner()
@@ -166,6 +167,10 @@ def test_recommend_table_file_and_errors(tmp_path):
         assert out.read_text() == "keep"
 
 
+CHOICES_OF = {"--fit": Fit, "--precision": Precision, "--estimator": Estimator, "--map": MapName, "--metric": Metric,
+              "--unit": Unit}
+
+
 @pytest.mark.parametrize("command, option, typo", [
     ("analyze", "--fit", "magic"), ("analyze", "--precision", "float16"), ("analyze", "--estimator", "half"),
     ("recommend", "--map", "cubic"), ("recommend", "--metric", "loss"), ("recommend", "--unit", "blocks"),
@@ -173,8 +178,27 @@ def test_recommend_table_file_and_errors(tmp_path):
 def test_choice_typos_exit_2_before_any_work(tmp_path, command, option, typo):
     out = tmp_path / "out.json"
     res = run(command, SAMPLES / "cnn_trained.safetensors", option, typo, "--out" if command != "analyze" else "--json", out)
-    assert res.exit_code == 2 and typo in res.stderr and "Traceback" not in res.output, res.output
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert res.stderr.splitlines() == [f"error: Invalid value for '{option}': '{typo}' is not one of "
+                                       f"{', '.join(repr(c.value) for c in CHOICES_OF[option])}; see 'tbdiag {command} --help'"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, line", [
+    (["analzye", "x"], "error: No such command 'analzye'. Did you mean 'analyze'? see 'tbdiag --help'"),
+    (["analyze", "--nope", "x"], "error: No such option: --nope; see 'tbdiag analyze --help'"),
+    (["recommend", "x", "--max-ratio"], "error: Option '--max-ratio' requires an argument; see 'tbdiag recommend --help'"),
+    (["analyze", "x", "--peak-bins", "many"], "error: Invalid value for '--peak-bins': "),
+])
+def test_usage_errors_are_one_line_with_where_to_look(args, line):
+    res = run(*args)
+    assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1 and res.stderr.startswith(line), res.stderr
+    assert "╭" not in res.output and "Usage:" not in res.output
+
+
+def test_a_command_alone_still_shows_its_help():
+    res = run("recommend")
+    assert res.exit_code in (0, 2) and "Usage: tbdiag recommend" in res.output and "error" not in res.output
 
 
 HELP_ENV = {"COLUMNS": "220", "TERMINAL_WIDTH": "220", "NO_COLOR": "1"}

@@ -433,19 +433,20 @@ def test_summary_statistics_bands_and_status_counts():
     rows = [_row_with(2.0, name="a"), _row_with(1.5, name="b"), _row_with(6.5, name="c"), _row_with(6.0, name="d"),
             _row_with(math.nan, "too_few_evals", "e"), _row_with(math.nan, "degenerate", "f"),
             _row_with(math.nan, "degenerate", "g")]
-    s = summarize(rows)
+    s = summarize(rows, "ks")
     alphas = [2.0, 1.5, 6.5, 6.0]
     assert s == {"n_layers": 7, "n_fitted": 4, "alpha_mean": pytest.approx(sum(alphas) / 4),
                  "alpha_median": pytest.approx(4.0), "alpha_weighted_mean": pytest.approx(sum(alphas) / 4),
                  "over_trained": ["b"], "under_trained": ["c"],  # 2.0 and 6.0 are inside the bands
-                 "status_counts": {"ok": 4, "too_few_evals": 1, "degenerate": 2}}
-    empty = summarize([_row_with(math.nan, "degenerate")])
+                 "bands_fit": "ks", "status_counts": {"ok": 4, "too_few_evals": 1, "degenerate": 2}}
+    assert summarize(rows, "median") == {**s, "over_trained": None, "under_trained": None}  # no reading, not a wrong one
+    empty = summarize([_row_with(math.nan, "degenerate")], "ks")
     assert empty["n_fitted"] == 0 and math.isnan(empty["alpha_mean"]) and math.isnan(empty["alpha_median"])
     assert math.isnan(empty["alpha_weighted_mean"]) and empty["status_counts"] == {"degenerate": 1}
 
 
 def test_band_flags_only_for_the_fit_they_were_calibrated_on():
-    s = summarize([_row_with(1.5, name="low"), _row_with(7.0, name="high"), _row_with(3.0, name="mid")])
+    s = summarize([_row_with(1.5, name="low"), _row_with(7.0, name="high"), _row_with(3.0, name="mid")], "ks")
     assert band_flags(s, "ks") == (["low"], ["high"])
     assert band_flags(s, "median") is None and band_flags(s, "peak") is None
     assert band_flags({}, "ks") == ([], []) and band_flags({"over_trained": None}, "ks") == ([], [])
@@ -758,6 +759,7 @@ def test_fused_qkv_is_split_into_three_equal_parts_on_request():
         assert (s.ref.name, s.ref.shape, s.ref.dtype) == (f"h.0.attn.qkv.weight.{'qkv'[i]}", (8, 8), torch.float32)
         assert torch.equal(s.ref.load(), rows_w[8 * i:8 * (i + 1)])
     assert rows == [(0, 8), (8, 16), (16, 24)]
+    assert all(type(d) is int for s in specs for d in s.shape + s.ref.shape)
     conv1d = torch.randn(8, 24, generator=g)  # GPT-2's Conv1D (in, 3·d): parts are column blocks
     for ref in (_ref("h.0.attn.c_attn.weight", conv1d, transposed=True), _ref("h.0.attn.c_attn.weight", conv1d)):
         specs = _plan(ref, split_qkv=True)
@@ -886,6 +888,7 @@ def test_lora_ranks_are_proportional_and_rounded_by_largest_remainders():
     assert lora_ranks([1.0, 10.0], 5) == [1, 4]  # r_min defaults to 1 ...
     assert lora_ranks([1.0, 10.0], 5, r_min=2) == [2, 3]
     assert lora_ranks([1.0, 1.0, 10.0, 10.0], 16, r_min=3) == [3, 3, 5, 5]  # held at r_min, the rest rescaled
+    assert lora_ranks([4.0, 4.0, 7.0, 13.0], 16, r_min=3) == [3, 3, 4, 6]  # 2.29 → 3, then 3.5 and 6.5
     assert lora_ranks([1.0, 10.0, 10.0], 12, r_max=5) == [2, 5, 5]  # ... and r_max to the budget
     assert lora_ranks([1.0, 4.0], 10, beta=0.5) == [3, 7]  # ∝ α^β: 1 and 2
     assert lora_ranks([2.0], 8) == [8] and lora_ranks([1.0, 2.0], 8, r_min=4, r_max=4) == [4, 4]

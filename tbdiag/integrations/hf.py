@@ -109,6 +109,6 @@ class TempBalanceCallback(TrainerCallback):
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
-            from tbdiag.export import atomic_write
+            from tbdiag.outputs import atomic_write
 
             atomic_write(folder / STATE_FILE, json.dumps(self.tb.state_dict(), indent=1) + "\n")

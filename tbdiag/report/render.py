@@ -20,7 +20,8 @@ from tbdiag import __version__
 from tbdiag.analysis import Analysis, analyze
 from tbdiag.errors import TbdiagError
 from tbdiag.metrics import BANDS_FIT, band_flags
-from tbdiag.export import check_outputs, jsonable, read_analyses, write_outputs
+from tbdiag.export import jsonable, read_analyses
+from tbdiag.outputs import check_outputs, write_outputs
 from tbdiag.report import figures
 from tbdiag.runfolder import last_weights, read_config, read_metrics
 
@@ -155,7 +156,7 @@ def load_inputs(paths: Sequence[str], **analyze_options) -> tuple[str, list]:
 def write_report(paths: Sequence[str], out: str | Path, **analyze_options) -> str:
     """Render the report that fits the inputs and write it atomically; returns its kind.
 
-    ``out`` is checked first (`tbdiag.export.check_outputs`): never an input nor a file of an input folder.
+    ``out`` is checked first (`tbdiag.outputs.check_outputs`): never an input nor a file of an input folder.
     """
     (target,) = check_outputs([out], paths)
     kind, items = load_inputs(paths, **analyze_options)

@@ -23,7 +23,7 @@ from torch import nn
 from tbdiag.checkpoint import open_checkpoint
 from tbdiag.distributed import process_group, world
 from tbdiag.errors import TbdiagError
-from tbdiag.export import atomic_write
+from tbdiag.outputs import atomic_write
 from tbdiag.runfolder import (CHOICES, ConfigError, SavedEpoch, TrainConfig, load_last, read_config, save_best,
                               save_checkpoint, write_config, write_metrics, write_pointer)
 from tbdiag.spectrum import resolve_device
