@@ -175,3 +175,80 @@ def test_factory_route_keeps_biases_and_norms_out_of_weight_decay():
     groups = tbdiag.param_groups(model, weight_decay=0.1, no_decay=["*.mlp.2.weight"], decay_embeddings=True)
     decayed = {id(p) for p in groups[0]["params"]}
     assert id(model.tok_emb.weight) in decayed and id(model.blocks[0].mlp[2].weight) not in decayed
+
+
+def three_groups_last_empty(model):
+    """decay, no-decay, and a group that holds no parameters (yet), each with its own LambdaLR lambda."""
+    groups = tbdiag.param_groups(model, weight_decay=0.1)
+    groups.append({"params": [], "lr": 0.5, "name": "extra"})
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    lambdas = [lambda s: 0.9 ** s, lambda s: 1.0 / (1 + s), lambda s: 2.0]
+    return opt, lambdas
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_trailing_empty_group_keeps_every_group_on_its_own_schedule(nested):
+    model = tiny_models.mha_net()
+    opt, lambdas = three_groups_last_empty(model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
+    if nested:
+        sched = torch.optim.lr_scheduler.SequentialLR(
+            opt, [sched, torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=1)], milestones=[9])
+    tb = TempBalance(model, opt, schedulers=[sched])
+    origin = ["no_decay" not in g["name"] for g in tb.optimizer.param_groups]  # True: from the decay group
+    assert len(origin) > 3
+    for step in range(1, 4):
+        opt.step()
+        sched.step()
+        for g, decay in zip(tb.optimizer.param_groups, origin):
+            assert g["lr"] == pytest.approx(1e-3 * lambdas[0 if decay else 1](step)), (g["name"], step)
+    saved = opt.state_dict()
+    assert [g.get("name") for g in saved["param_groups"]] == ["decay", "no_decay", "extra"]
+    extra = saved["param_groups"][2]  # as it was when split: 0.5 × its lambda at step 0
+    assert (extra["lr"], extra["initial_lr"], extra["params"]) == (1.0, 0.5, [])
+    assert len(sched.state_dict()["_schedulers"][0]["lr_lambdas"] if nested else sched.state_dict()["base_lrs"]) == 3
+
+
+def test_wrapped_schedulers_are_adopted_through_their_wrapper_and_report_split_rates():
+    """accelerate's AcceleratedScheduler keeps the real one under ``.scheduler``; `get_last_lr` works at once."""
+    model = tiny_models.mha_net()
+    opt = adamw(model)
+    inner = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 0.5 ** s, lambda s: 1.0])
+    tb = TempBalance(model, opt, schedulers=[SimpleWrapper(SimpleWrapper(inner))])
+    n = len(tb.optimizer.param_groups)
+    assert n > 2 and len(inner.base_lrs) == len(inner.lr_lambdas) == n
+    assert inner.get_last_lr() == [g["lr"] for g in tb.optimizer.param_groups]
+    opt.step()
+    inner.step()
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1e-3 * (0.5 if "no_decay" not in g["name"] else 1.0))
+                                                   for g in opt.param_groups]
+
+
+class SimpleWrapper:
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+
+def test_timm_checkpoints_record_the_rate_without_tempbalance():
+    """With timm's contract (its scheduler writes lr × lr_scale) the saved groups hold what timm would have
+    written without TempBalance: the multiplier divided out, the layer decay kept."""
+    model = tiny_models.mha_net()
+    groups = [{"params": list(model.blocks[i].parameters()), "lr_scale": 0.5 ** (2 - i)} for i in range(3)]
+    groups.append({"params": [*model.tok_emb.parameters(), *model.ln_f.parameters(), *model.head.parameters()]})
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    tb = TempBalance(model, opt, apply_scale=False, unit="block", initial={"blocks.0": 0.6, "blocks.1": 1.4})
+    for g in opt.param_groups:
+        g["lr"] = 1e-3 * g["lr_scale"]
+    saved = opt.state_dict()["param_groups"]
+    assert [g["lr"] for g in saved] == pytest.approx([1e-3 * 0.25, 1e-3 * 0.5, 1e-3, 1e-3])
+    assert [g.get("lr_scale") for g in saved] == [0.25, 0.5, 1.0, None]
+    assert tb.multipliers["blocks.0"] == 0.6
+
+
+def test_optimizer_state_with_another_number_of_groups_is_refused_as_torch_refuses_it():
+    model = tiny_models.mha_net()
+    opt = adamw(model)
+    TempBalance(model, opt, initial={})
+    other = torch.optim.AdamW([{"params": [p]} for p in list(model.parameters())[:3]], lr=1e-3).state_dict()
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        opt.load_state_dict(other)

@@ -114,7 +114,7 @@ class TempBalance:
             base = param_groups(model) if no_decay else [{"params": [p for p in unwrap(model).parameters()
                                                                       if p.requires_grad]}]
             groups, _ = split_by_unit(base, unit_of)
-            self._origin = list(range(len(groups)))
+            self._origin, self._n_original = list(range(len(groups))), len(groups)
             return inner_optimizer(optimizer(groups))
         opt = inner_optimizer(optimizer)
         original = [dict(g) for g in opt.param_groups]
@@ -123,9 +123,9 @@ class TempBalance:
         if missing:
             log.info("TempBalance: %d trainable parameters are not in the optimizer (e.g. %s)", len(missing), missing[0])
         opt.param_groups, origin = split_by_unit(original, unit_of)
-        self._origin = origin
+        self._origin, self._n_original = origin, len(original)  # a group without parameters has no sub-group
         for scheduler in schedulers:
-            adopt_scheduler(scheduler, opt, origin)
+            adopt_scheduler(scheduler, opt, origin, len(original))
         OriginalLayout(opt, original, origin, lambda g: 1.0 if self.apply_scale else g["lr_scale"] / g["tb_base_scale"])
         return opt
 
@@ -159,7 +159,10 @@ class TempBalance:
         """Adapt a scheduler that was built over the optimizer's groups before they were split (as the
         ``schedulers`` argument does); harmless for one built after."""
         built_before = len(getattr(scheduler, "base_lrs", self.optimizer.param_groups)) != len(self.optimizer.param_groups)
-        adopt_scheduler(scheduler, self.optimizer, self._origin if built_before else range(len(self._origin)))
+        if built_before:
+            adopt_scheduler(scheduler, self.optimizer, self._origin, self._n_original)
+        else:
+            adopt_scheduler(scheduler, self.optimizer, range(len(self._origin)), len(self._origin))
 
     def measure(self) -> dict[str, float]:
         """The metric of every tuned layer (``nan`` where a fit failed), shared across ranks under DDP."""
