@@ -30,7 +30,8 @@ import time
 import torch
 from torch import nn
 
-from tbdiag.analysis import analyze, group_spectra, solve_groups
+from tbdiag.analysis import analyze
+from tbdiag.measure import group_spectra, solve_groups
 from tbdiag.checkpoint import open_checkpoint
 from tbdiag.layers import CONV_KINDS, as_matrices, plan_layers
 from tbdiag.powerlaw import FITS as TB_FITS

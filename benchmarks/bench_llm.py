@@ -114,7 +114,7 @@ def main() -> None:
             code = ("import logging, weightwatcher as ww; logging.disable(logging.INFO);"
                     f"ww.WeightWatcher(model={str(folder)!r}).analyze()")
             runs["weightwatcher default"] = ["-c", code]
-        from tbdiag.analysis import AnalyzeOptions
+        from tbdiag.options import AnalyzeOptions
         from tbdiag.plan import make_plan
 
         estimates = {"tbdiag": make_plan(str(folder), AnalyzeOptions(device="cpu")).seconds,

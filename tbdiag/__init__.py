@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "analyze": "tbdiag.analysis",
     "Analysis": "tbdiag.analysis",
-    "AnalyzeOptions": "tbdiag.analysis",
+    "AnalyzeOptions": "tbdiag.options",
     "LayerResult": "tbdiag.metrics",
     "PowerLawFit": "tbdiag.powerlaw",
     "open_checkpoint": "tbdiag.checkpoint",

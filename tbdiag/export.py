@@ -188,7 +188,7 @@ def _traps(check: _Fields, value: Any, what: str) -> tuple:
 
 def _options(check: _Fields, raw: dict) -> Any:
     """`AnalyzeOptions` from a document's ``options``, each known field type-checked; ``fit`` required."""
-    from tbdiag.analysis import AnalyzeOptions
+    from tbdiag.options import AnalyzeOptions
     from tbdiag.powerlaw import FITS
 
     if check.text(raw.get("fit", _MISSING), "options.fit") not in FITS:

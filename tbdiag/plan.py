@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tbdiag.analysis import PRECISIONS, AnalyzeOptions
+from tbdiag.options import PRECISIONS, AnalyzeOptions
 from tbdiag.checkpoint import open_checkpoint
 from tbdiag.layers import LayerSpec, plan_layers
 from tbdiag.spectrum import eigenvalues, eigvalsh_shared, gram, gram_macs, resolve_device

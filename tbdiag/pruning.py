@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tbdiag import __version__
-from tbdiag.analysis import AnalyzeOptions, measure_layers
+from tbdiag.measure import measure_layers
+from tbdiag.options import AnalyzeOptions
 from tbdiag.checkpoint import open_checkpoint
 from tbdiag.errors import TbdiagError
 from tbdiag.export import jsonable

@@ -226,7 +226,7 @@ def test_help_lists_choices_and_our_own_metavars(command):
 
 
 def test_choices_match_the_library():
-    from tbdiag.analysis import PRECISIONS
+    from tbdiag.options import PRECISIONS
     from tbdiag.cli.common import Fit, MapName, Metric, Precision
     from tbdiag.powerlaw import FITS
     from tbdiag.tempbalance.balancer import METRICS
@@ -241,7 +241,7 @@ def test_analyze_defaults_to_ks_and_flags_bands_only_for_ks():
     from rich.console import Console
 
     from tbdiag import analyze
-    from tbdiag.analysis import AnalyzeOptions
+    from tbdiag.options import AnalyzeOptions
     from tbdiag.cli.render import analysis_table
 
     assert AnalyzeOptions().fit == "ks"

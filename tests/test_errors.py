@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tbdiag
-from tbdiag.analysis import AnalyzeOptions
+from tbdiag.options import AnalyzeOptions
 from tbdiag.errors import TbdiagError
 from tbdiag.spectrum import resolve_device
 

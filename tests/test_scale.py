@@ -119,7 +119,8 @@ def test_plan_lists_layers_without_analysing(tmp_path):
 def _failing_rank(rank: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
-    from tbdiag.analysis import AnalyzeOptions, measure_shared
+    from tbdiag.measure import measure_shared
+    from tbdiag.options import AnalyzeOptions
     from tbdiag.checkpoint import TensorRef
     from tbdiag.layers import LayerSpec
 
@@ -164,7 +165,7 @@ def test_torchrun_two_processes_give_the_single_process_result(tmp_path):
 
 
 def test_layers_solved_in_groups_give_the_same_rows(monkeypatch):
-    from tbdiag import analysis, spectrum
+    from tbdiag import measure, spectrum
 
     torch.manual_seed(0)
     state = {f"blocks.{i}.{n}.weight": torch.randn(*shape) for i in range(2)
@@ -175,7 +176,7 @@ def test_layers_solved_in_groups_give_the_same_rows(monkeypatch):
         alone = analyze(state)
         torch.set_num_threads(2)
         specs, _ = plan_layers(open_checkpoint(state))
-        groups = [[s.name for s in g] for g in analysis.solve_groups(specs, 2, torch.device("cpu"), torch.float64)]
+        groups = [[s.name for s in g] for g in measure.solve_groups(specs, 2, torch.device("cpu"), torch.float64)]
         assert groups == [["blocks.0.q"], ["blocks.0.k", "blocks.0.v"], ["blocks.0.up", "blocks.0.down"],
                           ["blocks.1.q"], ["blocks.1.k", "blocks.1.v"], ["blocks.1.up", "blocks.1.down"]]
         monkeypatch.setattr(spectrum, "PARALLEL_MIN_WORK", 1)  # share even these small eigensolves

@@ -47,7 +47,8 @@ def analyze_command(
     plan: Annotated[bool, typer.Option("--plan", metavar=FLAG, help="Only print what would be analysed and an estimate of the time.", rich_help_panel=OUTPUT)] = False,
 ) -> None:
     """Fit the power-law exponent alpha of every layer's eigenvalue spectrum."""
-    from tbdiag.analysis import AnalyzeOptions, analyze
+    from tbdiag.analysis import analyze
+    from tbdiag.options import AnalyzeOptions
     from tbdiag.errors import TbdiagError
     from tbdiag.export import to_csv, to_json
 

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from tbdiag.analysis import AnalyzeOptions, measure_shared
+from tbdiag.measure import measure_shared
+from tbdiag.options import AnalyzeOptions
 from tbdiag.errors import TbdiagError
 from tbdiag.tempbalance.maps import multipliers, unit_multipliers
 from tbdiag.tempbalance.optim import (OriginalLayout, adopt_scheduler, inner_optimizer, param_groups, restore_lrs,
