@@ -23,10 +23,11 @@ def check_outputs(targets: Sequence[str | Path], inputs: Sequence[str | Path] = 
 
     Refused, with a one-line `TbdiagError`: a target that is a folder or not a regular file, whose folder
     does not exist or cannot be written, that two targets name (through any spelling), that is an input or
-    the same file as one (symlinks, hard links, relative paths), that is the same file as one an input
-    folder holds (a shard, an index, a run's metrics), or that is a new file inside an input folder with a
-    name that folder's reader would pick up (``READ_SUFFIXES``). A symlink target is written through: the
-    file it points to is replaced, the link stays.
+    the same file as one (symlinks, hard links, relative paths), that is the same file as any file an input
+    folder holds (a shard, an index, a run's metrics, a tokenizer or model card: every file of a model
+    folder is part of it), or that is a new file inside an input folder with a name that folder's reader
+    would pick up (``READ_SUFFIXES``). A symlink target is written through: the file it points to is
+    replaced, the link stays.
     """
     resolved: list[Path] = []
     seen: dict[Path, str] = {}
@@ -68,8 +69,11 @@ def _refuse_inputs(target: str, path: Path, inputs: Sequence[str | Path]) -> Non
         if not source_path.is_dir():
             continue
         folder = source_path.resolve()
+        if path.is_relative_to(folder) and path.exists():
+            raise TbdiagError(f"{target}: is a file of the input folder {source}, part of the input; write the "
+                              "output outside that folder")
         if ident is not None:
-            for held in _read_files(folder):
+            for held in _held_files(folder):
                 if _identity(held) == ident:
                     raise TbdiagError(f"{target}: is the same file as {held}, part of the input {source}; "
                                       "write the output to another file")
@@ -78,8 +82,8 @@ def _refuse_inputs(target: str, path: Path, inputs: Sequence[str | Path]) -> Non
                               "write the output outside that folder")
 
 
-def _read_files(folder: Path) -> Iterator[Path]:
-    """Files with a ``READ_SUFFIXES`` name in ``folder``, ``FOLDER_DEPTH`` levels deep."""
+def _held_files(folder: Path) -> Iterator[Path]:
+    """Every file in ``folder``, ``FOLDER_DEPTH`` levels deep (links to folders are not followed)."""
     level = [folder]
     for _ in range(FOLDER_DEPTH):
         below = []
@@ -89,9 +93,9 @@ def _read_files(folder: Path) -> Iterator[Path]:
             except OSError:
                 continue
             for entry in entries:
-                if entry.is_dir():
+                if entry.is_dir() and not entry.is_symlink():
                     below.append(entry)
-                elif entry.suffix in READ_SUFFIXES:
+                elif entry.is_file():
                     yield entry
         level = below
 

@@ -16,7 +16,7 @@ import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -126,41 +126,70 @@ def check_dtypes(ckpt: Checkpoint) -> None:
 def commit(target: Target, ckpt: Checkpoint, layout: Layout, pruned: dict[str, int], allocation_json: str | None,
            *, key: str | None, trust_pickle: bool) -> None:
     """Write the weights (``pruned``: tensor name → entries to zero) and the allocation JSON text to
-    temporaries beside their targets, then rename them all (or none)."""
+    temporaries first, then put them all in place (or none)."""
     out, json_path = target.out, target.allocation_json
     temps: list[tuple[Path, Path]] = []
+    staged: Path | None = None
     try:
         if json_path is not None and allocation_json is not None:
             temps.append((json_path, temporary_beside(json_path)))
             fill(temps[-1][1], lambda tmp: tmp.write_text(allocation_json, encoding="utf-8"))
         if out is not None and target.folder:
-            temps.append((out, _temporary_folder(out)))
-            _write_folder(temps[-1][1], ckpt, layout, pruned, key=key, trust_pickle=trust_pickle)
-            _copy_companions(temps[-1][1], layout, target.companions)
-            if out.is_dir():
-                out.rmdir()  # the empty folder checked before: the new one takes its place
+            staged = _staging_folder(out)
+            _write_folder(staged, ckpt, layout, pruned, key=key, trust_pickle=trust_pickle)
+            _copy_companions(staged, layout, target.companions)
         elif out is not None:
             temps.append((out, temporary_beside(out)))
             fill(temps[-1][1], lambda tmp: _write_file(tmp, ckpt, layout.shards[0], ckpt.tensors, pruned))
-        replace_all(temps)  # the folder, when there is one, last: it is never rolled back
+        undo = _place(staged, out) if staged is not None and out is not None else None
+        try:
+            replace_all(temps)
+        except BaseException:
+            if undo is not None:
+                undo()
+            raise
     except OSError as exc:
         where = next((str(p) for p, t in temps if str(exc.filename or "").startswith(str(t))), str(out or json_path))
         raise TbdiagError(f"{where}: cannot write ({exc.strerror or exc}); nothing was written; check the disk and "
                           "the folder's permissions") from None
     finally:
-        for _, tmp in temps:
+        for tmp in [t for _, t in temps] + ([staged] if staged is not None else []):
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink(missing_ok=True)
 
 
-def _temporary_folder(path: Path) -> Path:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+def _staging_folder(out: Path) -> Path:
+    """Where a folder output is written first: inside ``out`` when it exists (an empty folder, which keeps its
+    owner, permissions and identity: it may be the working folder), else beside it."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out if out.is_dir() else out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
     return tmp
+
+
+def _place(staged: Path, out: Path) -> Callable[[], None]:
+    """Move a staged folder output into place (renames only); returns how to take it back out."""
+    if staged.parent != out:
+        os.rename(staged, out)
+        return lambda: os.rename(out, staged)
+    moved: list[Path] = []
+
+    def take_back() -> None:
+        for path in moved:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+    try:
+        for entry in sorted(staged.iterdir()):
+            os.rename(entry, out / entry.name)
+            moved.append(out / entry.name)
+    except BaseException:
+        take_back()
+        raise
+    staged.rmdir()
+    return take_back
 
 
 def _write_folder(tmp: Path, ckpt: Checkpoint, layout: Layout, pruned: dict[str, int], *, key: str | None,

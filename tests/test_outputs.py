@@ -94,6 +94,23 @@ def test_files_of_an_input_folder_are_refused(tmp_path, no_work):
     assert shard.read_bytes() == before and not (folder / "analysis.json").exists()
 
 
+def test_every_file_of_a_model_folder_is_an_input(tmp_path, no_work):
+    """A model folder's tokenizer files and card are part of it (prune copies them): never an output."""
+    folder = tmp_path / "hf"
+    (folder / "1_Pooling").mkdir(parents=True)
+    save_file({"l1.weight": torch.randn(32, 16), "l2.weight": torch.randn(32, 16)}, folder / "model.safetensors")
+    texts = {"vocab.txt": "a\nb\n", "README.md": "card", "1_Pooling/notes.md": "mean"}
+    for rel, text in texts.items():
+        (folder / rel).write_text(text)
+    os.link(folder / "vocab.txt", tmp_path / "vocab-link.csv")
+    (tmp_path / "card-link.html").symlink_to(folder / "README.md")
+    for command in (["analyze", folder, "--csv", folder / "README.md"], ["analyze", folder, "--json", tmp_path / "vocab-link.csv"],
+                    ["report", folder, "--out", tmp_path / "card-link.html"], ["recommend", folder, "-o", folder / "1_Pooling/notes.md"],
+                    ["prune", folder, "--sparsity", "0.5", "--allocation-json", folder / "vocab.txt"]):
+        assert_refused(run(*command), "part of the input")
+    assert {rel: (folder / rel).read_text() for rel in texts} == texts
+
+
 def test_report_out_in_a_run_folder(tmp_path):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)

@@ -459,3 +459,61 @@ def test_cli_names_the_files_copied_and_left_out(tmp_path):
     assert res.exit_code == 0, res.output
     assert "copied from the input folder: config.json" in res.stdout
     assert "left out (weights in another format, not pruned): flax_model.msgpack" in res.stdout
+
+
+def test_an_empty_output_folder_keeps_its_identity_and_permissions(tmp_path, monkeypatch):
+    src = sharded(tmp_path / "in", mlp_state())
+    out = tmp_path / "private"
+    out.mkdir(mode=0o700)
+    before = out.stat()
+    prune(src, out, sparsity=0.5, allocation="uniform")
+    after = out.stat()
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)  # `--out .` from inside an empty folder: the working folder stays
+    inode = here.stat().st_ino
+    prune(src, ".", sparsity=0.5, allocation="uniform")
+    assert here.stat().st_ino == inode and (here / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_folder_output_is_taken_back_when_the_allocation_cannot_be_placed(tmp_path, monkeypatch, existing):
+    src = sharded(tmp_path / "in", mlp_state())
+    out, doc = tmp_path / "out", tmp_path / "alloc.json"
+    if existing:
+        out.mkdir()
+
+    def failing(temps):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tbdiag.pruned_files, "replace_all", failing)
+    with pytest.raises(TbdiagError, match="nothing was written"):
+        prune(src, out, sparsity=0.5, allocation="uniform", allocation_json=doc)
+    assert (sorted(out.iterdir()) == [] if existing else not out.exists()) and not doc.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", *(["out"] if existing else [])])
+
+
+def test_sigterm_while_writing_leaves_nothing_behind(tmp_path):
+    import subprocess
+    import sys
+
+    src = sharded(tmp_path / "in", mlp_state())
+    out = tmp_path / "out"
+    script = f"""
+import os, signal, sys
+import tbdiag.pruned_files as pf
+real = pf._write_file
+def then_terminated(*args, **kwargs):
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+pf._write_file = then_terminated
+sys.argv = ["tbdiag", "prune", {str(src)!r}, "--sparsity", "0.5", "--allocation", "uniform", "--out", {str(out)!r}]
+from tbdiag.cli import main
+main()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 143 and done.stderr.strip() == "terminated", done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 from typing import Annotated
 
 import typer
@@ -48,12 +50,19 @@ def usage_error_line(exc: Exception, command_path: str) -> str:
     return f"error: {message}{' ' if message.endswith('?') else '; '}see '{path} --help'"
 
 
+def _terminated(signum: int, frame: object) -> None:
+    err_console.print("terminated", markup=False)
+    raise SystemExit(128 + signum)  # through every `finally`: nothing half-written stays behind
+
+
 class _Group(_HelpFlag, TyperGroup):
     """The root command: usage errors (typos in choices, unknown options, bad numbers) print one line and exit 2."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ANN001, ANN201
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds like ^C: temporaries go
+            signal.signal(signal.SIGTERM, _terminated)
         argv = list(sys.argv[1:] if args is None else args)
         path = " ".join(["tbdiag", *[a for a in argv if a in self.commands][:1]])
         try:
