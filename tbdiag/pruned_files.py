@@ -62,7 +62,7 @@ class Target:
     allocation_json: Path | None
     folder: bool = False
     companions: tuple[str, ...] = ()
-    left_out: tuple[str, ...] = ()
+    left_out: tuple[tuple[str, str], ...] = ()  # (path, why)
 
 
 def input_layout(source: str | Path) -> Layout:
@@ -83,14 +83,17 @@ def check_targets(source: str | Path, layout: Layout, out: str | Path | None,
     (`tbdiag.outputs.check_outputs`). A folder input is written as a folder unless it holds a single file
     and ``out`` names a file (``.safetensors``)."""
     folder = out is not None and layout.folder is not None and (layout.sharded or Path(out).suffix not in READ_SUFFIXES)
+    if out is not None and not folder and Path(out).suffix != ".safetensors":
+        name = Path(out).with_suffix(".safetensors").name if str(out) != "-" else "pruned.safetensors"
+        raise TbdiagError(f"{out}: the pruned weights are a safetensors file; name it {name}")
+    if folder and allocation_json is not None and Path(allocation_json).resolve().is_relative_to(Path(out).resolve()):
+        raise TbdiagError(f"{allocation_json}: is inside the output folder {out}; write the allocation elsewhere")
     files = [t for t in ((None if folder else out), allocation_json) if t is not None]
     checked = dict(zip(map(str, files), check_outputs(files, [source]))) if files else {}
     json_path = checked.get(str(allocation_json)) if allocation_json is not None else None
     if out is None or not folder:
         return Target(checked[str(out)] if out is not None else None, json_path)
     out_folder = _check_folder(Path(out), Path(source))
-    if json_path is not None and json_path.is_relative_to(out_folder):
-        raise TbdiagError(f"{allocation_json}: is inside the output folder {out}; write the allocation elsewhere")
     return Target(out_folder, json_path, True, *companions(layout))
 
 
@@ -199,6 +202,7 @@ def _write_folder(tmp: Path, ckpt: Checkpoint, layout: Layout, pruned: dict[str,
     assert layout.folder is not None
     st = ckpt.format.startswith("safetensors")
     weight_map: dict[str, str] = {}
+    size = 0
     for shard in layout.shards:
         rel = shard.relative_to(layout.folder)
         if not st:
@@ -207,38 +211,63 @@ def _write_folder(tmp: Path, ckpt: Checkpoint, layout: Layout, pruned: dict[str,
         part = open_checkpoint(shard, key=key, trust_pickle=trust_pickle)
         fill(tmp / rel, lambda dst, part=part, shard=shard: _write_file(dst, part, shard, part.tensors, pruned))
         weight_map.update({t.name: rel.as_posix() for t in part.tensors})
+        size += sum(numel(t.shape) * t.dtype.itemsize for t in part.tensors)
     if layout.index is None:
         return
     if st:
         index = json.loads(layout.index.read_text(encoding="utf-8"))
-    else:
-        size = sum(f.stat().st_size for f in tmp.rglob("*.safetensors"))
+    else:  # total_size: the bytes of the tensors, as Hugging Face counts them
         index = {"metadata": {"total_size": size}, "weight_map": weight_map}
     fill(tmp / ST_INDEX, lambda dst: dst.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8"))
 
 
-def companions(layout: Layout) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def companions(layout: Layout) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     """The other files of an input folder, relative to it: (copied beside the pruned weights — config,
-    tokenizer, generation config, model card, ``1_Pooling/config.json`` …; left out — weights in another
-    format, which would not be pruned). Hidden files and folders (``.git``, ``.cache``) are passed over, and
-    so are the input's own shards and index; folders are searched `FOLDER_DEPTH` levels deep."""
+    tokenizer, generation config, model card, ``1_Pooling/config.json`` …; left out, each with why — weights
+    in another format, which would not be pruned, broken links, links to folders, folders deeper than
+    `FOLDER_DEPTH` levels). Hidden files and folders (``.git``, ``.cache``) are passed over, and so are the
+    input's own shards and index.
+
+    Raises:
+        TbdiagError: a file or folder that cannot be read (the copy would silently miss it).
+    """
     assert layout.folder is not None
     own = {p.resolve() for p in (*layout.shards, *((layout.index,) if layout.index else ()))}
-    copied, left_out = [], []
+    copied: list[str] = []
+    left_out: list[tuple[str, str]] = []
     level = [layout.folder]
-    for _ in range(FOLDER_DEPTH):
+    for depth in range(FOLDER_DEPTH + 1):
         below = []
         for folder in level:
-            for entry in sorted(folder.iterdir()):
-                if entry.name.startswith("."):
+            rel = folder.relative_to(layout.folder).as_posix()
+            if depth == FOLDER_DEPTH:
+                left_out.append((rel, f"a folder deeper than {FOLDER_DEPTH} levels"))
+                continue
+            for entry in _entries(folder):
+                rel = entry.relative_to(layout.folder).as_posix()
+                if entry.name.startswith(".") or entry.resolve() in own or entry.name in (ST_INDEX, TORCH_INDEX):
                     continue
-                if entry.is_dir() and not entry.is_symlink():
-                    below.append(entry)
-                elif entry.is_file() and entry.resolve() not in own and entry.name not in (ST_INDEX, TORCH_INDEX):
-                    rel = entry.relative_to(layout.folder).as_posix()
-                    (left_out if entry.suffix in WEIGHT_SUFFIXES else copied).append(rel)
+                if entry.is_symlink() and not entry.exists():
+                    left_out.append((rel, "a broken link"))
+                elif entry.is_dir():
+                    below.append(entry) if not entry.is_symlink() else left_out.append((rel, "a link to a folder"))
+                elif entry.suffix in WEIGHT_SUFFIXES:
+                    left_out.append((rel, "weights in another format, not pruned"))
+                elif entry.is_file():
+                    if not os.access(entry, os.R_OK):
+                        raise TbdiagError(f"{entry}: cannot be read; the pruned folder would miss it: make it readable, "
+                                          "or write the weights alone to a .safetensors file")
+                    copied.append(rel)
         level = below
     return tuple(copied), tuple(left_out)
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise TbdiagError(f"{folder}: cannot be read ({exc.strerror or exc}); the pruned folder would miss its files: "
+                          "make it readable, or write the weights alone to a .safetensors file") from None
 
 
 def _copy_companions(tmp: Path, layout: Layout, names: Sequence[str]) -> None:

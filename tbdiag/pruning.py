@@ -111,7 +111,7 @@ class PruneResult:
     n_pruned: int
     realised_mean: float
     copied: tuple[str, ...] = ()  # a folder input's other files copied into the output folder (config, tokenizer …)
-    left_out: tuple[str, ...] = ()  # and those not copied: weights in other formats, which were not pruned
+    left_out: tuple[tuple[str, str], ...] = ()  # and those not copied, (path, why): weights in other formats …
 
     def to_dict(self) -> dict:
         """The ``tbdiag.allocation/v1`` document of `recommend --target sparsity` (per unit its alpha, layers,

@@ -143,6 +143,12 @@ class TrainConfig:
                 self.tb_max_ratio if self.tb_max_ratio is not None else hi)
 
 
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` is a training run folder: a ``config.json`` beside ``checkpoints/`` (a Hugging Face
+    model folder has a config.json too, but no checkpoints folder)."""
+    return path.is_dir() and (path / "config.json").is_file() and (path / "checkpoints").is_dir()
+
+
 def read_config(folder: Path) -> TrainConfig:
     """The config of an existing run folder.
 

@@ -114,8 +114,14 @@ def test_recommend_targets_write_allocation_documents(tmp_path):
     res = run("recommend", *common, "--target", "weight_decay", "--weight-decay", "0.1", "-o", tmp_path / "w.json")
     mult = load_multipliers(tmp_path / "w.json")  # loads into TempBalance(target="weight_decay", initial=…)
     assert res.exit_code == 0 and min(mult.values()) == pytest.approx(0.5) and max(mult.values()) == pytest.approx(1.5)
-    for bad, message in ((("--target", "sparsity", "--sparsity", "1"), "sparsity 1.0: must be at least 0 and below 1"),
-                         (("--target", "lora_rank", "--budget", "4", "--r-min", "2"), "rank budget 4"),
+    for bad, message in ((("--target", "sparsity", "--sparsity", "1"), "--sparsity 1.0: must be at least 0 and below 1; e.g."),
+                         (("--target", "lora_rank", "--budget", "4", "--r-min", "2"), "--budget 4: 3 layers need between 6 (--r-min 2)"),
+                         (("--target", "weight_decay", "--weight-decay", "-1"), "--weight-decay -1.0: must be a finite number ≥ 0"),
+                         (("--target", "weight_decay", "--weight-decay", "nan"), "--weight-decay nan: must be a finite"),
+                         (("--target", "lora_rank", "--budget", "24", "--lora-alpha", "-5"), "--lora-alpha -5.0: must be a finite number > 0"),
+                         (("--target", "lora_rank", "--budget", "24", "--beta", "nan"), "--beta nan: must be a finite exponent"),
+                         (("--target", "lora_rank", "--budget", "24", "--beta", "1e308"), "--beta 1e+308: must be a finite exponent"),
+                         (("--target", "lora_rank", "--budget", "24", "--r-min", "5", "--r-max", "2"), "need 1 ≤ --r-min ≤ --r-max"),
                          (("--target", "lora_rank"), "--budget 0"),
                          (("--target", "sparsity", "-o", SAMPLES / "mlp_sharded" / "model-00001-of-00002.safetensors"), "")):
         res = run("recommend", *common, *bad)

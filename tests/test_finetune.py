@@ -254,3 +254,25 @@ def test_diff_sorted_by_alpha_change_json_html_and_errors(tmp_path):
     one_line_error(run("diff", both, trained), "holds 2 analyses")
     one_line_error(run("diff", untrained, trained, "--json", trained), "is the input")
     one_line_error(run("diff", untrained, trained, "--top", "-1"), "--top -1")
+
+
+def test_diff_compares_like_with_like(tmp_path):
+    """A checkpoint beside an analysis JSON is analysed as that JSON was; other fits, or no common layer, are
+    refused instead of printing the estimator's difference as a change of the model."""
+    from tbdiag.analysis import analyze
+    from tbdiag.diff import diff
+
+    untrained, trained = SAMPLES / "cnn_untrained.safetensors", SAMPLES / "cnn_trained.safetensors"
+    saved = tmp_path / "median.json"
+    assert run("analyze", untrained, "--fit", "median", "--conv-norm", "1", "--json", saved, "-q").exit_code == 0
+    res = run("diff", saved, trained, "--json", "-", "-q")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["a"]["fit"] == doc["b"]["fit"] == "median"
+    direct = diff(analyze(untrained, fit="median", conv_norm=1.0), analyze(trained, fit="median", conv_norm=1.0))
+    assert [math.nan if r["b"]["alpha"] is None else r["b"]["alpha"] for r in doc["layers"]] == pytest.approx(
+        [r["b"]["alpha"] for r in direct["layers"]], nan_ok=True)
+    one_line_error(run("diff", saved, trained, "--fit", "ks"), "was analysed with fit median and")
+    with pytest.raises(TbdiagError, match="conv_norm 0.5 and .* with 1.0: their alphas are not comparable"):
+        diff(analyze(untrained), analyze(trained, conv_norm=1.0))
+    one_line_error(run("diff", trained, SAMPLES / "mlp_legacy.pth"), "have no layer in common")

@@ -241,3 +241,17 @@ def test_odd_names_in_report_comparison(odd_ckpt, tmp_path):
     assert res.exit_code == 0, res.output
     page = out.read_text()
     assert "ESDs of bad$x^$" in page and "]$z^$.safetensors" in page and "runs[/]$y^$" in page
+
+
+def test_control_characters_in_names_and_paths_are_escaped(tmp_path):
+    """A newline or a terminal escape sequence from a file never splits a line nor drives the terminal."""
+    torch.manual_seed(0)
+    path = tmp_path / "m.safetensors"
+    save_file({"blk\nfc.weight": torch.randn(64, 48), "x\x1b[31mred.weight": torch.randn(64, 48)}, path)
+    res = run("analyze", path)
+    assert res.exit_code == 0, res.output
+    assert "blk\\nfc" in res.stdout and "x\\x1b[31mred" in res.stdout and "\x1b" not in res.stdout
+    res = run("analyze", tmp_path / "no\nsuch\x1b[2J.safetensors")
+    assert_refused(res, "no\\nsuch\\x1b[2J.safetensors")
+    res = run("recommend", path, "--map", "x\ny")  # a usage error
+    assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1 and "'x\\ny' is not one of" in res.stderr, res.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import math
 import re
 import weakref
@@ -275,6 +276,7 @@ def test_pytorch_checkpoints_become_safetensors_in_model_order(tmp_path):
     prune(bins, tmp_path / "bin_out", sparsity=0.5, allocation="uniform")
     index = json.loads((tmp_path / "bin_out" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in mlp_state().values())
     reread = tbdiag.open_checkpoint(tmp_path / "bin_out")
     assert {t.name for t in reread.tensors} == set(mlp_state()) and reread.format == "safetensors-sharded"
 
@@ -331,10 +333,15 @@ def test_bad_outputs_and_checkpoints_without_prunable_layers(tmp_path):
              ((src, src / "sub"), "is inside the input folder"), ((src, tmp_path / "full"), "not an empty folder"),
              ((src, tmp_path / "one.safetensors"), "written as a folder of shards"),
              ((tmp_path / "single", tmp_path / "single" / "new.safetensors"), "inside the input folder"),
-             ((path, tmp_path / "missing" / "o.safetensors"), "does not exist")]
+             ((path, tmp_path / "missing" / "o.safetensors"), "does not exist"),
+             ((path, tmp_path / "o.pt"), "the pruned weights are a safetensors file; name it o.safetensors"),
+             ((path, "-"), "the pruned weights are a safetensors file; name it pruned.safetensors"),
+             ((tmp_path / "single", tmp_path / "new.bin"), "name it new.safetensors")]
     for (source, out), message in cases:
         with pytest.raises(TbdiagError, match=message):
             prune(source, out, sparsity=0.5, allocation="uniform")
+    with pytest.raises(TbdiagError, match="a.json: is inside the output folder"):  # said first, not "create n"
+        prune(src, tmp_path / "n", sparsity=0.5, allocation="uniform", allocation_json=tmp_path / "n" / "a.json")
     two = saved(tmp_path, {"fc0.weight": torch.randn(64, 64), "fc1.weight": torch.randn(64, 64)}, "two.safetensors")
     norms = saved(tmp_path, {"ln.weight": torch.ones(8), "emb.weight": torch.randn(50, 64)}, "norms.safetensors")
     for ckpt in (two, norms):  # only the input and output layers, or no layer at all
@@ -416,7 +423,8 @@ def test_a_model_folder_becomes_a_folder_with_its_config_and_tokenizer(tmp_path)
     res = prune(src, tmp_path / "pruned", sparsity=0.5, allocation="uniform")
     out = tmp_path / "pruned"
     assert res.copied == ("README.md", "config.json", "tokenizer.json", "vocab.txt", "1_Pooling/config.json")
-    assert res.left_out == ("tf_model.h5", "onnx/model.onnx")
+    other = "weights in another format, not pruned"
+    assert res.left_out == (("tf_model.h5", other), ("onnx/model.onnx", other))
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert written == sorted(["model.safetensors", *res.copied])
     for rel in res.copied:
@@ -458,7 +466,7 @@ def test_cli_names_the_files_copied_and_left_out(tmp_path):
     res = cli(src, "--sparsity", "0.5", "--allocation", "uniform", "--out", tmp_path / "pruned")
     assert res.exit_code == 0, res.output
     assert "copied from the input folder: config.json" in res.stdout
-    assert "left out (weights in another format, not pruned): flax_model.msgpack" in res.stdout
+    assert "left out: flax_model.msgpack (weights in another format, not pruned)" in res.stdout
 
 
 def test_an_empty_output_folder_keeps_its_identity_and_permissions(tmp_path, monkeypatch):
@@ -517,3 +525,35 @@ main()
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 143 and done.stderr.strip() == "terminated", done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_what_a_folder_copy_leaves_out_is_named_and_unreadable_files_are_refused(tmp_path, monkeypatch):
+    src = tmp_path / "model"
+    (src / "a" / "b" / "c").mkdir(parents=True)
+    saved(src, mlp_state(), "model.safetensors")
+    (src / "a" / "b" / "c" / "deep.txt").write_text("deep")
+    (src / "a" / "b" / "ok.txt").write_text("ok")
+    (src / "gone.json").symlink_to(tmp_path / "missing.json")
+    (tmp_path / "shared").mkdir()
+    (src / "shared").symlink_to(tmp_path / "shared")
+    res = prune(src, tmp_path / "out", sparsity=0.5, allocation="uniform")
+    assert res.copied == ("a/b/ok.txt",)
+    assert res.left_out == (("gone.json", "a broken link"), ("shared", "a link to a folder"),
+                            ("a/b/c", "a folder deeper than 3 levels"))
+    secret = src / "a" / "b" / "ok.txt"
+    real_access = os.access
+    monkeypatch.setattr(tbdiag.pruned_files.os, "access", lambda p, mode: False if Path(p) == secret else real_access(p, mode))
+    with pytest.raises(TbdiagError, match="ok.txt: cannot be read; the pruned folder would miss it"):
+        prune(src, tmp_path / "out2", sparsity=0.5, allocation="uniform")
+    monkeypatch.undo()
+    real_iterdir = Path.iterdir
+
+    def locked(self):
+        if self.name == "b":
+            raise PermissionError(13, "Permission denied")
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", locked)
+    res = cli(src, "--sparsity", "0.5", "--allocation", "uniform", "--out", tmp_path / "out3")
+    assert res.exit_code == 2 and res.stderr.startswith(f"error: {src / 'a' / 'b'}: cannot be read (Permission denied)")
+    assert len(res.stderr.splitlines()) == 1 and not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()

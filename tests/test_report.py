@@ -11,7 +11,7 @@ from tbdiag import analyze
 from tbdiag.cli import app
 from tbdiag.report.render import checkpoint_report, write_report
 from tbdiag.train.loop import train
-from tbdiag.train.run import TrainConfig
+from tbdiag.runfolder import TrainConfig
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
 runner = CliRunner()
@@ -97,8 +97,8 @@ def test_report_bad_inputs(tmp_path, runs):
     (tmp_path / "other.json").write_text(json.dumps({"schema": "tbdiag.multipliers/v1", "layers": {}}))
     (tmp_path / "empty").mkdir()
     empty_run = tmp_path / "empty_run"
-    empty_run.mkdir()
-    shutil.copy(runs["tb"] / "config.json", empty_run / "config.json")  # a valid run that has not finished an epoch
+    (empty_run / "checkpoints").mkdir(parents=True)  # a valid run that has not finished an epoch
+    shutil.copy(runs["tb"] / "config.json", empty_run / "config.json")
     cases = [([tmp_path / "other.json"], "not tbdiag.analysis/v1"), ([tmp_path / "empty"], "empty folder"),
              ([empty_run], "no completed epoch"), ([runs["tb"], SAMPLES / "cnn_trained.safetensors"], "mixing"),
              ([tmp_path / "missing.json"], "no such file")]
@@ -248,3 +248,14 @@ def test_a_saved_analysis_reads_back_unchanged(saved_doc, tmp_path):
     # a summary that disagrees with the rows is recomputed from them
     recomputed = analysis_from_dict(_broken(saved_doc, lambda d: d.update(summary="x"))).summary
     assert recomputed == dict(saved_doc["summary"], skipped={})
+
+
+def test_a_hugging_face_folder_is_a_checkpoint_not_a_training_run(tmp_path):
+    """Its config.json is a model config; a run folder is config.json beside checkpoints/."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    shutil.copy(SAMPLES / "cnn_trained.safetensors", folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps({"model_type": "cnn", "architectures": ["CNN"]}))
+    res = runner.invoke(app, ["report", str(folder), "--out", str(tmp_path / "r.html")])
+    assert res.exit_code == 0, res.output
+    assert "alpha per layer" in (tmp_path / "r.html").read_text()

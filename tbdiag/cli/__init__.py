@@ -13,7 +13,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from tbdiag import __version__
 from tbdiag.cli.analyze import analyze_command
-from tbdiag.cli.common import FLAG, err_console
+from tbdiag.cli.common import FLAG, err_console, printable
 from tbdiag.cli.diff import diff_command
 from tbdiag.cli.prune import prune_command
 from tbdiag.cli.recommend import recommend_command
@@ -42,7 +42,7 @@ _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Clic
 
 def usage_error_line(exc: Exception, command_path: str) -> str:
     """One line for a command-line mistake: what was wrong, and where to look (instead of a boxed panel)."""
-    message = " ".join(exc.format_message().split()).replace("Value error, ", "").rstrip(".")  # type: ignore[attr-defined]
+    message = printable(" ".join(exc.format_message().split()).replace("Value error, ", "").rstrip("."))  # type: ignore[attr-defined]
     if not isinstance(exc, _USAGE_ERROR):
         return f"error: {message}"
     ctx = getattr(exc, "ctx", None)
@@ -69,7 +69,8 @@ class _Group(_HelpFlag, TyperGroup):
             code = super().main(argv, prog_name, complete_var, standalone_mode=False, **extra)
         except _USAGE_ERROR as exc:
             if type(exc).__name__ == "NoArgsIsHelpError":  # `tbdiag analyze` alone shows the help
-                exc.show()
+                if exc.format_message().strip():  # Typer's rich help is printed already, as it is built
+                    exc.show()
                 sys.exit(exc.exit_code)
             err_console.print(usage_error_line(exc, path), markup=False, soft_wrap=True)
             sys.exit(2)

@@ -4,6 +4,7 @@ choices of options, and output files (checked before any work, written all or no
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,13 +30,29 @@ out_console = _console(stderr=False)
 err_console = _console(stderr=True)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (newlines, terminal escape sequences) written as escapes: a name or
+    path from a file stays on one line and cannot drive the terminal."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def safe(text: str, style: str = "") -> "Text":
+    """A Rich `Text` of a string from a file: never markup, control characters escaped (`printable`)."""
+    from rich.text import Text
+
+    return Text(printable(text), style=style)
+
+
 @contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a `TbdiagError` into ``error: <message>`` on stderr and exit code 2 (no traceback)."""
     try:
         yield
     except TbdiagError as exc:
-        err_console.print(f"error: {exc.cli_message()}", markup=False, soft_wrap=True)
+        err_console.print(f"error: {printable(exc.cli_message())}", markup=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err_console.print("interrupted", markup=False)

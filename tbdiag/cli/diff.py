@@ -13,7 +13,7 @@ from tbdiag.cli.common import FLAG, Fit, Outputs, choices, err_console, out_cons
 def diff_command(
     a: Annotated[str, typer.Argument(metavar="A", help="The analysis JSON or checkpoint to compare from (e.g. the base model).", show_default=False)],
     b: Annotated[str, typer.Argument(metavar="B", help="The one to compare to (e.g. the fine-tuned model).", show_default=False)],
-    fit: Annotated[Fit, typer.Option(metavar=choices(Fit), help="Estimator for checkpoints analysed here.")] = Fit.ks,
+    fit: Annotated[Optional[Fit], typer.Option(metavar=choices(Fit), help="Estimator for checkpoints analysed here (default: the fit of a JSON input, else ks); a checkpoint beside an analysis JSON is analysed with that analysis' options.", show_default=False)] = None,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N (checkpoints analysed here).")] = "auto",
     top: Annotated[int, typer.Option(metavar="N", help="Rows in the table (0: all); the JSON always has all.")] = 0,
     json_out: Annotated[Optional[str], typer.Option("--json", metavar="FILE", help="Write the tbdiag.diff/v1 JSON here ('-' for stdout).")] = None,
@@ -28,7 +28,7 @@ def diff_command(
         if html == "-":
             raise TbdiagError("--html -: an HTML report goes to a file; name one")
         outputs = Outputs.check({"--json": json_out, "--html": html}, [a, b])
-        analyses = [_load(p, fit.value, device, keep_spectra=html is not None) for p in (a, b)]
+        analyses = _load_both(a, b, fit.value if fit is not None else None, device, keep_spectra=html is not None)
         from tbdiag.diff import diff
         from tbdiag.export import jsonable
 
@@ -50,17 +50,23 @@ def diff_command(
             (err_console if outputs.stdout else out_console).print(diff_table(doc, top))
 
 
-def _load(path: str, fit: str, device: str, keep_spectra: bool):  # noqa: ANN202 - an Analysis
-    """An analysis JSON (one analysis) or a checkpoint, analysed here."""
-    from tbdiag.errors import TbdiagError
+def _load_both(a: str, b: str, fit: str | None, device: str, keep_spectra: bool) -> list:
+    """A and B: analysis JSONs (one analysis each) as they are; checkpoints analysed here, with the options of
+    the JSON beside them (so that both sides are measured alike) or with ``fit`` (default ks)."""
+    import dataclasses
 
-    if path.endswith(".json") and Path(path).is_file():
-        from tbdiag.export import read_analyses
-
-        found = read_analyses(path)
-        if len(found) != 1:
-            raise TbdiagError(f"{path}: holds {len(found)} analyses; write each to its own file and pass one")
-        return found[0]
     from tbdiag.analysis import analyze
+    from tbdiag.errors import TbdiagError
+    from tbdiag.export import read_analyses
+    from tbdiag.options import AnalyzeOptions
 
-    return analyze(path, fit=fit, device=device, keep_spectra=keep_spectra)
+    found = {}
+    for path in (a, b):
+        if path.endswith(".json") and Path(path).is_file():
+            analyses = read_analyses(path)
+            if len(analyses) != 1:
+                raise TbdiagError(f"{path}: holds {len(analyses)} analyses; write each to its own file and pass one")
+            found[path] = analyses[0]
+    like = next(iter(found.values())).options if found else AnalyzeOptions(fit=fit or "ks")
+    options = dataclasses.replace(like, fit=fit or like.fit, device=device, key=None)  # the entry is found anew
+    return [found[p] if p in found else analyze(p, options, keep_spectra=keep_spectra) for p in (a, b)]

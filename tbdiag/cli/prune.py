@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from tbdiag.cli.common import (FLAG, STDOUT, Fit, Unit, choices, err_console, out_console, require, require_finite,
-                               user_errors)
+                               safe, user_errors)
 
 ALLOC, LAYERS, FIT, INPUT, OUTPUT = "Allocation", "Layers", "Alpha fit", "Input", "Output"
 
@@ -68,33 +68,32 @@ def prune_command(
                       f"{len(result.layers)} layers: {result.n_pruned:,} of {result.n_params:,} weights set to zero",
                       markup=False)
         if result.copied:
-            console.print(f"copied from the input folder: {', '.join(result.copied)}", markup=False, soft_wrap=True)
+            console.print(safe(f"copied from the input folder: {', '.join(result.copied)}"), soft_wrap=True)
         if result.left_out:
-            console.print(f"left out (weights in another format, not pruned): {', '.join(result.left_out)}",
+            console.print(safe(f"left out: {', '.join(f'{path} ({why})' for path, why in result.left_out)}"),
                           markup=False, soft_wrap=True)
         for what, where in (("pruned checkpoint", out), ("allocation", allocation_json)):
             if where is not None and where != STDOUT:
-                console.print(f"wrote {what}: {where}", markup=False, soft_wrap=True)
+                console.print(safe(f"wrote {what}: {where}"), soft_wrap=True)
 
 
 def allocation_table(result):  # noqa: ANN001, ANN201 - a PruneResult in, a rich renderable out (imported lazily)
     """A title line naming the allocation, then a row per pruned layer; names from the file are never markup."""
     from rich.console import Group
     from rich.table import Table
-    from rich.text import Text
 
     from tbdiag.cli.render import fmt
 
     o = result.options
     how = (f"alpha allocation (ε {o.epsilon:g}, {o.fit} fit, unit {o.unit})" if o.allocation == "alpha"
            else "uniform allocation")
-    title = Text(f"{result.source}: magnitude pruning to mean sparsity {o.sparsity:g}, {how}")
+    title = safe(f"{result.source}: magnitude pruning to mean sparsity {o.sparsity:g}, {how}")
     table = Table(header_style="bold")
     block = o.unit == "block"
     for col in ("layer", "block" if block else "", "alpha", "sparsity", "zeroed", "of"):
         if col:
             table.add_column(col, justify="left" if col in ("layer", "block") else "right")
     for x in result.layers:
-        cells = [Text(x.name)] + ([Text(x.unit)] if block else [])
+        cells = [safe(x.name)] + ([safe(x.unit)] if block else [])
         table.add_row(*cells, fmt(x.unit_alpha), f"{x.sparsity:.4f}", f"{x.n_pruned:,}", f"{x.n_params:,}")
     return Group(title, table)

@@ -12,7 +12,7 @@ import typer
 from enum import Enum
 
 from tbdiag.cli.common import (FLAG, Fit, MapName, Metric, Outputs, Unit, choices, out_console, require,
-                               require_finite, user_errors)
+                               require_finite, safe, user_errors)
 
 MAP, INPUT, ALLOC = "TempBalance map", "Input", "Other targets"
 
@@ -93,19 +93,18 @@ def multipliers_table(doc: dict, *, source: str, map: str, metric: str, min_rati
     never markup. The title quotes the ratio range only for maps that use it."""
     from rich.console import Group
     from rich.table import Table
-    from rich.text import Text
 
     from tbdiag.cli.render import fmt
     from tbdiag.tempbalance.maps import USES_RATIOS
 
     span = f", {min_ratio:g}–{max_ratio:g}" if map in USES_RATIOS else ", mean 1"
-    title = Text(f"{source}: TempBalance multipliers ({map} map of {metric}{span})")  # a line of its own: not
+    title = safe(f"{source}: TempBalance multipliers ({map} map of {metric}{span})")  # a line of its own: not
     table = Table(header_style="bold")                                                  # wrapped to the table
     for col in ("group", "alpha", metric if metric != "alpha" else "", "multiplier", "lr" if lr else ""):
         if col:
             table.add_column(col, justify="left" if col == "group" else "right")
     for name, e in doc["layers"].items():
-        cells = [Text(name), fmt(e["alpha"])]
+        cells = [safe(name), fmt(e["alpha"])]
         if metric != "alpha":
             cells.append(fmt(e["value"]))
         cells.append(f"{e['multiplier']:.3f}")
@@ -118,7 +117,6 @@ def multipliers_table(doc: dict, *, source: str, map: str, metric: str, min_rati
 def _allocate(analysis, target: Target, rule: dict, outputs: Outputs, out: str | None, **p) -> None:  # noqa: ANN001
     """Write and print a ``tbdiag.allocation/v1`` document for a target other than lr."""
     from rich.table import Table
-    from rich.text import Text
 
     from tbdiag.cli.render import fmt
     from tbdiag.export import jsonable
@@ -142,6 +140,6 @@ def _allocate(analysis, target: Target, rule: dict, outputs: Outputs, out: str |
         table.add_column(col, justify="left" if col == "group" else "right")
     for name, g in doc["layers"].items():
         value = g[key] if isinstance(g[key], int) else f"{g[key]:.4f}"
-        table.add_row(Text(name), fmt(g["alpha"]), f"{g['n_params']:,}", str(value))
-    out_console.print(Text(f"{analysis.source}: {target.value} from alpha ({', '.join(f'{k} {v}' for k, v in params.items())})"))
+        table.add_row(safe(name), fmt(g["alpha"]), f"{g['n_params']:,}", str(value))
+    out_console.print(safe(f"{analysis.source}: {target.value} from alpha ({', '.join(f'{k} {v}' for k, v in params.items())})"))
     out_console.print(table)

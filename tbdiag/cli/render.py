@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tbdiag.analysis import Analysis
+from tbdiag.cli.common import safe
 from tbdiag.metrics import BANDS_FIT, OVER_TRAINED_BELOW, UNDER_TRAINED_ABOVE, band_flags
 
 
@@ -32,7 +33,7 @@ def _alpha_cell(alpha: float, bands: bool) -> Text:
 
 def analysis_table(a: Analysis) -> Table:
     """One row per layer, in model order."""
-    title = Text(f"{a.source}{_view_text(a)}  ({a.format}, {a.n_params:,} weights, fit={a.options.fit})")
+    title = safe(f"{a.source}{_view_text(a)}  ({a.format}, {a.n_params:,} weights, fit={a.options.fit})")
     table = Table(title=title, title_justify="left", header_style="bold")
     rand = a.options.randomize
     columns = ["layer", "kind", "shape", "#eigs", "alpha", "±err", "D", "n_tail", "λ_max", "alpha_w", "stable_rank",
@@ -44,7 +45,7 @@ def analysis_table(a: Analysis) -> Table:
     for r in a.layers:
         status = r.status if not r.warning else f"{r.status} ({r.warning})"
         extra = [fmt(r.rand_distance), _count(r.num_traps)] if rand else []
-        table.add_row(Text(r.name), r.kind, "×".join(map(str, r.shape)), str(r.n_evals), _alpha_cell(r.alpha, bands),
+        table.add_row(safe(r.name), r.kind, "×".join(map(str, r.shape)), str(r.n_evals), _alpha_cell(r.alpha, bands),
                       fmt(r.alpha_err), fmt(r.D), str(r.n_tail or "-"), fmt(r.lambda_max), fmt(r.alpha_weighted),
                       fmt(r.stable_rank, 1), _count(r.num_spikes), fmt(r.mp_softrank), fmt(r.matrix_entropy), *extra,
                       Text(status))
@@ -89,7 +90,7 @@ def summary_text(a: Analysis) -> Text:
 
 def plan_table(plan) -> Table:  # noqa: ANN001 - tbdiag.plan.Plan, imported lazily
     """The analysis plan: one row per layer with its read size and estimated time, and totals."""
-    table = Table(title=Text(f"plan: {plan.source} ({plan.format}, {len(plan.layers)} layers, device {plan.device})"),
+    table = Table(title=safe(f"plan: {plan.source} ({plan.format}, {len(plan.layers)} layers, device {plan.device})"),
                   title_justify="left", header_style="bold", show_footer=True)
     total_s = plan.seconds or 1.0
     table.add_column("layer", footer="total", no_wrap=True)
@@ -100,7 +101,7 @@ def plan_table(plan) -> Table:  # noqa: ANN001 - tbdiag.plan.Plan, imported lazi
     table.add_column("est. s", justify="right", footer=f"{plan.seconds:.1f}")
     table.add_column("share", justify="right")
     for layer in plan.layers:
-        table.add_row(Text(layer.name), layer.kind, "×".join(map(str, layer.shape)), str(layer.n_evals),
+        table.add_row(safe(layer.name), layer.kind, "×".join(map(str, layer.shape)), str(layer.n_evals),
                       f"{layer.bytes / 1e6:,.1f}", f"{layer.seconds:.2f}", f"{100 * layer.seconds / total_s:.1f}%")
     return table
 
@@ -115,7 +116,7 @@ def _signed(x: float | None) -> Text:
 def diff_table(doc: dict, top: int = 0) -> Table:
     """A ``tbdiag.diff/v1`` document: one row per common layer, largest change of alpha first."""
     a, b = doc["a"], doc["b"]
-    title = Text(f"{a['source']} ({a['view']}) → {b['source']} ({b['view']}): {len(doc['layers'])} common layers, "
+    title = safe(f"{a['source']} ({a['view']}) → {b['source']} ({b['view']}): {len(doc['layers'])} common layers, "
                  f"sorted by |Δalpha|")
     table = Table(title=title, title_justify="left", header_style="bold")
     for col in ("layer", "alpha A", "alpha B", "Δalpha", "Δalpha_w", "Δlog_norm", "Δlog_λmax", "Δstable_rank",
@@ -124,7 +125,7 @@ def diff_table(doc: dict, top: int = 0) -> Table:
     shown = doc["layers"][:top] if top else doc["layers"]
     for row in shown:
         d = row["delta"]
-        table.add_row(Text(row["name"]), fmt(row["a"]["alpha"]), fmt(row["b"]["alpha"]),
+        table.add_row(safe(row["name"]), fmt(row["a"]["alpha"]), fmt(row["b"]["alpha"]),
                       *(_signed(d[m]) for m in ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm",
                                                 "stable_rank", "mp_softrank", "num_spikes", "matrix_entropy")))
     if len(shown) < len(doc["layers"]):

@@ -23,7 +23,7 @@ from tbdiag.metrics import BANDS_FIT, band_flags
 from tbdiag.export import jsonable, read_analyses
 from tbdiag.outputs import check_outputs, write_outputs
 from tbdiag.report import figures
-from tbdiag.runfolder import last_weights, read_config, read_metrics
+from tbdiag.runfolder import is_run_folder, last_weights, read_config, read_metrics
 
 OPEN_FIRST = 6  # per-layer details open by default in a checkpoint report
 
@@ -139,7 +139,7 @@ def load_inputs(paths: Sequence[str], **analyze_options) -> tuple[str, list]:
     runs, analyses = [], []
     for p in paths:
         path = Path(p)
-        if path.is_dir() and (path / "config.json").is_file():
+        if is_run_folder(path):
             runs.append(path)
         elif path.is_dir() and not any(path.iterdir()):
             raise TbdiagError(f"{path}: empty folder; pass a training run folder, a checkpoint or an analysis JSON")

@@ -57,11 +57,13 @@ def sparsity(alphas: Sequence[float], sizes: Sequence[int], target: float, epsil
         TbdiagError: S, ε or the bound out of range, or S above the bound.
     """
     if not 0 <= target < 1:
-        raise TbdiagError(f"sparsity {target}: must be at least 0 and below 1")
+        raise TbdiagError(f"sparsity {target}: must be at least 0 and below 1; e.g. 0.7", cli={"sparsity ": "--sparsity "})
     if not 0 <= epsilon < 1:
-        raise TbdiagError(f"epsilon {epsilon}: must be at least 0 and below 1")
+        raise TbdiagError(f"epsilon {epsilon}: must be at least 0 and below 1; e.g. 0.3 (0: uniform)",
+                          cli={"epsilon ": "--epsilon "})
     if not target <= max_sparsity < 1:
-        raise TbdiagError(f"max sparsity {max_sparsity}: must lie between the target {target} and 1")
+        raise TbdiagError(f"max sparsity {max_sparsity}: must lie between the target {target} and 1; e.g. 0.99",
+                          cli={"max sparsity ": "--max-sparsity "})
     finite = [a for a in alphas if math.isfinite(a)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 0.0)
     ratios = [((a - lo) / (hi - lo) * 2 * epsilon + 1 - epsilon) if hi > lo and math.isfinite(a) else 1.0
@@ -74,15 +76,20 @@ def lora_ranks(alphas: Sequence[float], budget: int, beta: float = 1.0, r_min: i
     """Per-unit LoRA ranks r_l ∝ α_l^β, each within [r_min, r_max], summing to ``budget`` exactly.
 
     Raises:
-        TbdiagError: a budget below n·r_min or above n·r_max, or bad bounds.
+        TbdiagError: a budget below n·r_min or above n·r_max, bad bounds, or β not finite or beyond ±8.
     """
     n = len(alphas)
     r_max = budget if r_max is None else r_max
     if n == 0 or not 1 <= r_min <= r_max:
-        raise TbdiagError(f"ranks {r_min}–{r_max} for {n} layers: need 1 ≤ r_min ≤ r_max and at least one layer")
+        raise TbdiagError(f"ranks {r_min}–{r_max} for {n} layers: need 1 ≤ r_min ≤ r_max and at least one layer; "
+                          "lower r_min or raise r_max", cli={"r_min": "--r-min", "r_max": "--r-max"})
+    if not math.isfinite(beta) or abs(beta) > 8:
+        raise TbdiagError(f"beta {beta}: must be a finite exponent between -8 and 8; e.g. 1 (ranks ∝ alpha) or 0 "
+                          "(uniform)", cli={"beta ": "--beta "})
     if not n * r_min <= budget <= n * r_max:
         raise TbdiagError(f"rank budget {budget}: {n} layers need between {n * r_min} (r_min {r_min}) and "
-                          f"{n * r_max} (r_max {r_max})")
+                          f"{n * r_max} (r_max {r_max}); change the budget or the bounds",
+                          cli={"rank budget": "--budget", "r_min": "--r-min", "r_max": "--r-max"})
     finite = [a for a in alphas if math.isfinite(a) and a > 0]
     mean = sum(finite) / len(finite) if finite else 1.0
     weights = [a ** beta for a in _finite_or([a if a > 0 else math.nan for a in alphas], mean)]
@@ -109,8 +116,12 @@ def peft_patterns(ranks: dict[str, int], module_names: Iterable[str], *, lora_al
     matches (``(.*\\.)?(key)$`` on every module name, first key wins).
 
     Raises:
-        TbdiagError: a key that matches no module or several.
+        TbdiagError: a key that matches no module or several, or a ``lora_alpha`` that is not a finite
+            positive number.
     """
+    if lora_alpha is not None and not (math.isfinite(lora_alpha) and lora_alpha > 0):
+        raise TbdiagError(f"lora_alpha {lora_alpha}: must be a finite number > 0; e.g. 16",
+                          cli={"lora_alpha ": "--lora-alpha "})
     names = list(module_names)
     rank_pattern, alpha_pattern = {}, {}
     for module, r in ranks.items():

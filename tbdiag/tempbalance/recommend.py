@@ -87,10 +87,12 @@ def allocation(analysis: Analysis, target: str, *, unit: str = "layer", exclude_
     values = list(alphas.values())
     doc = {"schema": ALLOCATION_SCHEMA, "source": analysis.source, "target": target, "unit": unit,
            "fit": analysis.options.fit, "parameters": dict(parameters), "layers": groups}
+    wd = parameters.get("weight_decay")
+    if target == "weight_decay" and wd is not None and not (math.isfinite(wd) and wd >= 0):
+        raise TbdiagError(f"weight_decay {wd}: must be a finite number ≥ 0; e.g. 0.05", cli={"weight_decay ": "--weight-decay "})
     if target == "weight_decay":
         mult = unit_multipliers(list(alphas), values, parameters.get("map", "linear"),
                                 parameters.get("min_ratio", 0.5), parameters.get("max_ratio", 1.5))
-        wd = parameters.get("weight_decay")
         for u, g in groups.items():
             g.update(multiplier=mult[u], **({"weight_decay": wd * mult[u]} if wd is not None else {}))
     elif target == "sparsity":
