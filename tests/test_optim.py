@@ -206,7 +206,8 @@ def test_a_trailing_empty_group_keeps_every_group_on_its_own_schedule(nested):
     assert [g.get("name") for g in saved["param_groups"]] == ["decay", "no_decay", "extra"]
     extra = saved["param_groups"][2]  # as it was when split: 0.5 × its lambda at step 0
     assert (extra["lr"], extra["initial_lr"], extra["params"]) == (1.0, 0.5, [])
-    assert len(sched.state_dict()["_schedulers"][0]["lr_lambdas"] if nested else sched.state_dict()["base_lrs"]) == 3
+    state = sched.state_dict()["_schedulers"][0] if nested else sched.state_dict()
+    assert state["base_lrs"] == [1e-3, 1e-3, 0.5]  # the empty group keeps its own rate, not a neighbour's
 
 
 def test_wrapped_schedulers_are_adopted_through_their_wrapper_and_report_split_rates():
@@ -252,3 +253,43 @@ def test_optimizer_state_with_another_number_of_groups_is_refused_as_torch_refus
     other = torch.optim.AdamW([{"params": [p]} for p in list(model.parameters())[:3]], lr=1e-3).state_dict()
     with pytest.raises(ValueError, match="different number of parameter groups"):
         opt.load_state_dict(other)
+
+
+def test_step_hooks_scale_rate_and_decay_for_the_step_only():
+    """`scale_lrs` / `restore_lrs` on groups as TempBalance leaves them and as other code may write them."""
+    from types import SimpleNamespace
+
+    from tbdiag.tempbalance.optim import restore_lrs, scale_lrs
+
+    groups = [{"lr": 0.1, "lr_scale": 2.0, "weight_decay": 0.01, "wd_scale": 3.0},  # both scaled
+              {"lr": 0.1, "weight_decay": 0.01},  # neither key: factors 1
+              {"lr": 0.1, "lr_scale": 2.0, "tb_scale_lr": False, "weight_decay": 0.01, "wd_scale": 1.0},  # timm scales lr
+              {"lr": 0.1, "lr_scale": 0.5, "wd_scale": 3.0}]  # no weight decay to scale
+    before = copy.deepcopy(groups)
+    opt = SimpleNamespace(param_groups=groups)
+    scale_lrs(opt, (), {})
+    assert [(g["lr"], g.get("weight_decay")) for g in groups] == [
+        (pytest.approx(0.2), pytest.approx(0.03)), (0.1, 0.01), (0.1, 0.01), (0.05, None)]
+    restore_lrs(opt, (), {})
+    assert groups == before
+
+
+def test_adopting_a_scheduler_directly_and_its_saved_state():
+    """`adopt_scheduler` with the original group count taken from ``origin``; the saved state holds no
+    tbdiag internals, and loading it into the adopted scheduler expands it again without a second adoption."""
+    from tbdiag.tempbalance.optim import adopt_scheduler, split_by_unit
+
+    model = tiny_models.mha_net()
+    opt = adamw(model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 0.5 ** s, lambda s: 1.0])
+    units = {id(p): name.split(".")[1] if name.startswith("blocks") else "default" for name, p in model.named_parameters()}
+    opt.param_groups, origin = split_by_unit(opt.param_groups, units)
+    adopt_scheduler(sched, opt, origin)
+    assert len(sched.lr_lambdas) == len(sched.base_lrs) == len(opt.param_groups) > 2
+    opt.step()
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(1e-3 * (0.5 if o == 0 else 1.0)) for o in origin]
+    state = sched.state_dict()
+    assert not {"_tbdiag_layout", "state_dict", "load_state_dict"} & set(state) and len(state["base_lrs"]) == 2
+    sched.load_state_dict(state)
+    assert len(sched.base_lrs) == len(opt.param_groups) and sched.get_last_lr() == [g["lr"] for g in opt.param_groups]

@@ -120,6 +120,8 @@ def adopt_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, origin: Se
     n_old = n_original if n_original is not None else (max(origin) + 1 if origin else 0)
     for child in getattr(scheduler, "_schedulers", ()) or ():
         adopt_scheduler(child, optimizer, origin, n_old)
+    before = {attr: list(v) for attr in (*SCHEDULER_LISTS, "base_lrs", "_last_lr")
+              if isinstance(v := getattr(scheduler, attr, None), list) and len(v) == n_old}
     for attr in SCHEDULER_LISTS:
         values = getattr(scheduler, attr, None)
         if isinstance(values, list) and len(values) == n_old:
@@ -130,22 +132,26 @@ def adopt_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, origin: Se
     if isinstance(getattr(scheduler, "_last_lr", None), list):
         scheduler._last_lr = [g["lr"] for g in groups]
     if len(origin) != n_old and not getattr(scheduler, "_tbdiag_layout", False):
-        _keep_original_layout(scheduler, list(origin), n_old)
+        _keep_original_layout(scheduler, list(origin), n_old, before)
 
 
-def _keep_original_layout(scheduler: Any, origin: list[int], n_old: int) -> None:
+def _keep_original_layout(scheduler: Any, origin: list[int], n_old: int, before: dict[str, list]) -> None:
     """Wrap a scheduler's state_dict/load_state_dict (on the instance) to save per-group lists in the
-    original layout (each original group's first sub-group) and to expand them again on load."""
-    first = [origin.index(j) if j in origin else 0 for j in range(n_old)]
+    original layout (each original group's first sub-group; a group without parameters keeps its values
+    from ``before`` the split) and to expand them again on load."""
+    lists = (*SCHEDULER_LISTS, "base_lrs", "_last_lr")
     save, load = scheduler.state_dict, scheduler.load_state_dict
 
-    def convert(state: dict, n_from: int, pick: Sequence[int]) -> dict:
-        return {k: ([v[i] for i in pick] if k in (*SCHEDULER_LISTS, "base_lrs", "_last_lr")
-                    and isinstance(v, list) and len(v) == n_from else v)
+    def original(key: str, values: list) -> list:
+        kept = before.get(key, [None] * n_old)
+        return [values[origin.index(j)] if j in origin else kept[j] for j in range(n_old)]
+
+    def convert(state: dict, n_from: int, to: Callable[[str, list], list]) -> dict:
+        return {k: (to(k, v) if k in lists and isinstance(v, list) and len(v) == n_from else v)
                 for k, v in state.items() if k not in ("state_dict", "load_state_dict", "_tbdiag_layout")}
 
-    scheduler.state_dict = lambda: convert(save(), len(origin), first)
-    scheduler.load_state_dict = lambda state: load(convert(state, n_old, origin))
+    scheduler.state_dict = lambda: convert(save(), len(origin), original)
+    scheduler.load_state_dict = lambda state: load(convert(state, n_old, lambda k, v: [v[o] for o in origin]))
     scheduler._tbdiag_layout = True
 
 
