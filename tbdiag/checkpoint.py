@@ -155,8 +155,9 @@ def _merge(source: str, fmt: str, parts: list[Checkpoint]) -> Checkpoint:
     for part in parts:
         for t in part.tensors:
             if owner.setdefault(t.name, part.source) != part.source:
-                raise CheckpointError(f"{source}: tensor {t.name!r} is in two shards ({Path(owner[t.name]).name} and "
-                                      f"{Path(part.source).name}); remove the stale shard")
+                raise CheckpointError(f"{source}: tensor {t.name!r} is in two files ({Path(owner[t.name]).name} and "
+                                      f"{Path(part.source).name}), but a folder is read as the shards of one model; "
+                                      "pass one checkpoint file, or remove the stale shard")
     if all(p.format == "safetensors" for p in parts):
         refs = sorted((t for p in parts for t in p.tensors), key=lambda t: natural_key(t.name))
     else:  # state dicts keep model order within each shard; shards are in order

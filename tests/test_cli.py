@@ -152,7 +152,10 @@ def test_recommend_table_file_and_errors(tmp_path):
     res = run("recommend", SAMPLES / "mlp_sharded", "--keep-first-last", "--min-evals", "5", "--map", "sqrt")
     assert "sqrt map of alpha, mean 1)" in res.stdout and "0.5–1.5" not in res.stdout  # sqrt ignores the ratios
     out.write_text("keep")
-    for args, message in (([SAMPLES / "mlp_sharded", "--min-evals", "500"], "no layer to tune"),
+    for args, message in (([SAMPLES / "mlp_sharded", "--min-evals", "500"], "no layer to tune (Conv/Linear with ≥ 500 "
+                           "eigenvalues, input and output layers excluded); --keep-first-last or lower --min-evals"),
+                          ([SAMPLES / "mlp_sharded", "--include", "zzz*"], "no layer to tune with --include 'zzz*' among "
+                           "its 3 layers (net.1, net.3, net.5 …); check the patterns"),
                           ([tmp_path / "missing.pt"], "no such file"),
                           ([SAMPLES / "cnn_trained.safetensors", "--max-ratio", "inf"], "--max-ratio inf: must be a finite"),
                           ([SAMPLES / "cnn_trained.safetensors", "--min-ratio", "nan"], "--min-ratio nan: must be a finite"),

@@ -37,8 +37,7 @@ def recommend(analysis: Analysis, *, map: str = "linear", min_ratio: float = 0.5
                        embeddings=False)
     tuned = tuned_layers(analysis.layers, tune)
     if not tuned:
-        raise TbdiagError(f"{analysis.source}: no layer to tune (Conv/Linear with ≥ {min_evals} eigenvalues, input "
-                          "and output layers excluded); keep the first and last layers or lower the eigenvalue minimum")
+        raise _none_tuned(analysis, tune, "tune")
     rows = {r.name: r for r in analysis.layers}
     units = [t.unit for t in tuned]
     values = [getattr(rows[t.name], METRICS[metric]) for t in tuned]
@@ -79,7 +78,7 @@ def allocation(analysis: Analysis, target: str, *, unit: str = "layer", exclude_
                        include=tuple(include), exclude=tuple(exclude), split_qkv=analysis.options.split_qkv)
     tuned = tuned_layers(analysis.layers, tune)
     if not tuned:
-        raise TbdiagError(f"{analysis.source}: no layer to allocate to (Conv/Linear with ≥ {min_evals} eigenvalues)")
+        raise _none_tuned(analysis, tune, "allocate to")
     rows = {r.name: r for r in analysis.layers}
     alphas = unit_means([t.unit for t in tuned], [rows[t.name].alpha for t in tuned])
     groups = {u: {"alpha": _or_none(a), "layers": [t.name for t in tuned if t.unit == u],
@@ -113,6 +112,20 @@ def allocation(analysis: Analysis, target: str, *, unit: str = "layer", exclude_
 
 
 ALLOCATION_SCHEMA = allocate.SCHEMA
+
+
+def _none_tuned(analysis: Analysis, tune: TuneOptions, what: str) -> TbdiagError:
+    """Why no layer is left: the name patterns, or the rule's own limits."""
+    if tune.include or tune.exclude:
+        patterns = ", ".join([*(f"include {p!r}" for p in tune.include), *(f"exclude {p!r}" for p in tune.exclude)])
+        names = ", ".join(r.name for r in analysis.layers[:3])
+        return TbdiagError(f"{analysis.source}: no layer to {what} with {patterns} among its {len(analysis.layers)} "
+                           f"layers ({names} …); check the patterns", cli={"include '": "--include '", "exclude '": "--exclude '"})
+    return TbdiagError(f"{analysis.source}: no layer to {what} (Conv/Linear with ≥ {tune.min_evals} eigenvalues"
+                       f"{', input and output layers excluded' if tune.exclude_first_last else ''}); "
+                       + ("keep the first and last layers or " if tune.exclude_first_last else "")
+                       + "lower the eigenvalue minimum", cli={"keep the first and last layers": "--keep-first-last",
+                                                               "the eigenvalue minimum": "--min-evals"})
 
 
 def _prefixes(name: str) -> list[str]:
