@@ -26,7 +26,7 @@ from torch import nn
 from tbdiag.tempbalance import TempBalance
 from tbdiag.train.loop import train
 from tbdiag.train.models import MODELS
-from tbdiag.runfolder import TrainConfig
+from tbdiag.runconfig import TrainConfig
 
 
 def overhead(steps: int) -> None:

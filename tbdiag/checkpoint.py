@@ -28,6 +28,7 @@ from tbdiag.st_reader import DTYPES, read_header, tensor_loader, unreadable
 
 log = logging.getLogger(__name__)
 
+ST_INDEX, TORCH_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"  # shard indexes, in this order
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".th", ".pkl", ".tar")
 # Keys under which training scripts nest the model's weights, most specific first.
 CONTAINER_KEYS = ("state_dict", "model_state_dict", "model_state", "model", "module", "net", "network",
@@ -79,8 +80,7 @@ def _open_folder(folder: Path, key: str | None, trust_pickle: bool) -> Checkpoin
         # its lora_A/lora_B factors are no layers of their own: `tbdiag.analysis` reads it through `tbdiag.lora`
         raise CheckpointError(f"{folder}: a PEFT adapter folder, not a model checkpoint; only an analysis reads it "
                               "(each layer's update ΔW = s·B·A, no plan), or pass the base model's checkpoint")
-    for index_name, fmt in (("model.safetensors.index.json", "safetensors-sharded"),
-                            ("pytorch_model.bin.index.json", "torch-sharded")):
+    for index_name, fmt in ((ST_INDEX, "safetensors-sharded"), (TORCH_INDEX, "torch-sharded")):
         index = folder / index_name
         if index.is_file():
             files = _index_shards(folder, index)

@@ -24,20 +24,18 @@ from typing import BinaryIO
 import torch
 
 from tbdiag.checkpoint import _folder_shards, _index_shards, _order_key  # the reader's own rules, not copies
-from tbdiag.checkpoint import clean_name, open_checkpoint, order_metadata
+from tbdiag.checkpoint import ST_INDEX, TORCH_INDEX, clean_name, open_checkpoint, order_metadata
 from tbdiag.errors import TbdiagError
-from tbdiag.outputs import FOLDER_DEPTH, READ_SUFFIXES, check_outputs, fill, replace_all, temporary_beside
+from tbdiag.outputs import READ_SUFFIXES, check_outputs, fill, replace_all, temporary_beside
 from tbdiag.magnitude import prune_smallest_
+from tbdiag.model_folder import copy_companions, companions
 from tbdiag.st_reader import DTYPES, read_header, tensor_loader
 from tbdiag.tensors import Checkpoint, TensorRef, numel
 
 log = logging.getLogger(__name__)
 
-ST_INDEX, TORCH_INDEX = "model.safetensors.index.json", "pytorch_model.bin.index.json"
 COPY_CHUNK = 16 << 20  # bytes copied at a time for the tensors that are kept as they are
 ST_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".th", ".pkl", ".tar", ".h5", ".msgpack",
-                             ".onnx", ".ot", ".gguf", ".tflite", ".pb", ".npz"})
 
 
 @dataclass(frozen=True)
@@ -94,7 +92,9 @@ def check_targets(source: str | Path, layout: Layout, out: str | Path | None,
     if out is None or not folder:
         return Target(checked[str(out)] if out is not None else None, json_path)
     out_folder = _check_folder(Path(out), Path(source))
-    return Target(out_folder, json_path, True, *companions(layout))
+    assert layout.folder is not None
+    own = [*layout.shards, *((layout.index,) if layout.index else ())]
+    return Target(out_folder, json_path, True, *companions(layout.folder, own))
 
 
 def _check_folder(out: Path, source: Path) -> Path:
@@ -140,7 +140,8 @@ def commit(target: Target, ckpt: Checkpoint, layout: Layout, pruned: dict[str, i
         if out is not None and target.folder:
             staged = _staging_folder(out)
             _write_folder(staged, ckpt, layout, pruned, key=key, trust_pickle=trust_pickle)
-            _copy_companions(staged, layout, target.companions)
+            assert layout.folder is not None
+            copy_companions(layout.folder, target.companions, staged)
         elif out is not None:
             temps.append((out, temporary_beside(out)))
             fill(temps[-1][1], lambda tmp: _write_file(tmp, ckpt, layout.shards[0], ckpt.tensors, pruned))
@@ -182,7 +183,10 @@ def _place(staged: Path, out: Path) -> Callable[[], None]:
 
     def take_back() -> None:
         for path in moved:
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     try:
         for entry in sorted(staged.iterdir()):
@@ -219,62 +223,6 @@ def _write_folder(tmp: Path, ckpt: Checkpoint, layout: Layout, pruned: dict[str,
     else:  # total_size: the bytes of the tensors, as Hugging Face counts them
         index = {"metadata": {"total_size": size}, "weight_map": weight_map}
     fill(tmp / ST_INDEX, lambda dst: dst.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8"))
-
-
-def companions(layout: Layout) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
-    """The other files of an input folder, relative to it: (copied beside the pruned weights — config,
-    tokenizer, generation config, model card, ``1_Pooling/config.json`` …; left out, each with why — weights
-    in another format, which would not be pruned, broken links, links to folders, folders deeper than
-    `FOLDER_DEPTH` levels). Hidden files and folders (``.git``, ``.cache``) are passed over, and so are the
-    input's own shards and index.
-
-    Raises:
-        TbdiagError: a file or folder that cannot be read (the copy would silently miss it).
-    """
-    assert layout.folder is not None
-    own = {p.resolve() for p in (*layout.shards, *((layout.index,) if layout.index else ()))}
-    copied: list[str] = []
-    left_out: list[tuple[str, str]] = []
-    level = [layout.folder]
-    for depth in range(FOLDER_DEPTH + 1):
-        below = []
-        for folder in level:
-            rel = folder.relative_to(layout.folder).as_posix()
-            if depth == FOLDER_DEPTH:
-                left_out.append((rel, f"a folder deeper than {FOLDER_DEPTH} levels"))
-                continue
-            for entry in _entries(folder):
-                rel = entry.relative_to(layout.folder).as_posix()
-                if entry.name.startswith(".") or entry.resolve() in own or entry.name in (ST_INDEX, TORCH_INDEX):
-                    continue
-                if entry.is_symlink() and not entry.exists():
-                    left_out.append((rel, "a broken link"))
-                elif entry.is_dir():
-                    below.append(entry) if not entry.is_symlink() else left_out.append((rel, "a link to a folder"))
-                elif entry.suffix in WEIGHT_SUFFIXES:
-                    left_out.append((rel, "weights in another format, not pruned"))
-                elif entry.is_file():
-                    if not os.access(entry, os.R_OK):
-                        raise TbdiagError(f"{entry}: cannot be read; the pruned folder would miss it: make it readable, "
-                                          "or write the weights alone to a .safetensors file")
-                    copied.append(rel)
-        level = below
-    return tuple(copied), tuple(left_out)
-
-
-def _entries(folder: Path) -> list[Path]:
-    try:
-        return sorted(folder.iterdir())
-    except OSError as exc:
-        raise TbdiagError(f"{folder}: cannot be read ({exc.strerror or exc}); the pruned folder would miss its files: "
-                          "make it readable, or write the weights alone to a .safetensors file") from None
-
-
-def _copy_companions(tmp: Path, layout: Layout, names: Sequence[str]) -> None:
-    assert layout.folder is not None
-    for rel in names:
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(layout.folder / rel, tmp / rel)  # a link's target (Hugging Face cache snapshots)
 
 
 def _write_file(dst: Path, ckpt: Checkpoint, src: Path, refs: Sequence[TensorRef], pruned: dict[str, int]) -> None:

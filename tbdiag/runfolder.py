@@ -12,7 +12,8 @@ it, and the two newest pairs are kept. Readers trust nothing: `load_last` resume
 that loads completely (a truncated file or a corrupt ``last.json`` costs at most an epoch, with a warning
 naming what was skipped), and `read_metrics` skips a half-written last line. Training code
 (`tbdiag.train`) and reports (`tbdiag.report`) both use this module; it imports neither, and torch only
-where it reads or writes checkpoints (the command line imports it to list the choices).
+where it reads or writes checkpoints. The config itself, `TrainConfig` with its choices and ranges, is in
+`tbdiag.runconfig`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import pickle
 import re
 from collections.abc import Callable
@@ -28,120 +28,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tbdiag.errors import TbdiagError
+from tbdiag.runconfig import TrainConfig
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-# The names each choice of a TrainConfig may take (the CLI lists them; the trainer implements them).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model": ("resnet18", "resnet34", "vgg16", "vgg19", "cnn", "mlp"),
-    "method": ("tb", "cal", "snr", "tb+snr", "sgdr"),
-    "data": ("cifar10", "cifar100", "mnist", "svhn", "folder", "npz", "synthetic"),
-    "tb_map": ("linear", "sqrt", "log2", "step", "sigmoid"),
-    "tb_fit": ("median", "ks", "peak"),
-    "tb_metric": ("alpha", "alpha_weighted", "spectral_norm"),
-}
-_NOUN = {"model": "model", "method": "method", "data": "data set", "tb_map": "map", "tb_fit": "estimator",
-         "tb_metric": "metric"}
 KEPT_PAIRS = 2  # checkpoint pairs kept on disk: the newest and one to fall back to
-
-
-class ConfigError(TbdiagError):
-    """A `TrainConfig` value out of range: ``field`` names it so that a front end can name its own option."""
-
-    def __init__(self, field: str, value: object, problem: str) -> None:
-        super().__init__(f"{field} {value}: {problem}")
-        self.field, self.value, self.problem = field, value, problem
-
-
-def _whole(lo: int, hi: float = math.inf) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v < hi
-
-
-def _real(ok: Callable[[float], bool]) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)
-
-
-# (field, test, what the value must be); None is allowed where the field's default is None.
-_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
-    ("epochs", _whole(1), "a whole number ≥ 1"),
-    ("batch_size", _whole(1), "a whole number ≥ 1"),
-    ("seed", _whole(0, 2**32), "a whole number from 0 to 2³² − 1"),
-    ("synthetic_size", _whole(1), "a whole number ≥ 1"),
-    ("train_subset", _whole(0), "a whole number ≥ 0 (0: every training image)"),
-    ("tb_every", _whole(0), "a whole number ≥ 0 (0: never rebalance)"),
-    ("sgdr_period", _whole(1), "a whole number of epochs ≥ 1"),
-    ("sgdr_mult", _whole(1), "a whole number ≥ 1"),
-    ("lr", _real(lambda v: v > 0), "a finite number > 0"),
-    ("momentum", _real(lambda v: 0 <= v < 1), "a number in [0, 1)"),
-    ("weight_decay", _real(lambda v: v >= 0), "a finite number ≥ 0"),
-    ("width", _real(lambda v: v > 0), "a finite number > 0"),
-    ("tb_min_ratio", _real(lambda v: v > 0), "a finite number > 0"),
-    ("tb_max_ratio", _real(lambda v: v > 0), "a finite number > 0"),
-    ("snr_strength", _real(lambda v: v >= 0), "a finite number ≥ 0"),
-)
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides a training run's numbers (written to ``config.json``); checked on creation.
-
-    Raises:
-        ConfigError: a name that is not one of `CHOICES`, or a number out of its range.
-    """
-
-    model: str = "resnet18"
-    data: str = "cifar10"
-    data_dir: str | None = None
-    method: str = "tb"
-    epochs: int = 200
-    lr: float | None = None  # None: the paper's default for the model (0.1 ResNet, 0.05 VGG and others)
-    batch_size: int = 128
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    seed: int = 0
-    width: float = 1.0
-    tb_map: str = "linear"
-    tb_min_ratio: float | None = None  # None: 0.5 (tb) or 0.6 (tb+snr)
-    tb_max_ratio: float | None = None  # None: 1.5 (tb) or 1.4 (tb+snr)
-    tb_every: int = 1
-    tb_fit: str = "median"
-    tb_metric: str = "alpha"
-    snr_strength: float = 0.01
-    sgdr_period: int = 10
-    sgdr_mult: int = 2
-    synthetic_size: int = 512
-    train_subset: int = 0  # a seeded, class-stratified sample of this many training images (0: all)
-    init_from: str | None = None
-    multipliers: str | None = None
-
-    def __post_init__(self) -> None:
-        for field, choices in CHOICES.items():
-            value = getattr(self, field)
-            if value not in choices:
-                raise ConfigError(field, value, f"unknown {_NOUN[field]}; use one of {', '.join(choices)}")
-        for field, ok, rule in _RULES:
-            value = getattr(self, field)
-            if value is not None and not ok(value):
-                raise ConfigError(field, value, f"out of range; use {rule}")
-        lo, hi = self.ratios()
-        if lo > hi:
-            field = "tb_min_ratio" if self.tb_min_ratio is not None else "tb_max_ratio"
-            raise ConfigError(field, getattr(self, field), f"the smallest multiplier {lo} exceeds the largest {hi}; "
-                                                           "use min ≤ max")
-
-    def resolved_lr(self) -> float:
-        """The initial learning rate."""
-        return self.lr if self.lr is not None else (0.1 if self.model.startswith("resnet") else 0.05)
-
-    def ratios(self) -> tuple[float, float]:
-        """TempBalance's multiplier range."""
-        lo, hi = (0.6, 1.4) if self.method == "tb+snr" else (0.5, 1.5)
-        return (self.tb_min_ratio if self.tb_min_ratio is not None else lo,
-                self.tb_max_ratio if self.tb_max_ratio is not None else hi)
-
 
 def is_run_folder(path: Path) -> bool:
     """Whether ``path`` is a training run folder: a ``config.json`` beside ``checkpoints/`` (a Hugging Face

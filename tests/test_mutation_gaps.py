@@ -867,14 +867,14 @@ def test_sparsity_follows_alphapruning_with_an_exact_mean():
 
 def test_sparsity_refuses_what_is_out_of_range():
     for kwargs, message in (
-            (dict(target=1.0), "sparsity 1.0: must be at least 0 and below 1"),
-            (dict(target=1.5), "sparsity 1.5: must be at least 0 and below 1"),
-            (dict(target=-0.1), "sparsity -0.1: must be at least 0 and below 1"),
-            (dict(target=0.5, epsilon=1.0), "epsilon 1.0: must be at least 0 and below 1"),
-            (dict(target=0.5, epsilon=-0.1), "epsilon -0.1: must be at least 0 and below 1"),
-            (dict(target=0.5, max_sparsity=1.0), "max sparsity 1.0: must lie between the target 0.5 and 1"),
-            (dict(target=0.5, max_sparsity=1.5), "max sparsity 1.5: must lie between the target 0.5 and 1"),
-            (dict(target=0.5, max_sparsity=0.4), "max sparsity 0.4: must lie between the target 0.5 and 1")):
+            (dict(target=1.0), "sparsity 1.0: must be at least 0 and below 1; e.g. 0.7"),
+            (dict(target=1.5), "sparsity 1.5: must be at least 0 and below 1; e.g. 0.7"),
+            (dict(target=-0.1), "sparsity -0.1: must be at least 0 and below 1; e.g. 0.7"),
+            (dict(target=0.5, epsilon=1.0), "epsilon 1.0: must be at least 0 and below 1; e.g. 0.3 (0: uniform)"),
+            (dict(target=0.5, epsilon=-0.1), "epsilon -0.1: must be at least 0 and below 1; e.g. 0.3 (0: uniform)"),
+            (dict(target=0.5, max_sparsity=1.0), "max sparsity 1.0: must lie between the target 0.5 and 1; e.g. 0.99"),
+            (dict(target=0.5, max_sparsity=1.5), "max sparsity 1.5: must lie between the target 0.5 and 1; e.g. 0.99"),
+            (dict(target=0.5, max_sparsity=0.4), "max sparsity 0.4: must lie between the target 0.5 and 1; e.g. 0.99")):
         with pytest.raises(TbdiagError) as info:
             sparsity([2.0, 3.0], [10, 10], **kwargs)
         assert str(info.value) == message
@@ -907,10 +907,18 @@ def test_lora_ranks_refuse_impossible_budgets():
             (([1.0, 2.0], 8), dict(r_min=0), "ranks 0–8 for 2 layers: need 1 ≤ r_min ≤ r_max and at least one layer"),
             (([1.0, 2.0], 8), dict(r_min=5, r_max=4), "ranks 5–4 for 2 layers"),
             (([1.0, 2.0], 3), dict(r_min=2), "rank budget 3: 2 layers need between 4 (r_min 2) and 6 (r_max 3)"),
-            (([1.0, 2.0], 9), dict(r_max=4), "rank budget 9: 2 layers need between 2 (r_min 1) and 8 (r_max 4)")):
+            (([1.0, 2.0], 9), dict(r_max=4), "rank budget 9: 2 layers need between 2 (r_min 1) and 8 (r_max 4); "
+                                              "change the budget or the bounds"),
+            (([1.0, 2.0], 8), dict(beta=math.nan), "beta nan: must be a finite exponent between -8 and 8"),
+            (([1.0, 2.0], 8), dict(beta=8.5), "beta 8.5: must be a finite exponent between -8 and 8"),
+            (([1.0, 2.0], 8), dict(beta=-8.5), "beta -8.5: must be a finite exponent")):
         with pytest.raises(TbdiagError) as info:
             lora_ranks(*args, **kwargs)
         assert str(info.value).startswith(message)
+    assert lora_ranks([1.0, 4.0], 10, beta=-8) == [9, 1] and lora_ranks([1.0, 4.0], 10, beta=8) == [1, 9]
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(TbdiagError, match="lora_alpha .*: must be a finite number > 0"):
+            peft_patterns({"a": 4}, ["a"], lora_alpha=bad)
 
 
 def test_peft_patterns_pin_each_module_and_keep_alpha_over_r():

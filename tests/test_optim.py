@@ -98,7 +98,7 @@ def test_existing_groups_keep_every_setting_and_get_readable_names():
     assert len(names) == len(set(names))
     sub = [g for g in opt.param_groups if g["unit"] == "blocks.1.mlp.0"]
     assert len(sub) == 2 and {g["lr_scale"] for g in sub} == {tb.multipliers["blocks.1.mlp.0"]}
-    with pytest.raises(TbdiagError, match="already split"):
+    with pytest.raises(TbdiagError, match=r"^the optimizer's groups are already split by unit \(TempBalance applied twice\?\)$"):
         TempBalance(model, opt)
 
 
@@ -175,6 +175,42 @@ def test_factory_route_keeps_biases_and_norms_out_of_weight_decay():
     groups = tbdiag.param_groups(model, weight_decay=0.1, no_decay=["*.mlp.2.weight"], decay_embeddings=True)
     decayed = {id(p) for p in groups[0]["params"]}
     assert id(model.tok_emb.weight) in decayed and id(model.blocks[0].mlp[2].weight) not in decayed
+    assert groups[0]["weight_decay"] == 0.1 and groups[1] == {"name": "no_decay", "params": groups[1]["params"],
+                                                              "weight_decay": 0.0}
+    groups = tbdiag.param_groups(model, no_decay=["tok_emb.*"], decay_embeddings=True)  # a pattern still wins
+    assert id(model.tok_emb.weight) not in {id(p) for p in groups[0]["params"]} and "weight_decay" not in groups[0]
+
+
+def test_param_groups_skip_frozen_parameters_and_empty_groups():
+    model = tiny_models.mha_net()
+    model.tok_emb.weight.requires_grad_(False)  # frozen, and the first parameter
+    model.head.bias.requires_grad_(False)
+    groups = tbdiag.param_groups(model, weight_decay=0.1)
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == sum(p.requires_grad for p in model.parameters()) == len(list(model.parameters())) - 2
+    norms_only = tbdiag.param_groups(nn.LayerNorm(8), weight_decay=0.1)
+    assert [g["name"] for g in norms_only] == ["no_decay"]  # no empty decay group
+
+
+def test_unnamed_groups_get_readable_tags_and_wrappers_are_looked_through():
+    """A group without a name but with weight decay 0 beside decayed ones is tagged no_decay, others g<i>;
+    accelerate-style wrappers (``.optimizer``) are unwrapped, anything else is refused."""
+    from types import SimpleNamespace
+
+    from tbdiag.tempbalance.optim import inner_optimizer
+
+    model = tiny_models.mha_net()
+    head = {id(p) for p in model.head.parameters()}
+    named = tbdiag.param_groups(model, weight_decay=0.1)
+    plain = [{"params": [p for p in g["params"] if id(p) not in head], "weight_decay": g["weight_decay"]} for g in named]
+    plain.append({"params": list(model.head.parameters()), "weight_decay": 0.1, "lr": 0.5})
+    opt = torch.optim.AdamW(plain, lr=1e-3)
+    tb = TempBalance(model, SimpleNamespace(optimizer=opt), initial={})
+    assert tb.optimizer is opt
+    tags = {g["name"].split(":")[1] for g in opt.param_groups if ":" in g["name"]}
+    assert tags == {"no_decay", "g2"}
+    with pytest.raises(TbdiagError, match="the optimizer is a SimpleNamespace, not a torch.optim.Optimizer, and wraps none"):
+        inner_optimizer(SimpleNamespace(optimizer=SimpleNamespace()))
 
 
 def three_groups_last_empty(model):
@@ -208,6 +244,7 @@ def test_a_trailing_empty_group_keeps_every_group_on_its_own_schedule(nested):
     assert (extra["lr"], extra["initial_lr"], extra["params"]) == (1.0, 0.5, [])
     state = sched.state_dict()["_schedulers"][0] if nested else sched.state_dict()
     assert state["base_lrs"] == [1e-3, 1e-3, 0.5]  # the empty group keeps its own rate, not a neighbour's
+    assert state["_last_lr"][2] == 1.0
 
 
 def test_wrapped_schedulers_are_adopted_through_their_wrapper_and_report_split_rates():
@@ -293,3 +330,18 @@ def test_adopting_a_scheduler_directly_and_its_saved_state():
     assert not {"_tbdiag_layout", "state_dict", "load_state_dict"} & set(state) and len(state["base_lrs"]) == 2
     sched.load_state_dict(state)
     assert len(sched.base_lrs) == len(opt.param_groups) and sched.get_last_lr() == [g["lr"] for g in opt.param_groups]
+
+
+def test_split_by_unit_names_every_group_once_and_sets_its_scales():
+    from tbdiag.tempbalance.optim import split_by_unit
+
+    a, b, c, d = (nn.Parameter(torch.zeros(2)) for _ in range(4))
+    groups = [{"params": [a, d], "name": "first", "lr_scale": 0.5}, {"params": [b], "name": "same", "weight_decay": 0.0},
+              {"params": [c], "name": "same"}]
+    new, origin = split_by_unit(groups, {id(a): "u", id(b): "u", id(c): "u"})
+    assert [g["name"] for g in new] == ["u", "default", "u:same", "u:same.2"] and origin == [0, 0, 1, 2]
+    assert [(g["unit"], g["lr_scale"], g["tb_base_scale"], g["wd_scale"]) for g in new] == [
+        ("u", 0.5, 0.5, 1.0), ("default", 0.5, 0.5, 1.0), ("u", 1.0, 1.0, 1.0), ("u", 1.0, 1.0, 1.0)]
+    assert new[2]["weight_decay"] == 0.0 and [g["params"] for g in new] == [[a], [d], [b], [c]]
+    no_decay_anywhere = [{"params": [a], "weight_decay": 0.0}, {"params": [b], "weight_decay": 0.0}]
+    assert [g["name"] for g in split_by_unit(no_decay_anywhere, {})[0]] == ["default", "default:g1"]

@@ -11,7 +11,7 @@ from tbdiag import analyze
 from tbdiag.cli import app
 from tbdiag.report.render import checkpoint_report, write_report
 from tbdiag.train.loop import train
-from tbdiag.runfolder import TrainConfig
+from tbdiag.runconfig import TrainConfig
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
 runner = CliRunner()

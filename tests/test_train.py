@@ -208,7 +208,7 @@ STRIP = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r i
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A 3-epoch tb+snr run (TempBalance and SNR state in its checkpoints), never modified: tests copy it."""
-    from tbdiag.runfolder import TrainConfig
+    from tbdiag.runconfig import TrainConfig
     from tbdiag.train.loop import train
 
     folder = tmp_path_factory.mktemp("finished") / "run"
@@ -303,7 +303,7 @@ def test_reports_read_run_folders_without_training_code():
     import tbdiag
 
     root = Path(tbdiag.__file__).parent
-    for path in [root / "runfolder.py", *(root / "report").glob("*.py")]:
+    for path in [root / "runfolder.py", root / "runconfig.py", *(root / "report").glob("*.py")]:
         tree = ast.parse(path.read_text())
         modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
         modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
@@ -342,7 +342,8 @@ def test_every_numeric_option_is_checked(tmp_path):
 
 def test_config_errors_name_fields_not_options(tmp_path):
     from tbdiag.errors import TbdiagError
-    from tbdiag.runfolder import ConfigError, TrainConfig, read_config
+    from tbdiag.runconfig import ConfigError, TrainConfig
+    from tbdiag.runfolder import read_config
     from tbdiag.train.schedules import warm_restarts
 
     for bad in ({"sgdr_period": 0}, {"momentum": 1.0}, {"epochs": 2.5}, {"model": "gpt5"}, {"tb_max_ratio": 0.4}):
@@ -358,7 +359,7 @@ def test_config_errors_name_fields_not_options(tmp_path):
 
 
 def test_help_shows_defaults_and_choices_and_typos_fail():
-    from tbdiag.runfolder import CHOICES
+    from tbdiag.runconfig import CHOICES
 
     res = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"})
     assert res.exit_code == 0
@@ -376,7 +377,7 @@ def test_help_shows_defaults_and_choices_and_typos_fail():
 
 def test_choices_match_what_the_trainer_implements():
     from tbdiag.powerlaw import FITS
-    from tbdiag.runfolder import CHOICES
+    from tbdiag.runconfig import CHOICES
     from tbdiag.tempbalance import MAPS, METRICS
     from tbdiag.train.data import DATASETS
     from tbdiag.train.loop import METHODS

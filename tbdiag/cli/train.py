@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from tbdiag.cli.common import err_console, user_errors
-from tbdiag.runfolder import CHOICES
+from tbdiag.runconfig import CHOICES
 
 RUN, DATA, OPT, TB, BASE = "Run", "Data", "Optimisation", "TempBalance", "Baselines"
 
@@ -28,37 +28,37 @@ TbMap, TbFit, TbMetric = _choices("TbMap", "tb_map"), _choices("TbFit", "tb_fit"
 
 
 def train_command(
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run folder to create (config, metrics.jsonl, checkpoints); must be new or empty.", rich_help_panel=RUN)] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run in this folder from its newest readable checkpoint.", rich_help_panel=RUN)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", help="Run folder to create (config, metrics.jsonl, checkpoints); must be new or empty.", rich_help_panel=RUN)] = None,
+    resume: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Continue the run in this folder from its newest readable checkpoint.", rich_help_panel=RUN)] = None,
     model: Annotated[Optional[Model], typer.Option(help="Model (default resnet18).", rich_help_panel=RUN)] = None,
     method: Annotated[Optional[Method], typer.Option(help="TempBalance or a baseline (default tb).", rich_help_panel=RUN)] = None,
-    init_from: Annotated[Optional[str], typer.Option(help="Start from the weights of this checkpoint (names must match).", rich_help_panel=RUN)] = None,
-    multipliers: Annotated[Optional[str], typer.Option(help="Start with these TempBalance multipliers (tbdiag recommend --out).", rich_help_panel=RUN)] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN)] = "auto",
-    report: Annotated[Optional[Path], typer.Option(help="Rewrite this HTML run report after every epoch.", rich_help_panel=RUN)] = None,
+    init_from: Annotated[Optional[str], typer.Option(metavar="FILE", help="Start from the weights of this checkpoint (names must match).", rich_help_panel=RUN)] = None,
+    multipliers: Annotated[Optional[str], typer.Option(metavar="FILE", help="Start with these TempBalance multipliers (tbdiag recommend --out).", rich_help_panel=RUN)] = None,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN)] = "auto",
+    report: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Rewrite this HTML run report after every epoch.", rich_help_panel=RUN)] = None,
     data: Annotated[Optional[Data], typer.Option(help="Data set (default cifar10).", rich_help_panel=DATA)] = None,
-    data_dir: Annotated[Optional[str], typer.Option(help="Folder (or .npz file) with the data set's files.", rich_help_panel=DATA)] = None,
-    synthetic_size: Annotated[Optional[int], typer.Option(help="Training images of --data synthetic, ≥ 10 (default 512).", rich_help_panel=DATA)] = None,
-    train_subset: Annotated[Optional[int], typer.Option(help="Train on a seeded sample of N images, every class in proportion (default 0: all).", rich_help_panel=DATA)] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs, ≥ 1 (default 200); with --resume, at least those done.", rich_help_panel=OPT)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Initial lr, > 0 (default 0.1 ResNet, 0.05 others).", rich_help_panel=OPT)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size per process, ≥ 1 (default 128).", rich_help_panel=OPT)] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Weight decay, ≥ 0 (default 5e-4).", rich_help_panel=OPT)] = None,
-    momentum: Annotated[Optional[float], typer.Option(help="SGD momentum, in [0, 1) (default 0.9).", rich_help_panel=OPT)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of init, subset, shuffling and augmentation (default 0).", rich_help_panel=OPT)] = None,
-    width: Annotated[Optional[float], typer.Option(help="Channel width factor, > 0 (default 1).", rich_help_panel=OPT)] = None,
+    data_dir: Annotated[Optional[str], typer.Option(metavar="PATH", help="Folder (or .npz file) with the data set's files.", rich_help_panel=DATA)] = None,
+    synthetic_size: Annotated[Optional[int], typer.Option(metavar="N", help="Training images of --data synthetic, ≥ 10 (default 512).", rich_help_panel=DATA)] = None,
+    train_subset: Annotated[Optional[int], typer.Option(metavar="N", help="Train on a seeded sample of N images, every class in proportion (default 0: all).", rich_help_panel=DATA)] = None,
+    epochs: Annotated[Optional[int], typer.Option(metavar="N", help="Epochs, ≥ 1 (default 200); with --resume, at least those done.", rich_help_panel=OPT)] = None,
+    lr: Annotated[Optional[float], typer.Option(metavar="X", help="Initial lr, > 0 (default 0.1 ResNet, 0.05 others).", rich_help_panel=OPT)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(metavar="N", help="Batch size per process, ≥ 1 (default 128).", rich_help_panel=OPT)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(metavar="X", help="Weight decay, ≥ 0 (default 5e-4).", rich_help_panel=OPT)] = None,
+    momentum: Annotated[Optional[float], typer.Option(metavar="X", help="SGD momentum, in [0, 1) (default 0.9).", rich_help_panel=OPT)] = None,
+    seed: Annotated[Optional[int], typer.Option(metavar="N", help="Seed of init, subset, shuffling and augmentation (default 0).", rich_help_panel=OPT)] = None,
+    width: Annotated[Optional[float], typer.Option(metavar="X", help="Channel width factor, > 0 (default 1).", rich_help_panel=OPT)] = None,
     tb_map: Annotated[Optional[TbMap], typer.Option(help="Map from metric to multiplier (default linear).", rich_help_panel=TB)] = None,
-    tb_min_ratio: Annotated[Optional[float], typer.Option(help="Smallest multiplier, > 0 (default 0.5; 0.6 with tb+snr).", rich_help_panel=TB)] = None,
-    tb_max_ratio: Annotated[Optional[float], typer.Option(help="Largest multiplier, ≥ the smallest (default 1.5; 1.4 with tb+snr).", rich_help_panel=TB)] = None,
-    tb_every: Annotated[Optional[int], typer.Option(help="Rebalance every N epochs, 0: never (default 1).", rich_help_panel=TB)] = None,
+    tb_min_ratio: Annotated[Optional[float], typer.Option(metavar="X", help="Smallest multiplier, > 0 (default 0.5; 0.6 with tb+snr).", rich_help_panel=TB)] = None,
+    tb_max_ratio: Annotated[Optional[float], typer.Option(metavar="X", help="Largest multiplier, ≥ the smallest (default 1.5; 1.4 with tb+snr).", rich_help_panel=TB)] = None,
+    tb_every: Annotated[Optional[int], typer.Option(metavar="N", help="Rebalance every N epochs, 0: never (default 1).", rich_help_panel=TB)] = None,
     tb_fit: Annotated[Optional[TbFit], typer.Option(help="Power-law estimator (default median).", rich_help_panel=TB)] = None,
     tb_metric: Annotated[Optional[TbMetric], typer.Option(help="Layer metric (default alpha).", rich_help_panel=TB)] = None,
-    snr_strength: Annotated[Optional[float], typer.Option(help="SNR coefficient, ≥ 0 (default 0.01).", rich_help_panel=BASE)] = None,
-    sgdr_period: Annotated[Optional[int], typer.Option(help="SGDR first period in epochs, ≥ 1 (default 10).", rich_help_panel=BASE)] = None,
-    sgdr_mult: Annotated[Optional[int], typer.Option(help="SGDR period multiplier, ≥ 1 (default 2).", rich_help_panel=BASE)] = None,
+    snr_strength: Annotated[Optional[float], typer.Option(metavar="X", help="SNR coefficient, ≥ 0 (default 0.01).", rich_help_panel=BASE)] = None,
+    sgdr_period: Annotated[Optional[int], typer.Option(metavar="N", help="SGDR first period in epochs, ≥ 1 (default 10).", rich_help_panel=BASE)] = None,
+    sgdr_mult: Annotated[Optional[int], typer.Option(metavar="N", help="SGDR period multiplier, ≥ 1 (default 2).", rich_help_panel=BASE)] = None,
 ) -> None:
     """Train a model with TempBalance (or a baseline), writing a resumable run folder."""
-    from tbdiag.runfolder import TrainConfig
+    from tbdiag.runconfig import TrainConfig
 
     given = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in locals().items()
              if k in TrainConfig.__dataclass_fields__ and v is not None}
@@ -79,7 +79,7 @@ def train_command(
 def _options_named() -> Iterator[None]:
     """Name the option, not the config field, in a configuration error (``--batch-size 0``, not ``batch_size 0``)."""
     from tbdiag.errors import TbdiagError
-    from tbdiag.runfolder import ConfigError
+    from tbdiag.runconfig import ConfigError
 
     try:
         yield
@@ -90,7 +90,8 @@ def _options_named() -> Iterator[None]:
 def _config(given: dict, out: Path | None, resume: Path | None):  # noqa: ANN202 - (TrainConfig, Path)
     """The run's config and folder: a new one from the options, or the resumed run's (only --epochs may change)."""
     from tbdiag.errors import TbdiagError
-    from tbdiag.runfolder import TrainConfig, read_config
+    from tbdiag.runconfig import TrainConfig
+    from tbdiag.runfolder import read_config
 
     if resume is None:
         if out is None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from tbdiag.errors import TbdiagError
-from tbdiag.runfolder import CHOICES, ConfigError
+from tbdiag.runconfig import CHOICES, ConfigError
 from tbdiag.train.idx import load_mnist
 
 DATASETS = CHOICES["data"]

@@ -24,8 +24,9 @@ from tbdiag.checkpoint import open_checkpoint
 from tbdiag.distributed import process_group, world
 from tbdiag.errors import TbdiagError
 from tbdiag.outputs import atomic_write
-from tbdiag.runfolder import (CHOICES, ConfigError, SavedEpoch, TrainConfig, load_last, read_config, save_best,
-                              save_checkpoint, write_config, write_metrics, write_pointer)
+from tbdiag.runconfig import CHOICES, ConfigError, TrainConfig
+from tbdiag.runfolder import (SavedEpoch, load_last, read_config, save_best, save_checkpoint, write_config, write_metrics,
+                              write_pointer)
 from tbdiag.spectrum import resolve_device
 from tbdiag.tempbalance import TempBalance
 from tbdiag.tempbalance.recommend import load_multipliers
