@@ -19,9 +19,9 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 PYTHONHASHSEED
 declare -A MODULE=(
     [maps]=tbdiag.tempbalance.maps [powerlaw]=tbdiag.powerlaw [metrics]=tbdiag.metrics
     [tuned]=tbdiag.tempbalance.tuned [spectrum]=tbdiag.spectrum [layers]=tbdiag.layers
-    [allocate]=tbdiag.tempbalance.allocate
+    [allocate]=tbdiag.tempbalance.allocate [optim]=tbdiag.tempbalance.optim
 )
-ORDER=(maps powerlaw metrics tuned spectrum layers allocate)
+ORDER=(maps powerlaw metrics tuned spectrum layers allocate optim)
 selected=("$@")
 [ ${#selected[@]} -eq 0 ] && selected=("${ORDER[@]}")
 for m in "${selected[@]}"; do
@@ -45,7 +45,7 @@ import json
 import sys
 from pathlib import Path
 
-names = {"maps": "tempbalance/maps", "tuned": "tempbalance/tuned", "allocate": "tempbalance/allocate"}
+names = {m: f"tempbalance/{m}" for m in ("maps", "tuned", "allocate", "optim")}
 killed_codes = {1, 3, 24, -24, 36, 152, 255}  # test failure, pytest internal error, timeouts
 grand = [0, 0]
 for short in sys.argv[1:]:

@@ -21,6 +21,7 @@ RELEVANT = {
     "tbdiag.tempbalance.maps": ("tests/test_tempbalance.py", GAPS),
     "tbdiag.tempbalance.tuned": ("tests/test_tuned.py", "tests/test_tempbalance.py", GAPS),
     "tbdiag.tempbalance.allocate": ("tests/test_allocate.py", GAPS),
+    "tbdiag.tempbalance.optim": ("tests/test_optim.py", "tests/test_tempbalance.py", GAPS),
 }
 SLOW = {  # ≥ 1.5 s each on a 2-core machine: what they check of the math core is covered by faster tests
     "tests/test_tuned.py::test_recommend_on_checkpoint_equals_tempbalance_on_model[gpt2-layer]",

@@ -878,6 +878,9 @@ def test_sparsity_refuses_what_is_out_of_range():
         with pytest.raises(TbdiagError) as info:
             sparsity([2.0, 3.0], [10, 10], **kwargs)
         assert str(info.value) == message
+        flag = {"sparsity": "--sparsity", "epsilon": "--epsilon", "max sparsity": "--max-sparsity"}
+        name = message.split(" ")[0] if not message.startswith("max") else "max sparsity"
+        assert info.value.cli_message() == message.replace(name + " ", flag[name] + " ", 1)
 
 
 def test_lora_ranks_are_proportional_and_rounded_by_largest_remainders():
@@ -902,23 +905,36 @@ def test_lora_ranks_are_proportional_and_rounded_by_largest_remainders():
 
 
 def test_lora_ranks_refuse_impossible_budgets():
+    within = "need 1 ≤ r_min ≤ r_max and at least one layer; lower r_min or raise r_max"
     for args, kwargs, message in (
-            (([], 0), {}, "ranks 1–0 for 0 layers: need 1 ≤ r_min ≤ r_max and at least one layer"),
-            (([1.0, 2.0], 8), dict(r_min=0), "ranks 0–8 for 2 layers: need 1 ≤ r_min ≤ r_max and at least one layer"),
-            (([1.0, 2.0], 8), dict(r_min=5, r_max=4), "ranks 5–4 for 2 layers"),
-            (([1.0, 2.0], 3), dict(r_min=2), "rank budget 3: 2 layers need between 4 (r_min 2) and 6 (r_max 3)"),
+            (([], 0), {}, f"ranks 1–0 for 0 layers: {within}"),
+            (([1.0, 2.0], 8), dict(r_min=0), f"ranks 0–8 for 2 layers: {within}"),
+            (([1.0, 2.0], 8), dict(r_min=5, r_max=4), f"ranks 5–4 for 2 layers: {within}"),
+            (([1.0, 2.0], 3), dict(r_min=2), "rank budget 3: 2 layers need between 4 (r_min 2) and 6 (r_max 3); "
+                                             "change the budget or the bounds"),
             (([1.0, 2.0], 9), dict(r_max=4), "rank budget 9: 2 layers need between 2 (r_min 1) and 8 (r_max 4); "
-                                              "change the budget or the bounds"),
-            (([1.0, 2.0], 8), dict(beta=math.nan), "beta nan: must be a finite exponent between -8 and 8"),
-            (([1.0, 2.0], 8), dict(beta=8.5), "beta 8.5: must be a finite exponent between -8 and 8"),
-            (([1.0, 2.0], 8), dict(beta=-8.5), "beta -8.5: must be a finite exponent")):
+                                             "change the budget or the bounds"),
+            (([1.0, 2.0], 8), dict(beta=math.nan), "beta nan: must be a finite exponent between -8 and 8; e.g. 1 "
+                                                   "(ranks ∝ alpha) or 0 (uniform)"),
+            (([1.0, 2.0], 8), dict(beta=8.5), "beta 8.5: must be a finite exponent between -8 and 8; e.g. 1 "
+                                              "(ranks ∝ alpha) or 0 (uniform)"),
+            (([1.0, 2.0], 8), dict(beta=-8.5), "beta -8.5: must be a finite exponent between -8 and 8; e.g. 1 "
+                                               "(ranks ∝ alpha) or 0 (uniform)")):
         with pytest.raises(TbdiagError) as info:
             lora_ranks(*args, **kwargs)
-        assert str(info.value).startswith(message)
+        assert str(info.value) == message
+        cli = message.replace("rank budget", "--budget").replace("r_min", "--r-min").replace("r_max", "--r-max")
+        assert info.value.cli_message() == cli.replace("beta ", "--beta ", 1)
     assert lora_ranks([1.0, 4.0], 10, beta=-8) == [9, 1] and lora_ranks([1.0, 4.0], 10, beta=8) == [1, 9]
+
+
+def test_peft_patterns_refuse_a_lora_alpha_that_is_not_a_positive_number():
     for bad in (0.0, -1.0, math.inf, math.nan):
-        with pytest.raises(TbdiagError, match="lora_alpha .*: must be a finite number > 0"):
+        with pytest.raises(TbdiagError) as info:
             peft_patterns({"a": 4}, ["a"], lora_alpha=bad)
+        assert str(info.value) == f"lora_alpha {bad}: must be a finite number > 0; e.g. 16"
+        assert info.value.cli_message() == f"--lora-alpha {bad}: must be a finite number > 0; e.g. 16"
+    assert peft_patterns({"a": 4}, ["a"], lora_alpha=1e-3, default_r=4)["alpha_pattern"] == {"^a$": 1e-3}
 
 
 def test_peft_patterns_pin_each_module_and_keep_alpha_over_r():
