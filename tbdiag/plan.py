@@ -1,8 +1,11 @@
 """``--plan``: what an analysis will do, from the checkpoint header alone, and roughly how long it takes.
 
-Costs are k·`gram_macs`(m, n) (the Gram's lower triangle, ≈ k·m·n·r·9/16) + k·r³ (eigensolver) per layer,
-r = min(m, n); the seconds come from timing a 4096×1024 Gram and a 1024² eigensolve on this machine and
-device, scaled by those counts.
+Layers are planned by `tbdiag.analysis.plan_source`, exactly as `analyze` plans them, so the plan covers every
+view: a checkpoint's weights, ΔW against a base (both files read), a LoRA adapter's updates (eigenvalues of
+the factors' r×r problem) and its merge into the base. Costs are k·`gram_macs`(m, n) (the Gram's lower
+triangle, ≈ k·m·n·r·9/16) + k·r³ (eigensolver) per layer, r = min(m, n) — twice with ``randomize``, which
+reads and solves each layer again; the seconds come from timing a 4096×1024 Gram and a 1024² eigensolve on
+this machine and device, scaled by those counts. FARMS windows are estimated as the full matrix.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from tbdiag.analysis import plan_source
+from tbdiag.layers import LayerSpec
 from tbdiag.options import PRECISIONS, AnalyzeOptions
-from tbdiag.checkpoint import open_checkpoint
-from tbdiag.layers import LayerSpec, plan_layers
 from tbdiag.spectrum import eigenvalues, eigvalsh_shared, gram, gram_macs, resolve_device
 
 
@@ -39,6 +42,8 @@ class Plan:
     layers: tuple[PlannedLayer, ...]
     skipped: dict
     device: str
+    view: str = "weights"  # `tbdiag.analysis.VIEWS`
+    base: str | None = None
 
     @property
     def seconds(self) -> float:
@@ -74,21 +79,26 @@ def _rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
     return gram_s, (time.perf_counter() - t) / 2 / shared / n ** 3
 
 
-def make_plan(source: str, options: AnalyzeOptions) -> Plan:
-    """Plan an analysis without reading any weight data (beyond what the format needs to list tensors)."""
-    ckpt = open_checkpoint(source, key=options.key, trust_pickle=options.trust_pickle)
-    specs, skipped = plan_layers(ckpt, include=options.include, exclude=options.exclude,
-                                 include_embeddings=options.include_embeddings, split_qkv=options.split_qkv)
+def make_plan(source: str, options: AnalyzeOptions, *, base: str | None = None, view: str | None = None) -> Plan:
+    """Plan an analysis (any view, see `tbdiag.analysis.analyze`) without reading any weight data beyond what
+    the format needs to list tensors."""
+    planned = plan_source(source, options, base=base, view=view)
     device = resolve_device(options.device)
     gram_s, eig_s = _rates(device, PRECISIONS[options.precision])
-    layers = tuple(_planned(s, gram_s, eig_s) for s in specs)
-    return Plan(ckpt.source, ckpt.format, layers, skipped, str(device))
+    reads = 2 if planned.view == "delta" and planned.base is not None else 1  # ΔW = W − W_base: two tensors
+    passes = 2 if options.randomize else 1  # the randomised twin: read and solved once more
+    layers = tuple(_planned(s, gram_s, eig_s, reads, passes) for s in planned.specs)
+    return Plan(planned.source, planned.format, layers, planned.skipped, str(device), planned.view, planned.base)
 
 
-def _planned(spec: LayerSpec, gram_s: float, eig_s: float) -> PlannedLayer:
+def _planned(spec: LayerSpec, gram_s: float, eig_s: float, reads: int, passes: int) -> PlannedLayer:
     m, n = spec.shape[0], spec.shape[1]
+    rank = getattr(getattr(spec, "layer", None), "rank", None)
+    if rank is not None:  # a LoRA update: its r×r problem from the factors B (m×r) and A (r×n)
+        seconds = (m + n) * rank * rank * gram_s + rank ** 3 * eig_s
+        return PlannedLayer(spec.name, spec.kind, spec.shape, spec.n_evals, 4 * (m + n) * rank, seconds)
     r = min(m, n)
     k = spec.n_matrices
-    seconds = k * gram_macs(m, n) * gram_s + k * r ** 3 * eig_s
-    size = spec.ref.dtype.itemsize * k * m * n
+    seconds = passes * (k * gram_macs(m, n) * gram_s + k * r ** 3 * eig_s)
+    size = spec.ref.dtype.itemsize * k * m * n * reads * passes
     return PlannedLayer(spec.name, spec.kind, spec.shape, spec.n_evals, size, seconds)

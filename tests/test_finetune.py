@@ -213,7 +213,26 @@ def test_lora_merged_view_and_cli(lora, tmp_path):
         analyze(adapter, view="weights")
     one_line_error(run("analyze", adapter, "--base", SAMPLES / "cnn_trained.safetensors", "--both"),
                    "is not a layer of the base model")
-    one_line_error(run("analyze", adapter, "--plan"), "a PEFT adapter folder, not a model checkpoint")
+    res = run("analyze", adapter, "--base", base, "--both", "--plan")  # planned as analysed: both views
+    assert res.exit_code == 0, res.output
+    titles = [line for line in res.stdout.splitlines() if line.startswith("plan: ")]
+    assert len(titles) == 2 and "ΔW (peft-lora, 9 layers" in titles[0] and "merged into" in titles[1]
+    assert f"mergedinto{base}" in "".join(res.stdout.split())  # the title wraps at the table's width
+    assert run("analyze", adapter, "--plan").exit_code == 0
+
+
+def test_plans_cover_deltas_and_randomized_analyses(finetuned):
+    from tbdiag.options import AnalyzeOptions
+    from tbdiag.plan import make_plan
+
+    base = str(SAMPLES / "cnn_trained.safetensors")
+    alone = make_plan(str(finetuned), AnalyzeOptions())
+    delta = make_plan(str(finetuned), AnalyzeOptions(), base=base)
+    twice = make_plan(str(finetuned), AnalyzeOptions(randomize=True))
+    assert (alone.view, delta.view, delta.base) == ("weights", "delta", base)
+    assert [x.name for x in delta.layers] == [x.name for x in analyze(finetuned, base=base).layers]
+    assert delta.bytes == 2 * alone.bytes == twice.bytes  # ΔW reads both files; the twin reads the layer again
+    assert [x.n_evals for x in delta.layers] == [x.n_evals for x in alone.layers]
 
 
 def test_lora_bad_configs(lora, tmp_path):

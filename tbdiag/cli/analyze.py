@@ -72,7 +72,9 @@ def analyze_command(
             from tbdiag.plan import make_plan
 
             for p in paths:
-                out_console.print(plan_table(make_plan(str(p), options)))
+                for view in _views(p, base, both):
+                    out_console.print(plan_table(make_plan(str(p), options, base=None if base is None else str(base),
+                                                           view=view)))
             return
         from tbdiag.distributed import process_group
 

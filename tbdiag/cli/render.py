@@ -90,7 +90,9 @@ def summary_text(a: Analysis) -> Text:
 
 def plan_table(plan) -> Table:  # noqa: ANN001 - tbdiag.plan.Plan, imported lazily
     """The analysis plan: one row per layer with its read size and estimated time, and totals."""
-    table = Table(title=safe(f"plan: {plan.source} ({plan.format}, {len(plan.layers)} layers, device {plan.device})"),
+    what = {"delta": f", ΔW against {plan.base}" if plan.base else ", ΔW", "merged": f", merged into {plan.base}"}
+    table = Table(title=safe(f"plan: {plan.source}{what.get(plan.view, '')} ({plan.format}, {len(plan.layers)} "
+                             f"layer{'s' if len(plan.layers) != 1 else ''}, device {plan.device})"),
                   title_justify="left", header_style="bold", show_footer=True)
     total_s = plan.seconds or 1.0
     table.add_column("layer", footer="total", no_wrap=True)
