@@ -1,4 +1,5 @@
-"""The data passed from reading a checkpoint to planning its layers: named tensors, not yet read.
+"""The data passed from reading a checkpoint to planning its layers: named tensors, not yet read, and the
+rule that names them (`clean_name`).
 
 Its own module so that `checkpoint` (which opens files and modules) and `layers` (which decides what a
 tensor is) both depend on it and not on each other.
@@ -6,10 +7,19 @@ tensor is) both depend on it and not on each other.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+WRAPPER_PREFIX = re.compile(r"^(module\.)+")
+
+
+def clean_name(name: str) -> str:
+    """Strip DataParallel's leading ``module.`` and torch.compile's ``_orig_mod.`` components."""
+    name = WRAPPER_PREFIX.sub("", name)
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
 @dataclass(frozen=True)
