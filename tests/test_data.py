@@ -127,7 +127,7 @@ def image_folder(root, sizes, shape=(8, 8)):
 
 def test_train_subset_is_a_seeded_stratified_sample(tmp_path):
     from tbdiag.runconfig import TrainConfig
-    from tbdiag.train.loop import training_set
+    from tbdiag.train.batches import training_set
 
     folder = image_folder(tmp_path / "imgs", [20, 20, 20, 20])
     data = load_dataset("folder", folder)

@@ -152,7 +152,7 @@ def test_bad_train_inputs_fail_before_training(tmp_path):
 
 
 def test_augmentation_crops_and_flips():
-    from tbdiag.train.loop import augment
+    from tbdiag.train.batches import augment
 
     x = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
     out = augment(x, torch.Generator().manual_seed(0))
@@ -313,7 +313,7 @@ def test_reports_read_run_folders_without_training_code():
 
 @pytest.mark.parametrize("n, size", [(257, 2), (256, 2), (10, 3), (2, 4), (1, 1)])
 def test_every_rank_gets_the_same_number_of_images(n, size):
-    from tbdiag.train.loop import rank_order
+    from tbdiag.train.batches import rank_order
 
     shares = [rank_order(n, torch.Generator().manual_seed(7), rank, size) for rank in range(size)]
     assert {len(s) for s in shares} == {-(-n // size)}
