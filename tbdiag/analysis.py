@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,5 +164,5 @@ def _plan_adapter(folder: Any, options: AnalyzeOptions, base: Any, view: str) ->
         base_refs = {s.name: s.ref for s in plan_layers(base_ckpt, include_embeddings=True)[0]}
         base_source = base_ckpt.source
     specs, skipped = adapter_specs(adapter, base_refs, include=options.include, exclude=options.exclude)
-    n_params = sum(t.shape[0] * t.shape[1] for layer in adapter.layers for t in (layer.a, layer.b))
+    n_params = sum(math.prod(t.shape) for layer in adapter.layers for t in (layer.a, layer.b))
     return Planned(adapter.source, "peft-lora", n_params, specs, skipped, base_source, view)

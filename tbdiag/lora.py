@@ -2,14 +2,16 @@
 
 An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``adapter_model.bin``)
 with ``<module>.lora_A.weight`` (r × in) and ``<module>.lora_B.weight`` (out × r) per adapted module, as
-PEFT saves them (``base_model.model.`` before the module name). The scale s is lora_alpha/r, or
+PEFT saves them (``base_model.model.`` before the module name). A convolution's factors are convolutions:
+A (r, in, k…) and B (out, r, 1…), so ΔW at each kernel position is s·B·A[:, :, position], of rank ≤ r. The scale s is lora_alpha/r, or
 lora_alpha/√r with ``use_rslora``; r and lora_alpha come from ``rank_pattern``/``alpha_pattern`` where a
 pattern matches the module name (PEFT's rule: the name ends with the pattern after a dot, or is it), else
 from ``r``/``lora_alpha``. ``fan_in_fan_out`` (GPT-2 ``Conv1D``) stores ΔW transposed.
 
 Spectrum of ΔW without forming its Gram matrix: with B = Q_B·R_B and Aᵀ = Q_A·R_A (thin QR), ΔW =
 Q_B·(s·R_B·R_Aᵀ)·Q_Aᵀ, so the non-zero eigenvalues of ΔWᵀΔW are the squared singular values of the r×r
-matrix s·R_B·R_Aᵀ: r eigenvalues, O((m + n)·r²) work. A rank-r update has only r of them; with fewer than
+matrix s·R_B·R_Aᵀ: r eigenvalues, O((m + n)·r²) work (a convolution: r per kernel position, pooled as
+`tbdiag.layers` pools a convolution's slices). A rank-r update has only r of them; with fewer than
 ``min_evals`` the row is measured, not fitted (status ``too_few_evals``), and its warning says why.
 """
 
@@ -50,27 +52,45 @@ class AdapterLayer:
     """One adapted module: its LoRA factors (not yet read), rank and scale."""
 
     name: str  # the base model's layer name (module name)
-    a: TensorRef  # (r, in)
-    b: TensorRef  # (out, r)
+    a: TensorRef  # (r, in), or (r, in, k…) for a convolution
+    b: TensorRef  # (out, r), or (out, r, 1…)
     rank: int
     scale: float
     fan_in_fan_out: bool
 
     @property
-    def shape(self) -> tuple[int, int]:
+    def kernel(self) -> tuple[int, ...]:
+        """A convolution's kernel size (``()`` for a linear layer)."""
+        return tuple(self.a.shape[2:])
+
+    @property
+    def kind(self) -> str:
+        return {0: "linear", 1: "conv1d", 2: "conv2d", 3: "conv3d"}[len(self.kernel)]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
         """Shape of ΔW as the base layer stores it."""
         out, inp = self.b.shape[0], self.a.shape[1]
-        return (inp, out) if self.fan_in_fan_out else (out, inp)
+        return (inp, out) if self.fan_in_fan_out else (out, inp, *self.kernel)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, A) in float64."""
-        return self.b.load().double(), self.a.load().double()
+        """(B, A) in float64: B (out, r); A (r, in), or (r, in, k…) for a convolution."""
+        b = self.b.load().double()
+        return b.reshape(b.shape[0], b.shape[1]), self.a.load().double()
 
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """ΔW = s·B·A (transposed for fan_in_fan_out), as the base layer stores it."""
+        """ΔW = s·B·A (transposed for fan_in_fan_out; a convolution's at every kernel position), as the base
+        layer stores it."""
         b, a = self.factors()
-        d = self.scale * (b @ a)  # (out, in)
+        d = self.scale * torch.tensordot(b, a, dims=1)  # (out, in, k…)
         return (d.T if self.fan_in_fan_out else d).to(dtype)
+
+    def eigenvalues(self) -> torch.Tensor:
+        """The non-zero eigenvalues of ΔWᵀΔW, ascending, float64: r, or r per kernel position pooled."""
+        b, a = self.factors()
+        positions = a.reshape(a.shape[0], a.shape[1], -1)  # (r, in, positions)
+        return torch.cat([lowrank_eigenvalues(b, positions[:, :, i], self.scale)
+                          for i in range(positions.shape[2])]).sort().values
 
 
 @dataclass(frozen=True)
@@ -80,7 +100,7 @@ class Adapter:
     source: str
     config: dict
     layers: tuple[AdapterLayer, ...]
-    skipped: int  # adapted modules whose factors are not 2-D matrices (conv LoRA), left out
+    skipped: int  # adapted modules whose factors are neither matrices nor convolutions, left out
 
 
 def read_config(folder: Path) -> dict:
@@ -134,12 +154,12 @@ def open_adapter(folder: Path) -> Adapter:
         if set(pair) != {"A", "B"}:
             raise CheckpointError(f"{weights}: {module} has lora_{''.join(pair)} without its partner; re-save the adapter")
         a, b = pair["A"], pair["B"]
-        if len(a.shape) != 2 or len(b.shape) != 2:
-            skipped += 1  # conv LoRA: factors are convolutions
+        if not (2 <= len(a.shape) <= 5 and len(b.shape) == len(a.shape) and all(k == 1 for k in b.shape[2:])):
+            skipped += 1  # not a linear or convolution LoRA pair
             continue
         layers.append(_layer(module, a, b, config, weights))
     if not layers:
-        raise CheckpointError(f"{weights}: no LoRA layer of 2-D factors found; pass a PEFT LoRA adapter folder")
+        raise CheckpointError(f"{weights}: no LoRA layer found; pass a PEFT LoRA adapter folder")
     return Adapter(str(folder), config, tuple(layers), skipped)
 
 
@@ -173,12 +193,13 @@ class LowRankSpec(LayerSpec):
 
     @property
     def n_evals(self) -> int:
-        return self.layer.rank if self.layer else 0
+        """r (at most the matrix's smaller side) per matrix."""
+        return min(self.layer.rank, self.shape[0], self.shape[1]) * self.n_matrices if self.layer else 0
 
     @property
     def cost(self) -> float:
         m, n = self.shape[0], self.shape[1]
-        return float(m + n) * self.n_evals ** 2
+        return float(m + n) * self.n_evals * (self.layer.rank if self.layer else 0)
 
 
 def adapter_specs(adapter: Adapter, base_refs: dict[str, TensorRef] | None, *, include: tuple[str, ...] = (),
@@ -190,14 +211,14 @@ def adapter_specs(adapter: Adapter, base_refs: dict[str, TensorRef] | None, *, i
         TbdiagError: an adapted layer missing from the base, or of another shape there.
     """
     specs: list[LayerSpec] = []
-    skipped = {"excluded": 0, "adapter_conv": adapter.skipped}
+    skipped = {"excluded": 0, "adapter_other": adapter.skipped}
     for layer in adapter.layers:
         if not selected(layer.name, include, exclude):
             skipped["excluded"] += 1
             continue
         if base_refs is None:
             ref = TensorRef(layer.name, layer.shape, torch.float64, load=layer.delta)
-            specs.append(LowRankSpec(layer.name, "linear", layer.shape, ref, layer.name, layer=layer))
+            specs.append(LowRankSpec(layer.name, layer.kind, layer.shape, ref, layer.name, layer=layer))
             continue
         base = base_refs.get(layer.name)
         if base is None:
@@ -207,7 +228,7 @@ def adapter_specs(adapter: Adapter, base_refs: dict[str, TensorRef] | None, *, i
             raise TbdiagError(f"{adapter.source}: {layer.name} is {list(layer.shape)} in the adapter but "
                               f"{list(base.shape)} in the base model; pass the base model the adapter was trained on")
         ref = dataclasses.replace(base, load=_merged(base, layer), load_rows=None)
-        specs.append(LayerSpec(layer.name, "linear", layer.shape, ref, layer.name))
+        specs.append(LayerSpec(layer.name, layer.kind, layer.shape, ref, layer.name))
     return specs, skipped
 
 

@@ -82,9 +82,7 @@ def group_spectra(group: list[LayerSpec], load: Callable[[LayerSpec], torch.Tens
     """Pooled eigenvalues of each layer of a group (`solve_groups`), with ``load`` giving a layer's
     ``(k, m, n)`` matrices; one layer's weight is held at a time."""
     if len(group) == 1 and _low_rank(group[0]):
-        from tbdiag.lora import lowrank_eigenvalues
-
-        spectra = [lowrank_eigenvalues(*group[0].layer.factors(), group[0].layer.scale).to(device, dtype)]  # (r,)
+        spectra = [group[0].layer.eigenvalues().to(device, dtype)]  # (r·positions,), from the factors
     elif len(group) == 1:
         spectra = [eigenvalues(load(group[0]), device, dtype)]  # (n_evals,), in batches
     else:

@@ -95,8 +95,9 @@ def _planned(spec: LayerSpec, gram_s: float, eig_s: float, reads: int, passes: i
     m, n = spec.shape[0], spec.shape[1]
     rank = getattr(getattr(spec, "layer", None), "rank", None)
     if rank is not None:  # a LoRA update: its r×r problem from the factors B (m×r) and A (r×n)
-        seconds = (m + n) * rank * rank * gram_s + rank ** 3 * eig_s
-        return PlannedLayer(spec.name, spec.kind, spec.shape, spec.n_evals, 4 * (m + n) * rank, seconds)
+        positions = spec.n_matrices
+        seconds = positions * ((m + n) * rank * rank * gram_s + rank ** 3 * eig_s)
+        return PlannedLayer(spec.name, spec.kind, spec.shape, spec.n_evals, 4 * (m + n * positions) * rank, seconds)
     r = min(m, n)
     k = spec.n_matrices
     seconds = passes * (k * gram_macs(m, n) * gram_s + k * r ** 3 * eig_s)

@@ -295,3 +295,50 @@ def test_diff_compares_like_with_like(tmp_path):
     with pytest.raises(TbdiagError, match="conv_norm 0.5 and .* with 1.0: their alphas are not comparable"):
         diff(analyze(untrained), analyze(trained, conv_norm=1.0))
     one_line_error(run("diff", trained, SAMPLES / "mlp_legacy.pth"), "have no layer in common")
+
+
+@pytest.fixture(scope="module")
+def conv_lora(tmp_path_factory):
+    """A small CNN and a LoRA adapter on its convolutions and its head, trained for three steps."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, padding=1),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(32 * 6 * 6, 10))
+    root = tmp_path_factory.mktemp("conv_lora")
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save_file(base, root / "base.safetensors")
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2", "5"]))
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    for _ in range(3):
+        torch.nn.functional.cross_entropy(peft_model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    peft_model.save_pretrained(root / "adapter")
+    merged = {k: v.detach().clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    return root / "adapter", root / "base.safetensors", base, merged
+
+
+def test_conv_lora_updates_pool_r_eigenvalues_per_kernel_position(conv_lora):
+    adapter, base_path, base, merged = conv_lora
+    a = analyze(adapter, keep_spectra=True)
+    rows = {r.name: r for r in a.layers}
+    assert [(r.name, r.kind, r.n_evals) for r in a.layers] == [("0", "conv2d", 27), ("2", "conv2d", 36),
+                                                              ("5", "linear", 4)]  # rank ≤ 3 inputs in conv 0
+    assert a.summary["skipped"]["adapter_other"] == 0 and a.n_params == 4 * (27 + 16) + 4 * (144 + 32) + 4 * (1152 + 10)
+    for name in ("0", "2"):  # ΔW sliced at each kernel position, × conv_norm, its non-zero eigenvalues
+        delta = (merged[f"{name}.weight"] - base[f"{name}.weight"]).double()
+        slices = delta.permute(2, 3, 0, 1).reshape(9, delta.shape[0], delta.shape[1])
+        r = min(4, delta.shape[1])
+        full = torch.linalg.svdvals(slices).square()[:, :r].flatten().sort().values * 0.5
+        assert torch.allclose(torch.from_numpy(a.spectra[name]), full, rtol=1e-5, atol=1e-12), name
+        assert rows[name].status == "ok" and "rank-4 update" in rows[name].warning
+    from tbdiag.options import AnalyzeOptions
+    from tbdiag.plan import make_plan
+
+    assert [x.n_evals for x in make_plan(str(adapter), AnalyzeOptions()).layers] == [27, 36, 4]
+    m = analyze(adapter, base=base_path, view="merged", keep_spectra=True)
+    direct = analyze({k: v for k, v in merged.items()}, keep_spectra=True)
+    for name in ("0", "2", "5"):
+        assert torch.allclose(torch.from_numpy(m.spectra[name]), torch.from_numpy(direct.spectra[name]), rtol=1e-5)
