@@ -1,6 +1,7 @@
 """TempBalance in a Hugging Face Trainer: its own AdamW and LambdaLR, accumulation, logs, resume."""
 
 import json
+import shutil
 import math
 from pathlib import Path
 
@@ -98,6 +99,12 @@ def test_resume_from_checkpoint_continues_bit_identically(tmp_path):
     assert resumed_cb.tb.multipliers == full_cb.tb.multipliers and resumed_cb.updates == STEPS
     for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(p, q), name
+    elsewhere = tmp_path / "copied-checkpoint"  # resumed from outside output_dir: the counter goes on from the
+    shutil.copytree(tmp_path / "part" / "checkpoint-4", elsewhere)  # Trainer's step, multipliers from the weights
+    moved_cb = TempBalanceCallback(every=3, per="update")
+    make_trainer(tmp_path / "new-job", [moved_cb]).train(resume_from_checkpoint=str(elsewhere))
+    assert moved_cb.updates == STEPS and moved_cb.tb.n_balances >= 1 and moved_cb.tb.multipliers != {
+        u: 1.0 for u in moved_cb.tb.multipliers}
 
 
 def test_tbdiag_built_optimizer_and_recommend_file(tmp_path):

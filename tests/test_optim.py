@@ -345,3 +345,151 @@ def test_split_by_unit_names_every_group_once_and_sets_its_scales():
     assert new[2]["weight_decay"] == 0.0 and [g["params"] for g in new] == [[a], [d], [b], [c]]
     no_decay_anywhere = [{"params": [a], "weight_decay": 0.0}, {"params": [b], "weight_decay": 0.0}]
     assert [g["name"] for g in split_by_unit(no_decay_anywhere, {})[0]] == ["default", "default:g1"]
+
+
+# --- what a hostile review found (each was silent or a traceback) -----------------------------------------------
+
+
+def mlp(n_hidden: int = 3) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 64), *[nn.Sequential(nn.Linear(64, 64), nn.ReLU()) for _ in range(n_hidden)],
+                         nn.Linear(64, 4))
+
+
+class Holder(nn.Module):  # a task wrapper with `self.module = net`, or a compiled submodule
+    def __init__(self, compiled: bool) -> None:
+        super().__init__()
+        if compiled:
+            self.backbone = torch.compile(mlp())
+        else:
+            self.module = mlp()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_layers_under_a_child_called_module_or_compiled_are_tuned(compiled):
+    model = Holder(compiled)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tb = TempBalance(model, opt, initial={u: 0.5 for u in ("1.0", "2.0", "3.0")} if not compiled else None)
+    units = {g["unit"]: len(g["params"]) for g in opt.param_groups}
+    prefix = "backbone." if compiled else ""
+    assert units == {"default": 4, f"{prefix}1.0": 2, f"{prefix}2.0": 2, f"{prefix}3.0": 2}
+    assert all(lr != 0.1 for name, lr in tb.effective_lrs().items() if name != "default") or not compiled
+
+
+def test_groups_added_later_are_split_tagged_and_saved():
+    """Progressive unfreezing: add_param_group after TempBalance splits the new group by unit as well."""
+    def parts(model):
+        later = list(model[2].parameters()) + list(model[1].parameters())
+        return [p for p in model.parameters() if all(p is not q for q in later)], later
+
+    model = mlp()
+    first, later = parts(model)
+    opt = torch.optim.AdamW(first, lr=1e-3)
+    tb = TempBalance(model, opt, initial={"1.0": 0.5, "2.0": 2.0})
+    opt.add_param_group({"params": later, "lr": 1e-4, "name": "unfrozen"})
+    added = {g["name"]: (g["unit"], g["lr_scale"]) for g in opt.param_groups if g["name"].endswith(":unfrozen")}
+    assert added == {"2.0:unfrozen": ("2.0", 2.0), "1.0:unfrozen": ("1.0", 0.5)}
+    saved = opt.state_dict()
+    assert [len(g["params"]) for g in saved["param_groups"]] == [6, 4] and saved["param_groups"][1]["lr"] == 1e-4
+    assert saved["param_groups"][1]["name"] == "unfrozen" and tb.effective_lrs()["2.0:unfrozen"] == pytest.approx(2e-4)
+    fresh = mlp()
+    first, later = parts(fresh)
+    plain = torch.optim.AdamW(first, lr=1e-3)
+    plain.add_param_group({"params": later, "lr": 1e-4})
+    plain.load_state_dict(saved)  # a run without TempBalance loads it
+
+
+def test_a_step_that_raises_does_not_leave_rates_scaled():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tb = TempBalance(model, opt, initial={"1.0": 2.0, "2.0": 1.0, "3.0": 1.0})
+
+    def bad_closure():
+        raise RuntimeError("bad batch")
+
+    with pytest.raises(RuntimeError, match="bad batch"):
+        opt.step(bad_closure)
+    assert opt.state_dict()["param_groups"][0]["lr"] == 0.1  # saved as the scheduler's rate
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append({g["name"]: g["lr"] for g in o.param_groups}))
+    opt.step()
+    assert seen[0]["1.0"] == pytest.approx(0.2) and tb.effective_lrs()["1.0"] == pytest.approx(0.2)
+    assert {g["name"]: g["lr"] for g in opt.param_groups}["1.0"] == 0.1
+
+
+def test_tied_embeddings_stay_out_of_weight_decay():
+    gpt2 = tiny_models.gpt2()  # lm_head.weight is transformer.wte.weight
+    groups = tbdiag.param_groups(gpt2, weight_decay=0.1)
+    no_decay = {id(p) for p in groups[1]["params"]}
+    assert id(gpt2.transformer.wte.weight) in no_decay and id(gpt2.lm_head.weight) in no_decay
+
+
+def test_what_tempbalance_cannot_do_is_refused_before_anything_changes():
+    with pytest.raises(TbdiagError, match="no layer to tune in this Sequential"):
+        TempBalance(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), lambda g: torch.optim.SGD(g, lr=0.1))
+    model = mlp()
+    with pytest.raises(TbdiagError, match="LBFGS keeps a single param group"):
+        TempBalance(model, torch.optim.LBFGS(model.parameters()))
+    with pytest.raises(TbdiagError, match="the optimizer holds none of this model's parameters"):
+        TempBalance(model, torch.optim.SGD(mlp().parameters(), lr=0.1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TbdiagError, match="multipliers for l1: no such tuned unit"):
+        TempBalance(model, opt, initial={"l1": 2.0})
+    assert len(opt.param_groups) == 1 and "unit" not in opt.param_groups[0]  # untouched: a retry works
+    tb = TempBalance(model, opt, initial={})
+    before = tb.state_dict()
+    with pytest.raises(TbdiagError):
+        tb.load_state_dict({**before, "updates": 99, "multipliers": {"l1": 2.0}})
+    assert tb.state_dict() == before
+
+
+def test_frozen_tuned_layers_round_trip_and_multipliers_reload():
+    model = mlp()
+    model[1][0].requires_grad_(False)  # tuned, but frozen: no group holds it
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    tb = TempBalance(model, opt)
+    state = tb.state_dict()
+    assert "1.0" in state["multipliers"] and "1.0" not in {g["unit"] for g in opt.param_groups}
+    tb.load_state_dict(state)
+    tb.set_multipliers(tb.multipliers)  # `default` (1) included
+    assert tb.multipliers == state["multipliers"]
+
+
+def test_cyclic_lr_momentum_and_param_names_follow_the_split():
+    model = mlp()
+    opt = torch.optim.SGD(model.named_parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=2, cycle_momentum=True)
+    TempBalance(model, opt, schedulers=[sched], initial={})
+    assert len(sched.base_momentums) == len(sched.max_momentums) == len(opt.param_groups)
+    opt.step()
+    sched.step()
+    names = {n for n, _ in model.named_parameters()}
+    for g in opt.param_groups:
+        assert len(g["param_names"]) == len(g["params"]) and set(g["param_names"]) <= names
+
+
+def test_adopting_a_scheduler_when_the_layout_cannot_tell():
+    class TimmLike:  # timm's Scheduler keeps base_values, no base_lrs
+        def __init__(self, opt):
+            self.optimizer = opt
+            self.base_values = [g["lr"] for g in opt.param_groups]
+
+        def state_dict(self):
+            return {k: v for k, v in self.__dict__.items() if k != "optimizer"}
+
+        def load_state_dict(self, state):
+            self.__dict__.update(state)
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    timm = TimmLike(opt)
+    tb = TempBalance(model, opt, apply_scale=False, initial={})
+    tb.adopt_scheduler(timm)
+    assert len(timm.base_values) == len(opt.param_groups) and timm.state_dict()["base_values"] == [0.1]
+    one = mlp(n_hidden=1)  # one group holding two units and an empty one: split, still two groups
+    opt2 = torch.optim.SGD([{"params": list(one.parameters())}, {"params": [], "lr": 0.5}], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt2, [lambda s: 1.0, lambda s: 0.5])
+    tb2 = TempBalance(one, opt2, initial={})
+    assert len(opt2.param_groups) == 2 and tb2._origin == [0, 0]
+    with pytest.raises(TbdiagError, match="cannot tell whether this scheduler was built before"):
+        tb2.adopt_scheduler(sched)

@@ -71,6 +71,10 @@ class TempBalanceCallback(TrainerCallback):
         if saved:
             self.tb.load_state_dict(saved)
             log.info("TempBalance: resumed at update %d with %d units", self.tb.updates, len(self.tb.units))
+        elif state.global_step:  # resumed from a checkpoint outside output_dir: counters from the Trainer, and
+            self.tb.updates, self.tb.epoch = int(state.global_step), int(state.epoch or 0)  # multipliers from the
+            if self.tb.every and self.tb.updates >= self.tb.warmup and self.initial is None:  # weights now
+                self.tb.balance()
         self.updates = self._counted = self.tb.updates
         inner.register_step_post_hook(self._count)
 
@@ -83,7 +87,8 @@ class TempBalanceCallback(TrainerCallback):
             return None
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
         if not path.is_file():
-            log.warning("TempBalance: resuming at step %d without %s; rebalancing from scratch", state.global_step, path)
+            log.warning("TempBalance: resuming at step %d without %s (a checkpoint outside output_dir?); counting on "
+                        "from the Trainer's step and rebalancing from the weights now", state.global_step, path)
             return None
         return json.loads(path.read_text())
 

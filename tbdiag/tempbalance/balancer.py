@@ -91,11 +91,20 @@ class TempBalance:
         self.options = AnalyzeOptions(fit=fit, device=device, min_evals=2)
         specs = plan_model(model, self.tune)
         self.layers = tuned_layers(specs, self.tune)
+        if not self.layers:
+            raise TbdiagError(f"no layer to tune in this {type(unwrap(model)).__name__}: TempBalance tunes Linear and "
+                              f"Conv layers with ≥ {min_evals} eigenvalues, the input and output layers left out "
+                              "(parametrized ones such as weight_norm are not seen); lower min_evals, keep the first "
+                              "and last layers, or check include/exclude")
         tuned_names = {t.name for t in self.layers}
         self._specs = [s for s in specs if s.name in tuned_names]
         owner = unit_of_parameters(model, self.layers, specs, unit)
         unit_of = {id(p): owner[n] for n, p in unwrap(model).named_parameters() if n in owner}
+        if initial is not None:  # checked before the optimizer is touched: a failed construction changes nothing
+            self._check_multipliers(initial, set(self.units) | {DEFAULT_GROUP})
+        self._layout: OriginalLayout | None = None
         self.optimizer = self._split(model, optimizer, unit_of, schedulers, no_decay)
+        self._split_added_groups(unit_of)
         self._mult = {u: 1.0 for u in self._groups}
         self.epoch = self.updates = self.n_balances = 0
         self.last_balance_s = self.total_balance_s = 0.0
@@ -118,17 +127,51 @@ class TempBalance:
             self._origin, self._n_original = list(range(len(groups))), len(groups)
             return inner_optimizer(optimizer(groups))
         opt = inner_optimizer(optimizer)
+        if isinstance(opt, torch.optim.LBFGS):
+            raise TbdiagError("LBFGS keeps a single param group, so it cannot step layers at their own rates; use "
+                              "another optimizer with TempBalance")
         original = [dict(g) for g in opt.param_groups]
         in_opt = {id(p) for g in original for p in g["params"]}
         missing = [n for n, p in unwrap(model).named_parameters() if p.requires_grad and id(p) not in in_opt]
+        if not any(id(p) in in_opt for p in unwrap(model).parameters()):
+            raise TbdiagError("the optimizer holds none of this model's parameters; build it over the model "
+                              "TempBalance is given (model.parameters(), or its param groups)")
         if missing:
             log.info("TempBalance: %d trainable parameters are not in the optimizer (e.g. %s)", len(missing), missing[0])
         opt.param_groups, origin = split_by_unit(original, unit_of)
         self._origin, self._n_original = origin, len(original)  # a group without parameters has no sub-group
         for scheduler in schedulers:
             adopt_scheduler(scheduler, opt, origin, len(original))
-        OriginalLayout(opt, original, origin, lambda g: 1.0 if self.apply_scale else g["lr_scale"] / g["tb_base_scale"])
+        self._layout = OriginalLayout(opt, original, origin,
+                                      lambda g: 1.0 if self.apply_scale else g["lr_scale"] / g["tb_base_scale"])
         return opt
+
+    def _split_added_groups(self, unit_of: dict[int, str]) -> None:
+        """Groups added later (progressive unfreezing: ``optimizer.add_param_group``) are split by unit as
+        well, tagged with their name (or ``g<index>``), and take the current multipliers; a checkpoint in the
+        original layout holds them as the groups they were added as."""
+        opt, add = self.optimizer, self.optimizer.add_param_group
+
+        def add_param_group(group: dict) -> None:
+            j, tag = self._n_original, group.get("name") or f"g{self._n_original}"
+            names = {g["name"] for g in opt.param_groups}
+            new, _ = split_by_unit([group], unit_of)
+            for g in new:
+                g["name"] = f"{g['unit']}:{tag}"
+                while g["name"] in names:
+                    g["name"] += f".{j}"
+                names.add(g["name"])
+                g["tb_scale_lr"] = self.apply_scale
+                add(g)
+            if self._layout is not None:
+                self._layout.settings.append({k: v for k, v in group.items() if k != "params"})
+                self._layout.order.append([id(p) for g in new for p in g["params"]])
+                self._layout.origin += [j] * len(new)
+            self._origin += [j] * len(new)
+            self._n_original += 1
+            self._apply(self._mult)
+
+        opt.add_param_group = add_param_group  # type: ignore[method-assign]
 
     @property
     def _groups(self) -> dict[str, list[dict]]:
@@ -159,7 +202,14 @@ class TempBalance:
     def adopt_scheduler(self, scheduler: Any) -> None:
         """Adapt a scheduler that was built over the optimizer's groups before they were split (as the
         ``schedulers`` argument does); harmless for one built after."""
-        built_before = len(getattr(scheduler, "base_lrs", self.optimizer.param_groups)) != len(self.optimizer.param_groups)
+        lists = next((getattr(scheduler, a) for a in ("base_lrs", "base_values") if isinstance(getattr(scheduler, a, None),
+                                                                                             list)), None)
+        n_now = len(self.optimizer.param_groups)
+        if lists is not None and n_now == self._n_original and list(self._origin) != list(range(n_now)):
+            raise TbdiagError("cannot tell whether this scheduler was built before the optimizer's groups were split "
+                              "(the split has as many groups as before); pass it as schedulers=[...] when "
+                              "constructing TempBalance")
+        built_before = lists is not None and len(lists) != n_now
         if built_before:
             adopt_scheduler(scheduler, self.optimizer, self._origin, self._n_original)
         else:
@@ -207,7 +257,7 @@ class TempBalance:
     def _apply(self, mult: Mapping[str, float]) -> None:
         self._mult.update({unit: float(m) for unit, m in mult.items()})
         for g in self.optimizer.param_groups:
-            m = self._mult[g["unit"]]
+            m = self._mult.get(g["unit"], 1.0)  # a unit first seen in a group added later: 1 until rebalanced
             g["lr_scale"] = g["tb_base_scale"] * (m if self.target in ("lr", "both") else 1.0)
             g["wd_scale"] = m if self.target in ("weight_decay", "both") else 1.0
 
@@ -217,7 +267,12 @@ class TempBalance:
         Raises:
             TbdiagError: a name that is no tuned unit of this model, or a multiplier that is not a positive number.
         """
-        unknown = [n for n in mapping if n not in self._groups or n == DEFAULT_GROUP]
+        known = set(self._groups) | set(self.units)  # a tuned unit whose parameters are frozen has no group
+        self._check_multipliers(mapping, known)
+        self._apply(mapping)
+
+    def _check_multipliers(self, mapping: Mapping[str, float], known: set[str]) -> None:
+        unknown = [n for n in mapping if n not in known or (n == DEFAULT_GROUP and mapping[n] != 1.0)]
         if unknown:
             raise TbdiagError(f"multipliers for {', '.join(unknown[:3])}: no such tuned unit in this model "
                               f"(tuned: {', '.join(self.units[:3])} …); recommend from this model's checkpoint "
@@ -225,7 +280,6 @@ class TempBalance:
         for name, m in mapping.items():
             if isinstance(m, bool) or not (isinstance(m, (int, float)) and math.isfinite(m) and m > 0):
                 raise TbdiagError(f"multiplier of {name}: {m!r} is not a positive number")
-        self._apply(mapping)
 
     def log_values(self) -> dict[str, float]:
         """Flat numbers for a logger: ``lr/<group>`` (effective rate), ``alpha/<unit>`` (mean metric),
@@ -248,7 +302,9 @@ class TempBalance:
                 "values": dict(self.values), "n_balances": self.n_balances, "total_balance_s": self.total_balance_s}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore `state_dict` output (also that of earlier versions, which counted ``calls``)."""
+        """Restore `state_dict` output (also that of earlier versions, which counted ``calls``); a state whose
+        multipliers do not fit this model changes nothing."""
+        self._check_multipliers(state["multipliers"], set(self._groups) | set(self.units))
         self.epoch = int(state.get("epoch", state.get("calls", 0)))
         self.updates = int(state.get("updates", 0))
         self.values = dict(state.get("values", {}))

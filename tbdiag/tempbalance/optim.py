@@ -20,7 +20,8 @@ from tbdiag.errors import TbdiagError
 from tbdiag.tempbalance.tuned import DEFAULT_GROUP, unwrap
 
 OWN_KEYS = ("name", "unit", "lr_scale", "tb_base_scale", "wd_scale", "tb_scale_lr")
-SCHEDULER_LISTS = ("lr_lambdas", "min_lrs", "max_lrs", "base_values")  # per-group lists of torch/timm schedulers
+SCHEDULER_LISTS = ("lr_lambdas", "min_lrs", "max_lrs", "base_values", "base_momentums", "max_momentums")  # per group
+TRANSIENT = ("base_lr_", "base_wd_")  # what the step hooks hold during a step
 
 
 def is_no_decay(name: str, param: torch.Tensor, module: nn.Module, patterns: Sequence[str]) -> bool:
@@ -42,13 +43,16 @@ def param_groups(model: nn.Module, weight_decay: float | None = None, no_decay: 
         decay_embeddings: decay embedding matrices too (nanoGPT does; timm does not).
     """
     decay, plain = [], []
-    owners = {id(p): m for m in unwrap(model).modules() for p in m.parameters(recurse=False)}
+    owners: dict[int, list[nn.Module]] = {}  # a tied parameter (embedding = LM head) has several
+    for m in unwrap(model).modules():
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(m)
     for name, p in unwrap(model).named_parameters():
         if not p.requires_grad:
             continue
-        module = owners[id(p)]
-        skip = is_no_decay(name, p, module, tuple(no_decay))
-        if decay_embeddings and isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and p.ndim > 1:
+        embedding = next((m for m in owners[id(p)] if isinstance(m, (nn.Embedding, nn.EmbeddingBag))), None)
+        skip = is_no_decay(name, p, embedding or owners[id(p)][0], tuple(no_decay))
+        if decay_embeddings and embedding is not None and p.ndim > 1:
             skip = any(fnmatch.fnmatchcase(name, pat) for pat in no_decay)
         (plain if skip else decay).append(p)
     groups = [{"name": "decay", "params": decay}] if decay else []
@@ -83,7 +87,8 @@ def split_by_unit(groups: Sequence[Mapping], unit_of: Mapping[int, str]) -> tupl
         by_unit: dict[str, list] = {}
         for p in g["params"]:
             by_unit.setdefault(unit_of.get(id(p), DEFAULT_GROUP), []).append(p)
-        settings = {k: v for k, v in g.items() if k != "params"}
+        settings = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+        names_of = dict(zip(map(id, g["params"]), g.get("param_names", ())))  # AdamW(model.named_parameters())
         base_scale = float(g.get("lr_scale", 1.0))
         for unit, params in by_unit.items():
             name = unit if i == 0 else f"{unit}:{tags[i]}"
@@ -91,7 +96,8 @@ def split_by_unit(groups: Sequence[Mapping], unit_of: Mapping[int, str]) -> tupl
                 name = f"{name}.{i}"
             names.add(name)
             new.append({**settings, "params": params, "name": name, "unit": unit, "lr_scale": base_scale,
-                        "tb_base_scale": base_scale, "wd_scale": 1.0})
+                        "tb_base_scale": base_scale, "wd_scale": 1.0,
+                        **({"param_names": [names_of[id(p)] for p in params]} if names_of else {})})
             origin.append(i)
     return new, origin
 
@@ -131,7 +137,7 @@ def adopt_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, origin: Se
         scheduler.base_lrs = [g.get("initial_lr", g["lr"]) for g in groups]
     if isinstance(getattr(scheduler, "_last_lr", None), list):
         scheduler._last_lr = [g["lr"] for g in groups]
-    if len(origin) != n_old and not getattr(scheduler, "_tbdiag_layout", False):
+    if len(origin) != n_old and not getattr(scheduler, "_tbdiag_layout", False) and hasattr(scheduler, "state_dict"):
         _keep_original_layout(scheduler, list(origin), n_old, before)
 
 
@@ -157,7 +163,9 @@ def _keep_original_layout(scheduler: Any, origin: list[int], n_old: int, before:
 
 def scale_lrs(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Step pre-hook: each group steps with ``lr × lr_scale`` (unless a timm scheduler applies it:
-    ``tb_scale_lr`` false) and ``weight_decay × wd_scale``."""
+    ``tb_scale_lr`` false) and ``weight_decay × wd_scale``. A step that raised never reached `restore_lrs`:
+    its rates are restored first, so they are never scaled twice."""
+    restore_lrs(optimizer, args, kwargs)
     for g in optimizer.param_groups:
         if g.get("tb_scale_lr", True):
             g["base_lr_"] = g["lr"]
@@ -199,11 +207,13 @@ class OriginalLayout:
         for j, ids in enumerate(self.order):
             if j in self.origin:
                 first = groups_now[self.origin.index(j)]
-                group = {key: v for key, v in first.items() if key not in OWN_KEYS and key != "params"}
-                group["lr"] = first["lr"] / self.lr_factor(first)
+                group = {key: v for key, v in first.items() if key not in (*OWN_KEYS, *TRANSIENT) and key != "params"}
+                group["lr"] = first.get("base_lr_", first["lr"]) / self.lr_factor(first)
+                if "base_wd_" in first:  # saved while a step was running (or after one raised)
+                    group["weight_decay"] = first["base_wd_"]
             else:  # a group that held no parameters
                 group = {key: v for key, v in self.settings[j].items() if key not in OWN_KEYS}
-            group.update({key: self.settings[j][key] for key in OWN_KEYS if key in self.settings[j]})
+            group.update({key: self.settings[j][key] for key in (*OWN_KEYS, "param_names") if key in self.settings[j]})
             group["params"] = list(range(k, k + len(ids)))
             for pid in ids:
                 if index_now[pid] in state_dict["state"]:
@@ -223,7 +233,7 @@ class OriginalLayout:
                 k += 1
         groups, state, k = [], {}, 0
         for g, o in zip(optimizer.param_groups, self.origin):
-            own = {key: g[key] for key in OWN_KEYS if key in g}
+            own = {key: g[key] for key in (*OWN_KEYS, "param_names") if key in g}
             group = {**{key: v for key, v in saved[o].items() if key != "params"}, **own}
             group["params"] = list(range(k, k + len(g["params"])))
             for p in g["params"]:

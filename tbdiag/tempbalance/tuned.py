@@ -144,18 +144,22 @@ def unit_of_parameters(model: nn.Module, tuned: Sequence[Tuned], specs: Sequence
                        unit: str) -> dict[str, str]:
     """``{parameter name: unit}`` for every parameter that follows a tuned unit (the rest: ``default``).
 
-    Parameter names are those of ``unwrap(model).named_parameters()`` (tied parameters once).
+    Parameter names are those of ``unwrap(model).named_parameters()`` (tied parameters once), as they are:
+    they are matched to the tuned layers through `clean_name`, as the layers were named (a submodule called
+    ``module`` or a compiled submodule's ``_orig_mod`` do not hide a layer).
     """
-    from tbdiag.checkpoint import clean_name
+    from tbdiag.tensors import clean_name
 
     model = unwrap(model)
     tensor_unit = {t.tensor: t.unit for t in tuned}
     candidate_modules = {s.tensor.rpartition(".")[0] for s in specs if s.kind in TUNABLE_KINDS}
+    named: dict[str, str] = {}  # clean name → name as named_parameters gives it
     out: dict[str, str] = {}
     last_unit = None  # unit of the tuned conv just visited, for a BatchNorm right after it
-    for mname, module in model.named_modules():
-        mname = clean_name(mname)
+    for raw, module in model.named_modules():
+        mname = clean_name(raw)
         own = [(f"{mname}.{p}" if mname else p) for p, _ in module.named_parameters(recurse=False)]
+        named.update({o: (f"{raw}.{p}" if raw else p) for o, (p, _) in zip(own, module.named_parameters(recurse=False))})
         layer_units = [tensor_unit[n] for n in own if n in tensor_unit]
         if layer_units:
             out.update({n: out.get(n, layer_units[0]) for n in own})
@@ -169,4 +173,4 @@ def unit_of_parameters(model: nn.Module, tuned: Sequence[Tuned], specs: Sequence
             block = block_of(f"{mname}.x") if mname else ""
             if block in set(tensor_unit.values()):
                 out.update({n: out.get(n, block) for n in own})
-    return out
+    return {named[n]: u for n, u in out.items()}
