@@ -493,3 +493,33 @@ def test_adopting_a_scheduler_when_the_layout_cannot_tell():
     assert len(opt2.param_groups) == 2 and tb2._origin == [0, 0]
     with pytest.raises(TbdiagError, match="cannot tell whether this scheduler was built before"):
         tb2.adopt_scheduler(sched)
+
+
+def test_a_checkpoint_taken_after_a_raising_step_holds_the_unscaled_rate_and_decay():
+    model = mlp()
+    first = list(model[1].parameters())  # the first sub-group is a tuned unit's, its multiplier 2
+    opt = torch.optim.SGD([{"params": first + [p for p in model.parameters() if all(p is not q for q in first)],
+                            "weight_decay": 0.01}], lr=0.1)
+    TempBalance(model, opt, target="both", initial={"1.0": 2.0, "2.0": 1.0, "3.0": 1.0})
+    assert opt.param_groups[0]["unit"] == "1.0"
+
+    def bad_closure():
+        raise RuntimeError("bad batch")
+
+    with pytest.raises(RuntimeError):
+        opt.step(bad_closure)
+    assert (opt.param_groups[0]["lr"], opt.param_groups[0]["weight_decay"]) == (pytest.approx(0.2), pytest.approx(0.02))
+    saved = opt.state_dict()["param_groups"][0]
+    assert (saved["lr"], saved["weight_decay"]) == (0.1, 0.01) and not {"base_lr_", "base_wd_"} & set(saved)
+
+
+def test_param_names_are_saved_per_original_group_and_restored_per_split_group():
+    model = mlp()
+    opt = torch.optim.AdamW(model.named_parameters(), lr=1e-3)
+    TempBalance(model, opt, initial={})
+    saved = opt.state_dict()
+    assert saved["param_groups"][0]["param_names"] == [n for n, _ in model.named_parameters()]
+    opt.load_state_dict(saved)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in opt.param_groups:
+        assert g["param_names"] == [names[id(p)] for p in g["params"]], g["name"]
