@@ -100,6 +100,13 @@ def _held_files(folder: Path) -> Iterator[Path]:
         level = below
 
 
+def usual_mode(mode: int) -> int:
+    """``mode`` less the process umask: what a plain ``open``/``mkdir`` would give (mkstemp/mkdtemp give 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def temporary_beside(path: Path) -> Path:
     """An empty temporary file beside ``path`` with the usual permissions (mkstemp makes 0600)."""
     folder = path.parent if str(path.parent) else Path(".")
@@ -110,10 +117,8 @@ def temporary_beside(path: Path) -> Path:
     except OSError as exc:
         raise TbdiagError(f"{path}: cannot write in {folder} ({exc.strerror}); choose another path") from exc
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, usual_mode(0o666))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

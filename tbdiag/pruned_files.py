@@ -26,7 +26,7 @@ import torch
 from tbdiag.checkpoint import _folder_shards, _index_shards, _order_key  # the reader's own rules, not copies
 from tbdiag.checkpoint import ST_INDEX, TORCH_INDEX, clean_name, open_checkpoint, order_metadata
 from tbdiag.errors import TbdiagError
-from tbdiag.outputs import READ_SUFFIXES, check_outputs, fill, replace_all, temporary_beside
+from tbdiag.outputs import READ_SUFFIXES, check_outputs, fill, replace_all, temporary_beside, usual_mode
 from tbdiag.magnitude import prune_smallest_
 from tbdiag.model_folder import copy_companions, companions
 from tbdiag.st_reader import DTYPES, read_header, tensor_loader
@@ -168,9 +168,7 @@ def _staging_folder(out: Path) -> Path:
     """Where a folder output is written first: inside ``out`` when it exists (an empty folder, which keeps its
     owner, permissions and identity: it may be the working folder), else beside it."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out if out.is_dir() else out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(tmp, usual_mode(0o777))
     return tmp
 
 

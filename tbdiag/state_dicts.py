@@ -30,6 +30,8 @@ def torch_load(path: Path, *, mmap: bool, trust_pickle: bool) -> Any:
             log.warning("%s: loading with full unpickling (trust_pickle=True)", path)
             return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)  # explicit trust opt-in
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except MemoryError:
+        raise
     except Exception as exc:  # torch raises many types for a bad file; all mean the same to the user
         text = str(exc)
         if "Weights only load failed" in text:

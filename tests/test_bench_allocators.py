@@ -6,10 +6,8 @@ differs from the uniform one (so a benchmark that pruned uniformly under the alp
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 import random
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,18 +17,14 @@ import torch
 import tbdiag
 from tbdiag.tempbalance.recommend import allocation
 from tbdiag.train.data import load_dataset
+from tests.scripts import imported
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_allocators.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_allocators", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from imported(BENCH, "bench_allocators")
 
 
 def synthetic_text(n: int = 12_000, seed: int = 0) -> str:

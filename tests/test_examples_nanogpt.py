@@ -3,7 +3,6 @@ right by hand, and with and without TempBalance a seed sees the same weights and
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import re
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.scripts import imported
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "nanogpt_tempbalance.py"
 TINY = ["--steps", "30", "--layers", "2", "--width", "64", "--block", "32", "--batch", "8", "--eval-every", "10",
         "--tb-warmup", "10", "--tb-every", "10", "--warmup", "5"]
@@ -20,12 +21,7 @@ TINY = ["--steps", "30", "--layers", "2", "--width", "64", "--block", "32", "--b
 
 @pytest.fixture(scope="module")
 def ng():
-    spec = importlib.util.spec_from_file_location("nanogpt_tempbalance", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules[spec.name]
+    yield from imported(EXAMPLE, "nanogpt_tempbalance")
 
 
 def test_lr_at_warmup_then_cosine(ng):

@@ -101,7 +101,7 @@ class TempBalance:
         owner = unit_of_parameters(model, self.layers, specs, unit)
         unit_of = {id(p): owner[n] for n, p in unwrap(model).named_parameters() if n in owner}
         if initial is not None:  # checked before the optimizer is touched: a failed construction changes nothing
-            self._check_multipliers(initial, set(self.units) | {DEFAULT_GROUP})
+            self._check_multipliers(initial)
         self._layout: OriginalLayout | None = None
         self.optimizer = self._split(model, optimizer, unit_of, schedulers, no_decay)
         self._split_added_groups(unit_of)
@@ -164,9 +164,7 @@ class TempBalance:
                 g["tb_scale_lr"] = self.apply_scale
                 add(g)
             if self._layout is not None:
-                self._layout.settings.append({k: v for k, v in group.items() if k != "params"})
-                self._layout.order.append([id(p) for g in new for p in g["params"]])
-                self._layout.origin += [j] * len(new)
+                self._layout.add_group(group, new)
             self._origin += [j] * len(new)
             self._n_original += 1
             self._apply(self._mult)
@@ -267,11 +265,13 @@ class TempBalance:
         Raises:
             TbdiagError: a name that is no tuned unit of this model, or a multiplier that is not a positive number.
         """
-        known = set(self._groups) | set(self.units)  # a tuned unit whose parameters are frozen has no group
-        self._check_multipliers(mapping, known)
+        self._check_multipliers(mapping)
         self._apply(mapping)
 
-    def _check_multipliers(self, mapping: Mapping[str, float], known: set[str]) -> None:
+    def _check_multipliers(self, mapping: Mapping[str, float]) -> None:
+        """Names of tuned units (one whose parameters are frozen has no group but is tuned) or ``default`` at 1,
+        each with a positive number."""
+        known = set(self.units) | {DEFAULT_GROUP}
         unknown = [n for n in mapping if n not in known or (n == DEFAULT_GROUP and mapping[n] != 1.0)]
         if unknown:
             raise TbdiagError(f"multipliers for {', '.join(unknown[:3])}: no such tuned unit in this model "
@@ -304,7 +304,7 @@ class TempBalance:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore `state_dict` output (also that of earlier versions, which counted ``calls``); a state whose
         multipliers do not fit this model changes nothing."""
-        self._check_multipliers(state["multipliers"], set(self._groups) | set(self.units))
+        self._check_multipliers(state["multipliers"])
         self.epoch = int(state.get("epoch", state.get("calls", 0)))
         self.updates = int(state.get("updates", 0))
         self.values = dict(state.get("values", {}))

@@ -197,6 +197,13 @@ class OriginalLayout:
         optimizer.register_state_dict_post_hook(self.to_original)
         optimizer.register_load_state_dict_pre_hook(self.from_original)
 
+    def add_group(self, original: Mapping, split: Sequence[Mapping]) -> None:
+        """An original group added after the split (``add_param_group``), and the sub-groups it became."""
+        j = len(self.order)
+        self.settings.append({k: v for k, v in original.items() if k != "params"})
+        self.order.append([id(p) for g in split for p in g["params"]])
+        self.origin += [j] * len(split)
+
     def _current_ids(self) -> list[int]:
         return [id(p) for g in self.optimizer.param_groups for p in g["params"]]
 

@@ -158,8 +158,9 @@ def unit_of_parameters(model: nn.Module, tuned: Sequence[Tuned], specs: Sequence
     last_unit = None  # unit of the tuned conv just visited, for a BatchNorm right after it
     for raw, module in model.named_modules():
         mname = clean_name(raw)
-        own = [(f"{mname}.{p}" if mname else p) for p, _ in module.named_parameters(recurse=False)]
-        named.update({o: (f"{raw}.{p}" if raw else p) for o, (p, _) in zip(own, module.named_parameters(recurse=False))})
+        pnames = [p for p, _ in module.named_parameters(recurse=False)]
+        own = [(f"{mname}.{p}" if mname else p) for p in pnames]
+        named.update({o: (f"{raw}.{p}" if raw else p) for o, p in zip(own, pnames)})
         layer_units = [tensor_unit[n] for n in own if n in tensor_unit]
         if layer_units:
             out.update({n: out.get(n, layer_units[0]) for n in own})
