@@ -1,5 +1,5 @@
 """Output files: checked before any work (never an input, never inside an input folder, no folder, no two
-options on one file) and written atomically — one file (`atomic_write`, `atomic_save`) or several, all or
+options on one file, never over an existing checkpoint unless asked) and written atomically — one file (`atomic_write`, `atomic_save`) or several, all or
 none (`write_outputs`; `temporary_beside`, `fill` and `replace_all` for writers of other kinds of files)."""
 
 from __future__ import annotations
@@ -8,18 +8,25 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
 
 from tbdiag.errors import TbdiagError
 
+# Names of checkpoint files: a text output (JSON, CSV, HTML) is never given one.
+CHECKPOINT_SUFFIXES = frozenset({".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".th", ".pkl", ".tar"})
 # Files a reader of an input folder opens or may open: checkpoints, shard indexes, configs, run state.
-READ_SUFFIXES = frozenset({".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".th", ".pkl", ".tar", ".json", ".jsonl"})
+READ_SUFFIXES = CHECKPOINT_SUFFIXES | {".json", ".jsonl"}
 FOLDER_DEPTH = 3  # input folders are searched this deep for files an output must not replace
 
 
-def check_outputs(targets: Sequence[str | Path], inputs: Sequence[str | Path] = ()) -> list[Path]:
+def check_outputs(targets: Sequence[str | Path], inputs: Sequence[str | Path] = (), *, overwrite: bool = False,
+                  weights: Collection[str | Path] = ()) -> list[Path]:
     """Check output files before any work starts; return the paths they will be written to.
+
+    Every target is a text file (JSON, CSV, HTML) except those also listed in ``weights`` (checkpoints). A
+    text target named like a checkpoint (``CHECKPOINT_SUFFIXES``) is refused; an existing file that is a
+    checkpoint, by its name or by its content, is replaced only when ``overwrite`` (see `refuse_checkpoint`).
 
     Refused, with a one-line `TbdiagError`: a target that is a folder or not a regular file, whose folder
     does not exist or cannot be written, that two targets name (through any spelling), that is an input or
@@ -45,8 +52,32 @@ def check_outputs(targets: Sequence[str | Path], inputs: Sequence[str | Path] = 
             raise TbdiagError(f"{target}: names the same file as {seen[path]}; give each output its own file")
         seen[path] = str(target)
         _refuse_inputs(str(target), path, inputs)
+        if target not in weights and path.suffix in CHECKPOINT_SUFFIXES:
+            raise TbdiagError(f"{target}: is named like a checkpoint ({path.suffix}) but would hold text; "
+                              "give it a .json, .csv or .html name")
+        if not overwrite:
+            refuse_checkpoint(str(target), path)
         resolved.append(path)
     return resolved
+
+
+def refuse_checkpoint(target: str, path: Path) -> None:
+    """Raise when ``path`` is an existing checkpoint (by its name or its content): never replaced unasked."""
+    from tbdiag.checkpoint import sniff  # reading stage; imported here so that writing does not pull it in
+
+    if not path.is_file():
+        return
+    if path.suffix in CHECKPOINT_SUFFIXES:
+        is_checkpoint = True
+    else:
+        try:
+            sniff(path)
+            is_checkpoint = True
+        except TbdiagError:
+            is_checkpoint = False
+    if is_checkpoint:
+        raise TbdiagError(f"{target}: is an existing checkpoint; write to another file, or allow overwrite=True "
+                          "to replace it", cli={"allow overwrite=True": "pass --overwrite"})
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

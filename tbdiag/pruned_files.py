@@ -76,7 +76,7 @@ def input_layout(source: str | Path) -> Layout:
 
 
 def check_targets(source: str | Path, layout: Layout, out: str | Path | None,
-                  allocation_json: str | Path | None) -> Target:
+                  allocation_json: str | Path | None, *, overwrite: bool = False) -> Target:
     """The outputs, checked before any work: never an input nor inside an input folder
     (`tbdiag.outputs.check_outputs`). A folder input is written as a folder unless it holds a single file
     and ``out`` names a file (``.safetensors``)."""
@@ -87,7 +87,9 @@ def check_targets(source: str | Path, layout: Layout, out: str | Path | None,
     if folder and allocation_json is not None and Path(allocation_json).resolve().is_relative_to(Path(out).resolve()):
         raise TbdiagError(f"{allocation_json}: is inside the output folder {out}; write the allocation elsewhere")
     files = [t for t in ((None if folder else out), allocation_json) if t is not None]
-    checked = dict(zip(map(str, files), check_outputs(files, [source]))) if files else {}
+    weights = [out] if out is not None and not folder else []
+    checked = dict(zip(map(str, files), check_outputs(files, [source], overwrite=overwrite, weights=weights))) \
+        if files else {}
     json_path = checked.get(str(allocation_json)) if allocation_json is not None else None
     if out is None or not folder:
         return Target(checked[str(out)] if out is not None else None, json_path)

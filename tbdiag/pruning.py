@@ -142,7 +142,7 @@ def prune(source: str | Path, out: str | Path | None = None, *, sparsity: float,
           epsilon: float = 0.3, max_sparsity: float = 0.99, unit: str = "layer", prune_first_last: bool = False,
           min_evals: int = 50, fit: str = "peak", peak_lower_bound_quirk: bool = False,
           allocation_json: str | Path | None = None, key: str | None = None, trust_pickle: bool = False,
-          device: str = "auto") -> PruneResult:
+          device: str = "auto", overwrite: bool = False) -> PruneResult:
     """Prune a checkpoint's layers by magnitude, each to its allocated sparsity, into a new checkpoint.
 
     Args:
@@ -157,6 +157,7 @@ def prune(source: str | Path, out: str | Path | None = None, *, sparsity: float,
         fit, peak_lower_bound_quirk: the power-law fit of the alphas.
         allocation_json: also write the ``tbdiag.allocation/v1`` JSON here.
         key, trust_pickle, device: as for `tbdiag.analyze`.
+        overwrite: replace an existing checkpoint file named by ``out`` (refused otherwise).
 
     Raises:
         TbdiagError: bad numbers or choices, an output that is an input (or inside an input folder), an
@@ -165,7 +166,7 @@ def prune(source: str | Path, out: str | Path | None = None, *, sparsity: float,
     options = PruneOptions(sparsity, allocation, epsilon, max_sparsity, unit, prune_first_last, min_evals, fit,
                            peak_lower_bound_quirk)
     layout = input_layout(source)
-    target = check_targets(source, layout, out, allocation_json)
+    target = check_targets(source, layout, out, allocation_json, overwrite=overwrite)
     ckpt = open_checkpoint(source, key=key, trust_pickle=trust_pickle)
     if target.out is not None and not ckpt.format.startswith("safetensors"):
         check_dtypes(ckpt)

@@ -255,3 +255,86 @@ def test_control_characters_in_names_and_paths_are_escaped(tmp_path):
     assert_refused(res, "no\\nsuch\\x1b[2J.safetensors")
     res = run("recommend", path, "--map", "x\ny")  # a usage error
     assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1 and "'x\\ny' is not one of" in res.stderr, res.stderr
+
+
+# --- One output rule: an existing checkpoint is never replaced unasked; text outputs never get checkpoint names.
+
+def other_checkpoint(tmp_path: Path, name: str) -> Path:
+    """A checkpoint that is not an input of the command (a typo's victim)."""
+    path = tmp_path / name
+    if name.endswith(".safetensors") or "." not in name:
+        save_file({"w.weight": torch.ones(3, 3)}, path)
+    else:
+        torch.save({"w.weight": torch.ones(3, 3)}, path)
+    return path
+
+
+@pytest.mark.parametrize("option", ["--json", "--csv", "--html"])
+@pytest.mark.parametrize("victim", ["other.safetensors", "other.pt", "weights_without_suffix"])
+def test_analyze_never_replaces_an_existing_checkpoint(ckpt, tmp_path, no_work, option, victim):
+    target = other_checkpoint(tmp_path, victim)
+    before = target.read_bytes()
+    res = run("analyze", ckpt, option, target)
+    expected = "named like a checkpoint" if "." in victim else "is an existing checkpoint"
+    assert_refused(res, expected)
+    assert target.read_bytes() == before
+
+
+def test_a_checkpoint_without_suffix_is_found_by_content_and_overwrite_replaces_it(ckpt, tmp_path):
+    target = other_checkpoint(tmp_path, "weights_without_suffix")
+    res = run("analyze", ckpt, "--json", target)
+    assert_refused(res, "pass --overwrite to replace it")
+    assert json.loads(run("analyze", ckpt, "--json", target, "--overwrite", "-q").exit_code == 0 and
+                      target.read_text())["summary"]["n_layers"] == 4
+
+
+def test_a_text_output_named_like_a_checkpoint_is_refused_even_when_new_or_with_overwrite(ckpt, tmp_path, no_work):
+    res = run("analyze", ckpt, "--json", tmp_path / "new.pt", "--overwrite")
+    assert_refused(res, "give it a .json, .csv or .html name")
+    assert not (tmp_path / "new.pt").exists()
+
+
+def test_earlier_text_outputs_may_still_be_replaced(ckpt, tmp_path):
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / "plain").write_text("an earlier note")  # no suffix, not a checkpoint by content
+    assert run("analyze", ckpt, "--json", tmp_path / "a.json", "--csv", tmp_path / "plain", "-q").exit_code == 0
+    assert json.loads((tmp_path / "a.json").read_text())["summary"]["n_layers"] == 4
+    assert (tmp_path / "plain").read_text().startswith("source,name,kind,")
+
+
+def test_every_command_refuses_an_existing_checkpoint_as_output(ckpt, tmp_path, no_work):
+    victim = other_checkpoint(tmp_path, "victim")
+    before = victim.read_bytes()
+    for args in (["recommend", ckpt, "-o", victim], ["report", ckpt, "--out", victim],
+                 ["diff", ckpt, ckpt, "--json", victim], ["prune", ckpt, "--sparsity", "0.5", "--allocation-json", victim]):
+        assert_refused(run(*args), "is an existing checkpoint")
+        assert victim.read_bytes() == before
+
+
+def test_prune_never_replaces_an_existing_checkpoint_unless_asked(ckpt, tmp_path):
+    victim = other_checkpoint(tmp_path, "victim.safetensors")
+    before = victim.read_bytes()
+    assert_refused(run("prune", ckpt, "--sparsity", "0.5", "--out", victim), "pass --overwrite to replace it")
+    assert victim.read_bytes() == before
+    res = run("prune", ckpt, "--sparsity", "0.5", "--out", victim, "--overwrite", "--prune-first-last", "--min-evals", "10")
+    assert res.exit_code == 0, res.output
+    from safetensors.torch import load_file
+
+    pruned = load_file(victim)
+    assert set(pruned) == {f"l{i}.weight" for i in range(4)}
+
+
+def test_library_error_names_the_parameter_not_the_flag(tmp_path):
+    victim = other_checkpoint(tmp_path, "victim.pt")
+    with pytest.raises(TbdiagError) as err:
+        check_outputs([victim], weights=[victim])
+    assert "overwrite=True" in str(err.value) and "--overwrite" not in str(err.value)
+    assert check_outputs([victim], weights=[victim], overwrite=True) == [victim.resolve()]
+
+
+def test_train_report_is_checked_like_every_output(tmp_path):
+    victim = other_checkpoint(tmp_path, "victim.pt")
+    before = victim.read_bytes()
+    res = run("train", "--out", tmp_path / "run", "--report", victim, "--epochs", "1")
+    assert_refused(res, "named like a checkpoint")
+    assert victim.read_bytes() == before and not (tmp_path / "run").exists()

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tbdiag.cli.common import (FLAG, Estimator, Fit, Outputs, Precision, choices, err_console, out_console, require,
+from tbdiag.cli.common import (FLAG, OVERWRITE_HELP, Estimator, Fit, Outputs, Precision, choices, err_console, out_console, require,
                                require_finite, user_errors)
 
 FIT, LAYERS, INPUT, COMPUTE, OUTPUT = "Power-law fit", "Layers", "Input", "Compute", "Output"
@@ -43,6 +43,7 @@ def analyze_command(
     json_out: Annotated[Optional[str], typer.Option("--json", metavar="FILE", help="Write the analysis JSON here ('-' for stdout).", rich_help_panel=OUTPUT)] = None,
     csv_out: Annotated[Optional[str], typer.Option("--csv", metavar="FILE", help="Write one CSV row per layer here ('-' for stdout).", rich_help_panel=OUTPUT)] = None,
     html: Annotated[Optional[str], typer.Option("--html", metavar="FILE", help="Write an HTML report here (a comparison for several paths).", rich_help_panel=OUTPUT)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", metavar=FLAG, help=OVERWRITE_HELP, rich_help_panel=OUTPUT)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar=FLAG, help="No table.", rich_help_panel=OUTPUT)] = False,
     plan: Annotated[bool, typer.Option("--plan", metavar=FLAG, help="Only print what would be analysed and an estimate of the time.", rich_help_panel=OUTPUT)] = False,
 ) -> None:
@@ -59,7 +60,8 @@ def analyze_command(
             raise TbdiagError("--html -: an HTML report goes to a file; name one")
         if both and base is None:
             raise TbdiagError("--both: shows the weights beside their change, which needs --base BASE; add it")
-        outputs = Outputs.check({"--json": json_out, "--csv": csv_out, "--html": html}, [*paths, *([base] if base else [])])
+        outputs = Outputs.check({"--json": json_out, "--csv": csv_out, "--html": html}, [*paths, *([base] if base else [])],
+                                overwrite=overwrite)
         options = AnalyzeOptions(fit=fit.value, xmin_pos=xmin_pos, conv_norm=conv_norm, min_evals=min_evals,
                                  include=tuple(include or ()), exclude=tuple(exclude or ()),
                                  include_embeddings=embeddings, device=device, precision=precision.value,

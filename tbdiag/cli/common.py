@@ -95,6 +95,9 @@ class Unit(str, Enum):
     block = "block"
 
 
+OVERWRITE_HELP = "Replace an existing checkpoint named as an output (refused without it)."
+
+
 def choices(enum: type[Enum]) -> str:
     """The metavar of a choice option, ``[a|b|c]``: written here so that help does not depend on Typer."""
     return "[" + "|".join(str(m.value) for m in enum) + "]"
@@ -127,7 +130,7 @@ class Outputs:
     stdout: str | None
 
     @classmethod
-    def check(cls, targets: Mapping[str, str | None], inputs: Sequence[str | Path]) -> Outputs:
+    def check(cls, targets: Mapping[str, str | None], inputs: Sequence[str | Path], *, overwrite: bool = False) -> Outputs:
         from tbdiag.outputs import check_outputs
 
         chosen = {option: t for option, t in targets.items() if t is not None}
@@ -136,7 +139,8 @@ class Outputs:
             raise TbdiagError(f"{' and '.join(f'{o} -' for o in to_stdout)}: only one of them can go to stdout; "
                               "write the other to a file")
         files = {option: t for option, t in chosen.items() if t != STDOUT}
-        return cls(dict(zip(files, check_outputs(list(files.values()), inputs))), to_stdout[0] if to_stdout else None)
+        checked = check_outputs(list(files.values()), inputs, overwrite=overwrite)
+        return cls(dict(zip(files, checked)), to_stdout[0] if to_stdout else None)
 
     def write(self, texts: Mapping[str, str]) -> None:
         """Write every file (all or none), then the standard-output one."""

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tbdiag.cli.common import FLAG, Fit, Outputs, choices, err_console, out_console, require, user_errors
+from tbdiag.cli.common import FLAG, OVERWRITE_HELP, Fit, Outputs, choices, err_console, out_console, require, user_errors
 
 
 def diff_command(
@@ -18,6 +18,7 @@ def diff_command(
     top: Annotated[int, typer.Option(metavar="N", help="Rows in the table (0: all); the JSON always has all.")] = 0,
     json_out: Annotated[Optional[str], typer.Option("--json", metavar="FILE", help="Write the tbdiag.diff/v1 JSON here ('-' for stdout).")] = None,
     html: Annotated[Optional[str], typer.Option("--html", metavar="FILE", help="Write the comparison report of A and B here.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", metavar=FLAG, help=OVERWRITE_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", metavar=FLAG, help="No table.")] = False,
 ) -> None:
     """Per-layer change of alpha and the other metrics from A to B, largest change of alpha first."""
@@ -27,7 +28,7 @@ def diff_command(
         require(top >= 0, "--top", top, "must be 0 (all rows) or more")
         if html == "-":
             raise TbdiagError("--html -: an HTML report goes to a file; name one")
-        outputs = Outputs.check({"--json": json_out, "--html": html}, [a, b])
+        outputs = Outputs.check({"--json": json_out, "--html": html}, [a, b], overwrite=overwrite)
         analyses = _load_both(a, b, fit.value if fit is not None else None, device, keep_spectra=html is not None)
         from tbdiag.diff import diff
         from tbdiag.export import jsonable

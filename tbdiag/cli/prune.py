@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tbdiag.cli.common import (FLAG, STDOUT, Fit, Unit, choices, err_console, out_console, require, require_finite,
+from tbdiag.cli.common import (FLAG, OVERWRITE_HELP, STDOUT, Fit, Unit, choices, err_console, out_console, require, require_finite,
                                safe, user_errors)
 
 ALLOC, LAYERS, FIT, INPUT, OUTPUT = "Allocation", "Layers", "Alpha fit", "Input", "Output"
@@ -35,6 +35,7 @@ def prune_command(
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N (for the alphas).", rich_help_panel=INPUT)] = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="NEW", help="Write the pruned checkpoint here: a safetensors file, or for a model folder a new folder with its config and tokenizer files (a single-file folder may also go to a .safetensors file).", rich_help_panel=OUTPUT)] = None,
     allocation_json: Annotated[Optional[str], typer.Option("--allocation-json", metavar="FILE", help="Write the per-layer sparsities (tbdiag.allocation/v1) here ('-': stdout), e.g. for Wanda or SparseGPT.", rich_help_panel=OUTPUT)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", metavar=FLAG, help=OVERWRITE_HELP, rich_help_panel=OUTPUT)] = False,
     plan_only: Annotated[bool, typer.Option("--plan-only", metavar=FLAG, help="Only show the allocation; write no weights.", rich_help_panel=OUTPUT)] = False,
 ) -> None:
     """Prune the smallest-magnitude weights of each layer to a sparsity allocated from its alpha (or uniform)."""
@@ -58,7 +59,7 @@ def prune_command(
                        max_sparsity=max_sparsity, unit=unit.value, prune_first_last=prune_first_last,
                        min_evals=min_evals, fit=fit.value, peak_lower_bound_quirk=peak_quirk,
                        allocation_json=None if allocation_json == STDOUT else allocation_json, key=key,
-                       trust_pickle=trust_pickle, device=device)
+                       trust_pickle=trust_pickle, device=device, overwrite=overwrite)
         console = out_console
         if allocation_json == STDOUT:
             typer.echo(result.to_json(), nl=False)

@@ -11,7 +11,7 @@ import typer
 
 from enum import Enum
 
-from tbdiag.cli.common import (FLAG, Fit, MapName, Metric, Outputs, Unit, choices, out_console, require,
+from tbdiag.cli.common import (FLAG, OVERWRITE_HELP, Fit, MapName, Metric, Outputs, Unit, choices, out_console, require,
                                require_finite, safe, user_errors)
 
 MAP, INPUT, ALLOC = "TempBalance map", "Input", "Other targets"
@@ -39,6 +39,7 @@ def recommend_command(
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", metavar=FLAG, help="Allow full unpickling (trusted files only).", rich_help_panel=INPUT)] = False,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.", rich_help_panel=INPUT)] = "auto",
     out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="FILE", help="Write the JSON here ('-': stdout): tbdiag.multipliers/v1, or tbdiag.allocation/v1 for other targets.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", metavar=FLAG, help=OVERWRITE_HELP)] = False,
     target: Annotated[Target, typer.Option(metavar=choices(Target), help="lr: TempBalance multipliers; weight_decay: AlphaDecay; sparsity: AlphaPruning; lora_rank: LoRA ranks.", rich_help_panel=ALLOC)] = Target.lr,
     weight_decay: Annotated[Optional[float], typer.Option(metavar="WD", help="weight_decay: the base weight decay, to show each layer's.", rich_help_panel=ALLOC)] = None,
     sparsity: Annotated[float, typer.Option(metavar="S", help="sparsity: mean sparsity over the layers, 0 ≤ S < 1.", rich_help_panel=ALLOC)] = 0.5,
@@ -68,7 +69,7 @@ def recommend_command(
             require(lr > 0, "--lr", lr, "must be positive; e.g. 0.1")
         if target == Target.lora_rank:
             require(budget > 0, "--budget", budget, "lora_rank needs a rank budget; e.g. --budget 256")
-        outputs = Outputs.check({"--out": out}, [path])
+        outputs = Outputs.check({"--out": out}, [path], overwrite=overwrite)
         analysis = analyze(str(path), fit=fit.value, key=key, trust_pickle=trust_pickle, device=device)
         rule = dict(unit=unit.value, exclude_first_last=not keep_first_last, min_evals=min_evals,
                     include=tuple(include or ()), exclude=tuple(exclude or ()))

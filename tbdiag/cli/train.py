@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tbdiag.cli.common import err_console, user_errors
+from tbdiag.cli.common import FLAG, OVERWRITE_HELP, err_console, user_errors
 from tbdiag.runconfig import CHOICES
 
 RUN, DATA, OPT, TB, BASE = "Run", "Data", "Optimisation", "TempBalance", "Baselines"
@@ -36,6 +36,7 @@ def train_command(
     multipliers: Annotated[Optional[str], typer.Option(metavar="FILE", help="Start with these TempBalance multipliers (tbdiag recommend --out).", rich_help_panel=RUN)] = None,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.", rich_help_panel=RUN)] = "auto",
     report: Annotated[Optional[Path], typer.Option(metavar="FILE", help="Rewrite this HTML run report after every epoch.", rich_help_panel=RUN)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", metavar=FLAG, help=OVERWRITE_HELP, rich_help_panel=RUN)] = False,
     data: Annotated[Optional[Data], typer.Option(help="Data set (default cifar10).", rich_help_panel=DATA)] = None,
     data_dir: Annotated[Optional[str], typer.Option(metavar="PATH", help="Folder (or .npz file) with the data set's files.", rich_help_panel=DATA)] = None,
     synthetic_size: Annotated[Optional[int], typer.Option(metavar="N", help="Training images of --data synthetic, ≥ 10 (default 512).", rich_help_panel=DATA)] = None,
@@ -64,10 +65,11 @@ def train_command(
              if k in TrainConfig.__dataclass_fields__ and v is not None}
     with user_errors(), _options_named():
         config, folder = _config(given, out, resume)
-        if report is not None and not report.parent.is_dir():
-            from tbdiag.errors import TbdiagError
+        if report is not None:
+            from tbdiag.outputs import check_outputs
 
-            raise TbdiagError(f"--report {report}: folder {report.parent} does not exist; create it first")
+            read = [p for p in (config.init_from, config.multipliers, folder if resume is not None else None) if p]
+            (report,) = check_outputs([report], read, overwrite=overwrite)
         history = _train_with_progress(config, folder, device, resume is not None, report)
         if history:
             last = history[-1]

@@ -153,12 +153,13 @@ def load_inputs(paths: Sequence[str], **analyze_options) -> tuple[str, list]:
     return ("runs", runs) if runs else ("analyses", analyses)
 
 
-def write_report(paths: Sequence[str], out: str | Path, **analyze_options) -> str:
+def write_report(paths: Sequence[str], out: str | Path, *, overwrite: bool = False, **analyze_options) -> str:
     """Render the report that fits the inputs and write it atomically; returns its kind.
 
-    ``out`` is checked first (`tbdiag.outputs.check_outputs`): never an input nor a file of an input folder.
+    ``out`` is checked first (`tbdiag.outputs.check_outputs`): never an input nor a file of an input folder,
+    never an existing checkpoint unless ``overwrite``.
     """
-    (target,) = check_outputs([out], paths)
+    (target,) = check_outputs([out], paths, overwrite=overwrite)
     kind, items = load_inputs(paths, **analyze_options)
     if kind == "runs":
         html, kind = run_report(items), "run"
