@@ -1,7 +1,9 @@
-"""``AnalyzeOptions``: everything that decides an analysis' numbers, checked where it is made."""
+"""``AnalyzeOptions``: everything that decides an analysis' numbers, checked where it is made (the one
+place its ranges are stated: the CLI passes numbers through and reports these checks with its flags)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,16 +65,21 @@ class AnalyzeOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        checks = [
+        finite = {name: math.isfinite(getattr(self, name)) for name in ("xmin_pos", "conv_norm", "farms_ratio")}
+        checks = [  # in order: the first that fails is reported
             ("fit", self.fit in FITS, f"unknown estimator; use one of {', '.join(FITS)}"),
-            ("xmin_pos", self.xmin_pos >= 1, "must be at least 1 (2 puts xmin at the median)"),
+            ("xmin_pos", finite["xmin_pos"] and self.xmin_pos >= 1,
+             "must be a finite number of at least 1 (2 puts xmin at the median)"),
+            ("conv_norm", finite["conv_norm"], "must be a finite positive number (the reference uses 0.5)"),
             ("conv_norm", self.conv_norm > 0, "must be positive (the reference uses 0.5)"),
+            ("min_evals", self.min_evals >= 2, "a fit needs at least 2 eigenvalues"),
+            ("peak_bins", self.peak_bins >= 1, "needs at least 1 bin (the default is 100)"),
             ("precision", self.precision in PRECISIONS, "use float64 or float32"),
             ("estimator", self.estimator in ("full", "farms"), "use full or farms"),
-            ("farms_per_dim", self.farms_per_dim >= 1, "must be at least 1"),
-            ("farms_ratio", self.farms_ratio > 0, "must be positive"),
             ("farms_window", self.farms_window >= 0, "must be 0 (half the smaller side) or more"),
-            ("min_evals", self.min_evals >= 2, "a fit needs at least 2 eigenvalues"),
+            ("farms_per_dim", self.farms_per_dim >= 1, "must be at least 1"),
+            ("farms_ratio", finite["farms_ratio"] and self.farms_ratio > 0,
+             "must be a finite positive number (1: square windows)"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -83,7 +90,7 @@ class AnalyzeOptions:
                               f"{self.estimator} estimator: use the full estimator",
                               cli={"randomize": "--randomize", "the full estimator": "--estimator full"})
         if not 0 <= self.seed < 2 ** 63:
-            raise TbdiagError(f"seed {self.seed}: must be a whole number from 0 to 2^63 − 1")
+            raise TbdiagError(f"seed {self.seed}: must be a whole number from 0 to 2^63 − 1", cli={"seed ": "--seed "})
 
     def fit_kwargs(self) -> dict[str, Any]:
         """Arguments of the chosen estimator."""

@@ -86,7 +86,7 @@ def test_randomize_cli_json_round_trip_and_report(planted, tmp_path):
     assert to_json([back]).count('"traps"') == 3
     page = html.read_text()
     assert "trap at λ" in page and "W[5, 7] = 60.000" in page and "shuffled" in page
-    one_line_error(run("analyze", src, "--randomize", "--seed", "-1"), "--seed -1: must be 0 or more")
+    one_line_error(run("analyze", src, "--randomize", "--seed", "-1"), "--seed -1: must be a whole number from 0")
     one_line_error(run("analyze", src, "--randomize", "--estimator", "farms"), "use --estimator full")
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from tbdiag.cli.common import (FLAG, OVERWRITE_HELP, Estimator, Fit, Outputs, Precision, choices, err_console, out_console, require,
-                               require_finite, user_errors)
+from tbdiag.cli.common import (FLAG, OVERWRITE_HELP, Estimator, Fit, Outputs, Precision, choices, err_console, out_console,
+                               user_errors)
 
 FIT, LAYERS, INPUT, COMPUTE, OUTPUT = "Power-law fit", "Layers", "Input", "Compute", "Output"
 COMPARE = "Randomise and compare"
@@ -54,14 +53,10 @@ def analyze_command(
     from tbdiag.export import to_csv, to_json
 
     with user_errors():
-        _check_ranges(xmin_pos, conv_norm, min_evals, peak_bins, farms_window, farms_windows, farms_ratio)
-        require(seed >= 0, "--seed", seed, "must be 0 or more")
         if html == "-":
             raise TbdiagError("--html -: an HTML report goes to a file; name one")
         if both and base is None:
             raise TbdiagError("--both: shows the weights beside their change, which needs --base BASE; add it")
-        outputs = Outputs.check({"--json": json_out, "--csv": csv_out, "--html": html}, [*paths, *([base] if base else [])],
-                                overwrite=overwrite)
         options = AnalyzeOptions(fit=fit.value, xmin_pos=xmin_pos, conv_norm=conv_norm, min_evals=min_evals,
                                  include=tuple(include or ()), exclude=tuple(exclude or ()),
                                  include_embeddings=embeddings, device=device, precision=precision.value,
@@ -69,6 +64,8 @@ def analyze_command(
                                  trust_pickle=trust_pickle, split_qkv=split_qkv, estimator=estimator.value,
                                  farms_window=farms_window, farms_per_dim=farms_windows, farms_ratio=farms_ratio,
                                  randomize=randomize, seed=seed)
+        outputs = Outputs.check({"--json": json_out, "--csv": csv_out, "--html": html}, [*paths, *([base] if base else [])],
+                                overwrite=overwrite)
         if plan:
             from tbdiag.cli.render import plan_table
             from tbdiag.plan import make_plan
@@ -105,21 +102,6 @@ def analyze_command(
             for a in analyses:
                 console.print(analysis_table(a))
                 console.print(summary_text(a))
-
-
-def _check_ranges(xmin_pos: float, conv_norm: float, min_evals: int, peak_bins: int, farms_window: int,
-                  farms_windows: int, farms_ratio: float) -> None:
-    """One-line errors for numbers out of range (the parser lets nan, inf and negatives through)."""
-    require(math.isfinite(xmin_pos) and xmin_pos >= 1, "--xmin-pos", xmin_pos,
-            "must be a finite number of at least 1 (2 puts xmin at the median)")
-    require_finite(conv_norm, "--conv-norm", "must be a finite positive number (the reference uses 0.5)")
-    require(conv_norm > 0, "--conv-norm", conv_norm, "must be positive (the reference uses 0.5)")
-    require(min_evals >= 2, "--min-evals", min_evals, "a fit needs at least 2 eigenvalues")
-    require(peak_bins >= 1, "--peak-bins", peak_bins, "needs at least 1 bin (the default is 100)")
-    require(farms_window >= 0, "--farms-window", farms_window, "must be 0 (half the smaller side) or more")
-    require(farms_windows >= 1, "--farms-windows", farms_windows, "must be at least 1")
-    require(math.isfinite(farms_ratio) and farms_ratio > 0, "--farms-ratio", farms_ratio,
-            "must be a finite positive number (1: square windows)")
 
 
 def _views(path: Path, base: Path | None, both: bool) -> list[str | None]:
