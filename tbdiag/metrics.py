@@ -132,6 +132,9 @@ def _row(name: str, kind: str, shape: tuple[int, ...], evals: torch.Tensor, pl: 
 def summarize(rows: Sequence[LayerResult], fit: str) -> dict:
     """Model-level summary: alpha statistics over fitted layers and the layers outside the HT-SR bands.
 
+    ``alpha_std`` is the population standard deviation (ddof 0) of the fitted alphas: how unevenly the
+    layers are trained, the imbalance number of the model-balancing follow-up to TempBalance.
+
     ``over_trained``/``under_trained`` list layers only when ``fit`` is `BANDS_FIT`, the fit the bands were
     calibrated on; for any other fit they are ``None`` (JSON ``null``): no reading, rather than a wrong one.
     ``bands_fit`` names the fit the bands belong to.
@@ -147,6 +150,7 @@ def summarize(rows: Sequence[LayerResult], fit: str) -> dict:
         "n_fitted": len(fitted),
         "alpha_mean": statistics.fmean(alphas) if alphas else math.nan,
         "alpha_median": statistics.median(alphas) if alphas else math.nan,
+        "alpha_std": statistics.pstdev(alphas) if alphas else math.nan,  # the spread across layers, ddof 0
         "alpha_weighted_mean": statistics.fmean(weighted) if weighted else math.nan,
         "over_trained": [r.name for r in fitted if r.alpha < OVER_TRAINED_BELOW] if fit == BANDS_FIT else None,
         "under_trained": [r.name for r in fitted if r.alpha > UNDER_TRAINED_ABOVE] if fit == BANDS_FIT else None,

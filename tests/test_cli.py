@@ -298,3 +298,18 @@ def test_maps_refuse_bad_input_without_naming_cli_flags(args, message):
     with pytest.raises(TbdiagError) as info:
         multipliers(*args)
     assert message in str(info.value) and "--" not in str(info.value)
+
+
+def test_alpha_spread_in_the_json_the_table_footer_and_the_report_cards(tmp_path):
+    """alpha_std: the population std (ddof 0) of the fitted layers' alphas, everywhere the summary shows."""
+    import statistics
+
+    res = run("analyze", SAMPLES / "mlp_sharded", "--fit", "median", "--json", tmp_path / "a.json", "--html",
+              tmp_path / "a.html")
+    assert res.exit_code == 0, res.output
+    doc = json.loads((tmp_path / "a.json").read_text())
+    alphas = [row["alpha"] for row in doc["layers"] if row["status"] == "ok"]
+    assert len(alphas) >= 2 and doc["summary"]["alpha_std"] == pytest.approx(statistics.pstdev(alphas))
+    assert f"alpha spread (std) {doc['summary']['alpha_std']:.3f}" in res.stdout
+    html = (tmp_path / "a.html").read_text()
+    assert f'alpha spread (std)</div><div class="v">{doc["summary"]["alpha_std"]:.2f}<' in html

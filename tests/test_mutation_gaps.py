@@ -437,12 +437,14 @@ def test_summary_statistics_bands_and_status_counts():
     alphas = [2.0, 1.5, 6.5, 6.0]
     assert s == {"n_layers": 7, "n_fitted": 4, "alpha_mean": pytest.approx(sum(alphas) / 4),
                  "alpha_median": pytest.approx(4.0), "alpha_weighted_mean": pytest.approx(sum(alphas) / 4),
+                 "alpha_std": pytest.approx(math.sqrt(20.5 / 4)),  # ddof 0: squared deviations 4 + 6.25 + 6.25 + 4
                  "over_trained": ["b"], "under_trained": ["c"],  # 2.0 and 6.0 are inside the bands
                  "bands_fit": "ks", "status_counts": {"ok": 4, "too_few_evals": 1, "degenerate": 2}}
     assert summarize(rows, "median") == {**s, "over_trained": None, "under_trained": None}  # no reading, not a wrong one
     empty = summarize([_row_with(math.nan, "degenerate")], "ks")
     assert empty["n_fitted"] == 0 and math.isnan(empty["alpha_mean"]) and math.isnan(empty["alpha_median"])
     assert math.isnan(empty["alpha_weighted_mean"]) and empty["status_counts"] == {"degenerate": 1}
+    assert math.isnan(empty["alpha_std"]) and summarize([_row_with(3.0)], "ks")["alpha_std"] == 0.0
 
 
 def test_band_flags_only_for_the_fit_they_were_calibrated_on():

@@ -70,7 +70,8 @@ def summary_text(a: Analysis) -> Text:
     s = a.summary
     text = Text()
     text.append(f"{s['n_fitted']}/{s['n_layers']} layers fitted · mean alpha {fmt(s['alpha_mean'])} · "
-                f"median alpha {fmt(s['alpha_median'])} · mean weighted alpha {fmt(s['alpha_weighted_mean'])}\n")
+                f"median alpha {fmt(s['alpha_median'])} · alpha spread (std) {fmt(s.get('alpha_std', math.nan))} · "
+                f"mean weighted alpha {fmt(s['alpha_weighted_mean'])}\n")
     flags = band_flags(s, a.options.fit)
     if flags is None:
         text.append(f"HT-SR bands (alpha < {OVER_TRAINED_BELOW:g} possibly over-trained, > {UNDER_TRAINED_ABOVE:g} "
