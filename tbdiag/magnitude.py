@@ -1,10 +1,46 @@
-"""Magnitude pruning of one tensor: exactly ``k`` entries, those of smallest |w|, set to zero in place."""
+"""Magnitude pruning of one tensor: exactly ``k`` entries, those of smallest |w|, set to zero in place.
+
+Zeros already in a tensor are its smallest magnitudes, so pruning to ``k`` zeroes them first: a tensor that
+holds ``z`` zeros holds max(z, k) after `prune_smallest_` — the target counts every zero of the output.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
+
+# (zeros in the input, zeros in the output) of each pruned slice: None for a whole tensor, e for expert e
+Counts = dict[int | None, tuple[int, int]]
+
+
+def count_zeros(weight: torch.Tensor) -> int:
+    """The entries equal to zero (``-0.0`` included; NaN is not zero)."""
+    return int(torch.count_nonzero(weight == 0))
+
+
+def prune_slices_(weight: torch.Tensor, cuts: Mapping[int | None, int]) -> Counts:
+    """Prune, in place, each slice of a contiguous tensor to ``k`` zeros (``cuts``: slice → k; None is the
+    whole tensor, ``e`` the slice ``weight[e]`` of a stack of expert matrices, each pruned on its own).
+    A slice that already holds ``k`` zeros or more is left as it is. Returns (zeros before, zeros after)."""
+    out: Counts = {}
+    for index, k in cuts.items():
+        part = weight if index is None else weight[index]
+        before = count_zeros(part)
+        if k > before:
+            prune_smallest_(part, k)
+        out[index] = (before, count_zeros(part))
+    return out
+
+
+def expected_counts(weight: torch.Tensor, cuts: Mapping[int | None, int]) -> Counts:
+    """What `prune_slices_` would give, without changing ``weight``: (z, max(z, k)) per slice."""
+    out: Counts = {}
+    for index, k in cuts.items():
+        before = count_zeros(weight if index is None else weight[index])
+        out[index] = (before, max(before, k))
+    return out
 
 
 def prune_smallest_(weight: torch.Tensor, k: int) -> torch.Tensor:

@@ -5,37 +5,30 @@ shards under their names (PyTorch shards as safetensors), the index, and the fol
 tokenizer, model card — so that the pruned model loads as the original did; weights in other formats
 (``tf_model.h5``, ``*.onnx``) are left out, as they would not be pruned. A single-file folder may also be
 written to a ``.safetensors`` file (the weights alone). Everything goes to temporaries first and is renamed
-at the end, all or nothing; at most one input tensor is held at a time.
+at the end, all or nothing; at most one input tensor is held at a time. The tensors of each file are written
+by `tbdiag.pruned_tensors` (its layout kept, tied names kept), which counts the zeros each pruned one holds.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
-import struct
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-import torch
-
-from tbdiag.checkpoint import _folder_shards, _index_shards, _order_key  # the reader's own rules, not copies
-from tbdiag.checkpoint import ST_INDEX, TORCH_INDEX, clean_name, open_checkpoint, order_metadata
+from tbdiag.checkpoint import _folder_shards, _index_shards  # the reader's own rules, not copies
+from tbdiag.checkpoint import ST_INDEX, TORCH_INDEX, open_checkpoint
 from tbdiag.errors import TbdiagError
 from tbdiag.outputs import READ_SUFFIXES, check_outputs, fill, replace_all, temporary_beside, usual_mode
-from tbdiag.magnitude import prune_smallest_
+from tbdiag.magnitude import Counts, expected_counts
 from tbdiag.model_folder import copy_companions, companions
-from tbdiag.st_reader import DTYPES, read_header, tensor_loader
-from tbdiag.tensors import Checkpoint, TensorRef, numel
+from tbdiag.pruned_tensors import ST_DTYPE_NAMES, Cuts, copy_safetensors, tied_names, write_refs
+from tbdiag.tensors import Checkpoint, numel
 
-log = logging.getLogger(__name__)
-
-COPY_CHUNK = 16 << 20  # bytes copied at a time for the tensors that are kept as they are
-ST_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+Written = dict[str, Counts]  # tensor name → (zeros before, zeros after) of each pruned slice
 
 
 @dataclass(frozen=True)
@@ -73,6 +66,15 @@ def input_layout(source: str | Path) -> Layout:
             return Layout(tuple(_index_shards(path, path / name)), path, path / name)
     shards, _ = _folder_shards(path)
     return Layout(tuple(shards), path)
+
+
+def refuse_empty(source: str | Path, out: str | Path | None, allocation_json: str | Path | None) -> None:
+    """An empty path names no file (``Path("")`` would be the working folder)."""
+    for what, value, cli, name in (("source", source, "PATH", "a checkpoint file or folder"),
+                                   ("out", out, "--out", "a new file or folder for the pruned weights"),
+                                   ("allocation_json", allocation_json, "--allocation-json", "a .json file")):
+        if value is not None and not str(value).strip():
+            raise TbdiagError(f"{what} path is empty; name {name}", cli={f"{what} path": cli})
 
 
 def check_targets(source: str | Path, layout: Layout, out: str | Path | None,
@@ -128,25 +130,32 @@ def check_dtypes(ckpt: Checkpoint) -> None:
                               "hold; convert or drop it before pruning")
 
 
-def commit(target: Target, ckpt: Checkpoint, layout: Layout, pruned: dict[str, int], allocation_json: str | None,
-           *, key: str | None, trust_pickle: bool) -> None:
-    """Write the weights (``pruned``: tensor name → entries to zero) and the allocation JSON text to
-    temporaries first, then put them all in place (or none)."""
+def commit(target: Target, ckpt: Checkpoint, layout: Layout, cuts: Cuts,
+           allocation_json: Callable[[Written], str], *, key: str | None, trust_pickle: bool) -> Written:
+    """Write the weights (``cuts``: tensor name → {slice: zeros to reach}, see `tbdiag.pruned_tensors`), then
+    the allocation JSON text made from the zeros the weights hold, to temporaries first, then put them all in
+    place (or none). Returns the zero counts (of the weights written; without weights, of the input pruned
+    as it would be)."""
     out, json_path = target.out, target.allocation_json
     temps: list[tuple[Path, Path]] = []
     staged: Path | None = None
+    written: Written = {}
     try:
-        if json_path is not None and allocation_json is not None:
-            temps.append((json_path, temporary_beside(json_path)))
-            fill(temps[-1][1], lambda tmp: tmp.write_text(allocation_json, encoding="utf-8"))
         if out is not None and target.folder:
             staged = _staging_folder(out)
-            _write_folder(staged, ckpt, layout, pruned, key=key, trust_pickle=trust_pickle)
+            _write_folder(staged, ckpt, layout, cuts, written, key=key, trust_pickle=trust_pickle)
             assert layout.folder is not None
             copy_companions(layout.folder, target.companions, staged)
         elif out is not None:
             temps.append((out, temporary_beside(out)))
-            fill(temps[-1][1], lambda tmp: _write_file(tmp, ckpt, layout.shards[0], ckpt.tensors, pruned))
+            fill(temps[-1][1], lambda tmp: written.update(_write_file(tmp, ckpt, layout.shards[0], cuts, key=key,
+                                                                      trust_pickle=trust_pickle)))
+        else:
+            written = zero_counts(ckpt, cuts)
+        if json_path is not None:
+            text = allocation_json(written)
+            temps.append((json_path, temporary_beside(json_path)))
+            fill(temps[-1][1], lambda tmp: tmp.write_text(text, encoding="utf-8"))
         undo = _place(staged, out) if staged is not None and out is not None else None
         try:
             replace_all(temps)
@@ -164,6 +173,12 @@ def commit(target: Target, ckpt: Checkpoint, layout: Layout, pruned: dict[str, i
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink(missing_ok=True)
+    return written
+
+
+def zero_counts(ckpt: Checkpoint, cuts: Cuts) -> Written:
+    """The zeros each pruned slice holds now and would hold pruned, reading one tensor at a time."""
+    return {r.name: expected_counts(r.load(), cuts[r.name]) for r in ckpt.tensors if r.name in cuts}
 
 
 def _staging_folder(out: Path) -> Path:
@@ -199,8 +214,8 @@ def _place(staged: Path, out: Path) -> Callable[[], None]:
     return take_back
 
 
-def _write_folder(tmp: Path, ckpt: Checkpoint, layout: Layout, pruned: dict[str, int], *, key: str | None,
-                  trust_pickle: bool) -> None:
+def _write_folder(tmp: Path, ckpt: Checkpoint, layout: Layout, cuts: Cuts, written: Written, *,
+                  key: str | None, trust_pickle: bool) -> None:
     """Every shard of a folder input into ``tmp``, under the names it has (safetensors) or their safetensors
     names (``pytorch_model-00001-of-00002.bin`` → ``model-00001-of-00002.safetensors``), and the index."""
     assert layout.folder is not None
@@ -213,9 +228,13 @@ def _write_folder(tmp: Path, ckpt: Checkpoint, layout: Layout, pruned: dict[str,
             rel = rel.with_name(rel.name.replace("pytorch_model", "model", 1)).with_suffix(".safetensors")
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         part = open_checkpoint(shard, key=key, trust_pickle=trust_pickle)
-        fill(tmp / rel, lambda dst, part=part, shard=shard: _write_file(dst, part, shard, part.tensors, pruned))
-        weight_map.update({t.name: rel.as_posix() for t in part.tensors})
-        size += sum(numel(t.shape) * t.dtype.itemsize for t in part.tensors)
+        names = None if st else tied_names(shard, part.tensors, key=key, trust_pickle=trust_pickle)
+        fill(tmp / rel, lambda dst, part=part, shard=shard, names=names:
+             written.update(_write_file(dst, part, shard, cuts, names=names)))
+        refs = {t.name: t for t in part.tensors}
+        for name, source in names or [(t.name, t.name) for t in part.tensors]:
+            weight_map[name] = rel.as_posix()
+            size += numel(refs[source].shape) * refs[source].dtype.itemsize
     if layout.index is None:
         return
     if st:
@@ -225,69 +244,12 @@ def _write_folder(tmp: Path, ckpt: Checkpoint, layout: Layout, pruned: dict[str,
     fill(tmp / ST_INDEX, lambda dst: dst.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8"))
 
 
-def _write_file(dst: Path, ckpt: Checkpoint, src: Path, refs: Sequence[TensorRef], pruned: dict[str, int]) -> None:
+def _write_file(dst: Path, ckpt: Checkpoint, src: Path, cuts: Cuts, *, names: list[tuple[str, str]] | None = None,
+                key: str | None = None, trust_pickle: bool = False) -> Written:
+    """One file of pruned weights: a safetensors input copied with its layout, a PyTorch one under every
+    name it holds (``names``: found here unless given)."""
     if ckpt.format.startswith("safetensors"):
-        _copy_safetensors(src, dst, pruned)
-    else:
-        _write_refs(dst, refs, pruned)
-
-
-def _header_bytes(header: dict) -> bytes:
-    """A safetensors header: its length (8 bytes, little-endian), then the JSON padded with spaces to 8 bytes."""
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def _copy_safetensors(src: Path, dst: Path, pruned: dict[str, int]) -> None:
-    """``src`` with the same tensor entries and data offsets; the tensors in ``pruned`` (clean names → entries
-    to zero) pruned, every other one's bytes copied; the reader's order recorded in ``tbdiag_order``."""
-    header, metadata, start = read_header(src)
-    order = sorted(header, key=_order_key(metadata))
-    physical = sorted(header, key=lambda k: header[k]["data_offsets"][0])
-    new_header = {"__metadata__": {**metadata, **order_metadata(order)}, **{k: header[k] for k in physical}}
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        fout.write(_header_bytes(new_header))
-        for k in physical:
-            begin, end = header[k]["data_offsets"]
-            name = clean_name(k)
-            if name in pruned:
-                load, _ = tensor_loader(src, header[k], start)
-                _write_tensor(fout, prune_smallest_(load(), pruned[name]))
-                log.debug("%s: %s pruned", dst, name)
-            else:
-                _copy_bytes(fin, fout, start + begin, end - begin, src)
-
-
-def _copy_bytes(fin: BinaryIO, fout: BinaryIO, offset: int, length: int, src: Path) -> None:
-    fin.seek(offset)
-    while length > 0:
-        chunk = fin.read(min(COPY_CHUNK, length))
-        if not chunk:
-            raise TbdiagError(f"{src}: file ended inside a tensor (truncated while pruning); re-download it")
-        fout.write(chunk)
-        length -= len(chunk)
-
-
-def _write_refs(dst: Path, refs: Sequence[TensorRef], pruned: dict[str, int]) -> None:
-    """A safetensors file of the tensors of a PyTorch checkpoint: larger dtypes first in the file (each tensor
-    stays aligned, as the safetensors library writes), model order in ``tbdiag_order``."""
-    physical = sorted(refs, key=lambda r: (-r.dtype.itemsize, r.name))
-    header: dict = {"__metadata__": order_metadata([r.name for r in refs])}
-    offset = 0
-    for r in physical:
-        size = numel(r.shape) * r.dtype.itemsize
-        header[r.name] = {"dtype": ST_DTYPE_NAMES[r.dtype], "shape": list(r.shape),
-                          "data_offsets": [offset, offset + size]}
-        offset += size
-    with open(dst, "wb") as fout:
-        fout.write(_header_bytes(header))
-        for r in physical:
-            tensor = r.load().detach()
-            if r.name in pruned:  # a copy: never change the tensors of a loaded file or a caller's state dict
-                tensor = prune_smallest_(tensor.clone(memory_format=torch.contiguous_format), pruned[r.name])
-            _write_tensor(fout, tensor)
-
-
-def _write_tensor(fout: BinaryIO, tensor: torch.Tensor) -> None:
-    fout.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+        return copy_safetensors(src, dst, cuts)
+    if names is None:
+        names = tied_names(src, ckpt.tensors, key=key, trust_pickle=trust_pickle)
+    return write_refs(dst, ckpt.tensors, cuts, names)

@@ -25,8 +25,13 @@ def test_sparsity_formula_by_hand_and_exact_mean():
 
 
 def test_sparsity_held_at_the_bound_keeps_the_mean():
+    # ratios 0.1 and 1.9, c = 0.9·200 / 200 = 0.9: 0.09 and 1.71, over the bound; the second is held at 0.95
+    # and the first takes the rest of the budget: (180 − 95) / 100 = 0.85
+    assert sparsity([1.0, 10.0], [100, 100], 0.9, epsilon=0.9, max_sparsity=0.95) == pytest.approx([0.85, 0.95],
+                                                                                                  abs=1e-12)
+    # ratios 0.1, 0.3, 1.9 (sizes 10, 10, 1000), c = 918/1904: the largest, 1.9·c = 0.916, stays below the bound
     got = sparsity([1.0, 2.0, 10.0], [10, 10, 1000], 0.9, epsilon=0.9, max_sparsity=0.95)
-    assert max(got) <= 0.95 + 1e-12
+    assert got == pytest.approx([0.9 * 0.1 * 1020 / 1904, 0.9 * 0.3 * 1020 / 1904, 0.9 * 1.9 * 1020 / 1904], abs=1e-12)
     assert sum(s * n for s, n in zip(got, [10, 10, 1000])) / 1020 == pytest.approx(0.9, abs=1e-12)
     for bad in ({"target": 1.0}, {"target": -0.1}, {"target": 0.5, "epsilon": 1.0}, {"target": 0.99, "max_sparsity": 0.9}):
         with pytest.raises(TbdiagError):

@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 import tbdiag
 import tbdiag.checkpoint
 import tbdiag.pruned_files
+import tbdiag.pruned_tensors
 import tbdiag.pruning
 from tbdiag.cli import app
 from tbdiag.errors import TbdiagError
@@ -66,7 +67,8 @@ def saved(tmp_path: Path, state: dict, name: str = "ckpt.safetensors") -> Path:
 
 def fixed_alphas(monkeypatch, alphas: dict[str, float]) -> None:
     """Alphas by hand instead of fitted ones: the allocation alone is under test."""
-    monkeypatch.setattr(tbdiag.pruning, "_alphas", lambda specs, options, device: dict(alphas))
+    monkeypatch.setattr(tbdiag.pruning, "_alphas", lambda specs, options, device: {
+        name: (alpha, "ok" if math.isfinite(alpha) else "zero_matrix") for name, alpha in alphas.items()})
 
 
 def zeros(t: torch.Tensor) -> int:
@@ -203,7 +205,7 @@ class LiveTensors:
             return counted, load_rows
 
         monkeypatch.setattr(tbdiag.checkpoint, "tensor_loader", loader)
-        monkeypatch.setattr(tbdiag.pruned_files, "tensor_loader", loader)
+        monkeypatch.setattr(tbdiag.pruned_tensors, "tensor_loader", loader)
 
     def _freed(self) -> None:
         self.now -= 1
@@ -292,7 +294,7 @@ def test_outputs_all_or_nothing(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         fout.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
 
-    monkeypatch.setattr(tbdiag.pruned_files, "_write_tensor", failing)
+    monkeypatch.setattr(tbdiag.pruned_tensors, "write_tensor", failing)
     with pytest.raises(TbdiagError, match="No space left on device.*nothing was written"):
         prune(path, out, sparsity=0.5, allocation="uniform", allocation_json=doc)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]  # no output, no temporary

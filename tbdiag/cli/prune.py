@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from enum import Enum
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -20,7 +19,7 @@ class Allocation(str, Enum):
 
 
 def prune_command(
-    path: Annotated[Path, typer.Argument(metavar="PATH", help="Checkpoint file or folder.", show_default=False)],
+    path: Annotated[str, typer.Argument(metavar="PATH", help="Checkpoint file or folder.", show_default=False)],
     sparsity: Annotated[float, typer.Option("--sparsity", metavar="S", help="Mean sparsity S of the pruned layers, weighted by their sizes (0 ≤ S < 1).", show_default=False, rich_help_panel=ALLOC)],
     allocation: Annotated[Allocation, typer.Option(metavar=choices(Allocation), help="Per-layer sparsities from alpha (AlphaPruning: higher alpha, more pruned), or S everywhere.", rich_help_panel=ALLOC)] = Allocation.alpha,
     epsilon: Annotated[float, typer.Option(metavar="E", help="alpha: ratios spread over [1 − E, 1 + E] before rescaling to S (0 ≤ E < 1).", rich_help_panel=ALLOC)] = 0.3,
@@ -33,7 +32,7 @@ def prune_command(
     key: Annotated[Optional[str], typer.Option(metavar="NAME", help="Entry of a nested checkpoint holding the weights.", rich_help_panel=INPUT)] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", metavar=FLAG, help="Allow full unpickling (trusted files only).", rich_help_panel=INPUT)] = False,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N (for the alphas).", rich_help_panel=INPUT)] = "auto",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", metavar="NEW", help="Write the pruned checkpoint here: a safetensors file, or for a model folder a new folder with its config and tokenizer files (a single-file folder may also go to a .safetensors file).", rich_help_panel=OUTPUT)] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="NEW", help="Write the pruned checkpoint here: a safetensors file, or for a model folder a new folder with its config and tokenizer files (a single-file folder may also go to a .safetensors file).", rich_help_panel=OUTPUT)] = None,
     allocation_json: Annotated[Optional[str], typer.Option("--allocation-json", metavar="FILE", help="Write the per-layer sparsities (tbdiag.allocation/v1) here ('-': stdout), e.g. for Wanda or SparseGPT.", rich_help_panel=OUTPUT)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", metavar=FLAG, help=OVERWRITE_HELP, rich_help_panel=OUTPUT)] = False,
     plan_only: Annotated[bool, typer.Option("--plan-only", metavar=FLAG, help="Only show the allocation; write no weights.", rich_help_panel=OUTPUT)] = False,
@@ -66,10 +65,14 @@ def prune_command(
             console = err_console
         console.print(allocation_table(result))
         console.print(f"realised mean sparsity {result.realised_mean:.6f} (target {sparsity:g}) over "
-                      f"{len(result.layers)} layers: {result.n_pruned:,} of {result.n_params:,} weights set to zero",
+                      f"{len(result.layers)} layers: {result.n_pruned:,} of {result.n_params:,} weights are zero"
+                      + (f" ({result.n_zero_input:,} were already)" if result.n_zero_input else ""),
                       markup=False)
         if result.copied:
             console.print(safe(f"copied from the input folder: {', '.join(result.copied)}"), soft_wrap=True)
+        if result.fallbacks:
+            console.print(safe(f"alpha not finite for {len(result.fallbacks)} layers: "
+                               f"{'; '.join(result.fallback_notes())}"), markup=False, soft_wrap=True)
         if result.left_out:
             console.print(safe(f"left out: {', '.join(f'{path} ({why})' for path, why in result.left_out)}"),
                           markup=False, soft_wrap=True)

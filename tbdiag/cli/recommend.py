@@ -25,6 +25,7 @@ class Target(str, Enum):
 
 
 def recommend_command(
+    ctx: typer.Context,
     path: Annotated[Path, typer.Argument(metavar="PATH", help="Checkpoint file or folder.", show_default=False)],
     map: Annotated[MapName, typer.Option(metavar=choices(MapName), help="How alphas become multipliers (sqrt and log2 ignore the ratios).", rich_help_panel=MAP)] = MapName.linear,
     min_ratio: Annotated[float, typer.Option(metavar="X", help="Smallest multiplier (finite, > 0).", rich_help_panel=MAP)] = 0.5,
@@ -33,7 +34,7 @@ def recommend_command(
     unit: Annotated[Unit, typer.Option(metavar=choices(Unit), help="One multiplier per layer, or per transformer block.", rich_help_panel=MAP)] = Unit.layer,
     keep_first_last: Annotated[bool, typer.Option("--keep-first-last", metavar=FLAG, help="Also tune the first and last Conv/Linear.", rich_help_panel=MAP)] = False,
     min_evals: Annotated[int, typer.Option(metavar="N", help="Layers with fewer eigenvalues keep multiplier 1 (N ≥ 0).", rich_help_panel=MAP)] = 50,
-    fit: Annotated[Fit, typer.Option(metavar=choices(Fit), help="Estimator (TempBalance fits median).", rich_help_panel=MAP)] = Fit.median,
+    fit: Annotated[Fit, typer.Option(metavar=choices(Fit), help="Estimator (TempBalance fits median; --target sparsity fits peak by default, AlphaPruning's and prune's).", rich_help_panel=MAP)] = Fit.median,
     lr: Annotated[Optional[float], typer.Option(metavar="LR", help="Base learning rate (> 0): also show and write each layer's lr.", rich_help_panel=MAP)] = None,
     key: Annotated[Optional[str], typer.Option(metavar="NAME", help="Entry of a nested checkpoint holding the weights.", rich_help_panel=INPUT)] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", metavar=FLAG, help="Allow full unpickling (trusted files only).", rich_help_panel=INPUT)] = False,
@@ -70,6 +71,8 @@ def recommend_command(
         if target == Target.lora_rank:
             require(budget > 0, "--budget", budget, "lora_rank needs a rank budget; e.g. --budget 256")
         outputs = Outputs.check({"--out": out}, [path], overwrite=overwrite)
+        if target == Target.sparsity and ctx.get_parameter_source("fit").name == "DEFAULT":
+            fit = Fit.peak  # prune's default: the sparsities sold are those prune applies
         analysis = analyze(str(path), fit=fit.value, key=key, trust_pickle=trust_pickle, device=device)
         rule = dict(unit=unit.value, exclude_first_last=not keep_first_last, min_evals=min_evals,
                     include=tuple(include or ()), exclude=tuple(exclude or ()))
