@@ -31,10 +31,15 @@ class Tokens(torch.utils.data.Dataset):
 
 
 class Recorder(TrainerCallback):
-    """The lr every param group really stepped with (a pre-hook after TempBalance's)."""
+    """The lr every param group really stepped with (a pre-hook after TempBalance's), and at every log (after
+    TempBalance's callback) the balancer's alphas, rebalance count and time then."""
 
     def __init__(self, tb_callback):
-        self.tb_callback, self.steps = tb_callback, []
+        self.tb_callback, self.steps, self.at_log = tb_callback, [], {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        tb = self.tb_callback.tb
+        self.at_log[state.global_step] = (dict(tb.values), tb.n_balances, tb.last_balance_s)
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         tb = self.tb_callback.tb
@@ -43,12 +48,22 @@ class Recorder(TrainerCallback):
              dict(tb.multipliers))))
 
 
-def make_trainer(out, callbacks, max_steps=STEPS, accumulation=2, **kwargs):
-    args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4,
-                             gradient_accumulation_steps=accumulation, learning_rate=LR, weight_decay=0.1,
-                             lr_scheduler_type="cosine", warmup_steps=WARMUP, logging_steps=2, save_steps=4,
-                             report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, save_only_model=False)
-    return Trainer(model=tiny_models.llama(), args=args, train_dataset=Tokens(), callbacks=callbacks, **kwargs)
+def make_trainer(out, callbacks, max_steps=STEPS, accumulation=2, model=None, logging_steps=2, n=64, epochs=None,
+                 **kwargs):
+    args = TrainingArguments(output_dir=str(out), max_steps=-1 if epochs else max_steps, num_train_epochs=epochs or 3,
+                             per_device_train_batch_size=4, gradient_accumulation_steps=accumulation, learning_rate=LR,
+                             weight_decay=0.1, lr_scheduler_type="cosine", warmup_steps=WARMUP,
+                             logging_steps=logging_steps, save_steps=4, report_to=[], use_cpu=True, seed=0, data_seed=0,
+                             disable_tqdm=True, save_only_model=False)
+    return Trainer(model=model or tiny_models.llama(), args=args, train_dataset=Tokens(n), callbacks=callbacks, **kwargs)
+
+
+SUMMARY = {"tb/mult_min", "tb/mult_max", "tb/alpha_mean", "tb/alpha_std", "tb/rebalance_s", "tb/n_balances",
+           "tb/n_units", "tb/n_failed"}
+
+
+def ours(row):
+    return {k: v for k, v in row.items() if k.startswith(("tb/", "lr/", "alpha/", "wd/"))}
 
 
 def reference_lrs(n):
@@ -64,7 +79,7 @@ def reference_lrs(n):
 
 
 def test_trainer_own_adamw_and_lambdalr_step_at_base_times_multiplier(tmp_path):
-    cb = TempBalanceCallback(every=2, per="update", warmup=2)
+    cb = TempBalanceCallback(every=2, per="update", warmup=2, log="groups")
     rec = Recorder(cb)
     trainer = make_trainer(tmp_path, [cb, rec])
     trainer.train()
@@ -80,7 +95,41 @@ def test_trainer_own_adamw_and_lambdalr_step_at_base_times_multiplier(tmp_path):
     wd = {g["name"]: g["weight_decay"] for g in cb.tb.optimizer.param_groups}
     assert wd["model.layers.1.mlp.up_proj"] == 0.1 and wd["default:no_decay"] == 0.0
     logged = [h for h in trainer.state.log_history if "lr/model.layers.1.mlp.up_proj" in h]
-    assert logged and all("alpha/model.layers.1.mlp.up_proj" in h for h in logged[1:])
+    assert [h["step"] for h in logged] == [2, 4, 6, 8, 8]  # every 2 updates, and the closing row
+    for h in logged:  # the rates of the step the row describes (not the next one's), alphas as fitted then
+        lrs, units, mult = rec.steps[h["step"] - 1]
+        values = rec.at_log[h["step"]][0]
+        assert {k[3:]: v for k, v in h.items() if k.startswith("lr/")} == pytest.approx(lrs, rel=1e-12, abs=0)
+        assert (h["tb/mult_min"], h["tb/mult_max"]) == (min(mult[u] for u in cb.tb.units), max(mult[u] for u in cb.tb.units))
+        assert {k[6:]: v for k, v in h.items() if k.startswith("alpha/")} == pytest.approx(
+            {t.unit: values[t.name] for t in cb.tb.layers}, rel=1e-12)  # one layer per unit
+        assert set(ours(h)) == SUMMARY | {f"lr/{n}" for n in lrs} | {f"alpha/{u}" for u in cb.tb.units}
+    assert rec.steps[1][2] != rec.steps[2][2]  # rebalanced after update 2: row 2 shows update 2's multipliers
+
+
+def test_log_rows_get_a_compact_summary_of_the_step_they_describe(tmp_path):
+    """Default: 8 keys per row whatever the model, from the step of the row and the alphas then."""
+    cb = TempBalanceCallback(every=3, per="update", map="sqrt")  # multipliers of mean 1: their range moves
+    rec = Recorder(cb)
+    trainer = make_trainer(tmp_path, [cb, rec], max_steps=5, accumulation=1, logging_steps=1)
+    trainer.train()
+    rows = [h for h in trainer.state.log_history if "tb/mult_min" in h]
+    assert [h["step"] for h in rows] == [1, 2, 3, 4, 5, 5]
+    for h in rows:
+        _, _, mult = rec.steps[h["step"] - 1]
+        values, n_balances, seconds = rec.at_log[h["step"]]
+        alphas = [values[t.name] for t in cb.tb.layers]
+        mean = sum(alphas) / len(alphas)
+        assert ours(h) == pytest.approx({
+            "tb/mult_min": min(mult[u] for u in cb.tb.units), "tb/mult_max": max(mult[u] for u in cb.tb.units),
+            "tb/alpha_mean": mean, "tb/alpha_std": math.sqrt(sum((a - mean) ** 2 for a in alphas) / len(alphas)),
+            "tb/rebalance_s": seconds, "tb/n_balances": n_balances, "tb/n_units": len(cb.tb.units),
+            "tb/n_failed": 0}, rel=1e-12, abs=0)
+    assert [rec.at_log[s][1] for s in range(1, 6)] == [1, 1, 2, 2, 2]  # at the start and after update 3
+    assert rows[2]["tb/mult_max"] == rows[0]["tb/mult_max"] != rows[3]["tb/mult_max"]  # update 3 still used the first
+    assert rows[2]["tb/mult_max"] != max(cb.tb.multipliers.values())
+    with pytest.raises(tbdiag.TbdiagError, match=r"TempBalanceCallback: log='all'; use one of 'summary', 'groups'"):
+        TempBalanceCallback(log="all")
 
 
 def test_resume_from_checkpoint_continues_bit_identically(tmp_path):
@@ -101,10 +150,40 @@ def test_resume_from_checkpoint_continues_bit_identically(tmp_path):
         assert torch.equal(p, q), name
     elsewhere = tmp_path / "copied-checkpoint"  # resumed from outside output_dir: the counter goes on from the
     shutil.copytree(tmp_path / "part" / "checkpoint-4", elsewhere)  # Trainer's step, multipliers from the weights
-    moved_cb = TempBalanceCallback(every=3, per="update")
-    make_trainer(tmp_path / "new-job", [moved_cb]).train(resume_from_checkpoint=str(elsewhere))
-    assert moved_cb.updates == STEPS and moved_cb.tb.n_balances >= 1 and moved_cb.tb.multipliers != {
-        u: 1.0 for u in moved_cb.tb.multipliers}
+    moved_cb = TempBalanceCallback(every=3, per="update", warmup=3)  # past the warm-up: balanced when resuming
+    moved_rec = Recorder(moved_cb)
+    make_trainer(tmp_path / "new-job", [moved_cb, moved_rec]).train(resume_from_checkpoint=str(elsewhere))
+    assert moved_cb.updates == STEPS and moved_cb.tb.n_balances == 2  # at the resume (update 4), after update 6
+    from transformers import AutoModelForCausalLM
+
+    fresh = tbdiag.TempBalance(AutoModelForCausalLM.from_pretrained(elsewhere), lambda g: torch.optim.SGD(g, lr=0.1))
+    assert len(moved_rec.steps) == 4 and moved_rec.steps[0][2] == pytest.approx(fresh.multipliers, rel=1e-12)
+    assert moved_rec.steps[0][2] == moved_rec.steps[1][2] != moved_rec.steps[2][2]  # updates 5, 6; then 7
+    assert len(set(fresh.multipliers.values())) > 3
+
+
+def test_per_epoch_counts_epochs_not_updates(tmp_path):
+    """3 epochs of 4 updates, every=2 epochs: balanced at the start and after epoch 2 (update 8) only."""
+    cb = TempBalanceCallback(every=2, per="epoch")
+    rec = Recorder(cb)
+    make_trainer(tmp_path, [cb, rec], accumulation=1, n=16, epochs=3).train()
+    assert (cb.tb.epoch, cb.tb.updates, cb.tb.n_balances, len(rec.steps)) == (3, 12, 2, 12)
+    used = [mult for _, _, mult in rec.steps]
+    assert all(m == used[0] for m in used[:8]) and all(m == used[8] for m in used[8:]) and used[8] != used[0]
+
+
+def test_an_optimizer_without_a_scalable_rate_is_refused_before_training(tmp_path):
+    from transformers.optimization import Adafactor, AdafactorSchedule
+
+    model = tiny_models.llama()
+    opt = Adafactor(model.parameters(), relative_step=True, warmup_init=True, lr=None)
+    start = [p.detach().clone() for p in model.parameters()]
+    trainer = make_trainer(tmp_path, [TempBalanceCallback(every=2)], model=model, optimizers=(opt, AdafactorSchedule(opt)))
+    with pytest.raises(tbdiag.TbdiagError, match=r"param group 0 of Adafactor has lr=0.0, computed by the optimizer "
+                                                 r"itself \(relative_step=True\)"):  # AdafactorSchedule wrote 0.0
+        trainer.train()
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["lr"] == 0.0 and "unit" not in opt.param_groups[0]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), start))
 
 
 def test_tbdiag_built_optimizer_and_recommend_file(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import subprocess
 import sys
@@ -74,7 +75,11 @@ class Recorder(L.Callback):
     steps with and the multipliers then; each batch end records (updates, rebalances so far)."""
 
     def __init__(self, tb_callback: TempBalanceCallback) -> None:
-        self.tbc, self.steps, self.batch_ends, self.epoch_ends = tb_callback, [], [], []
+        self.tbc, self.steps, self.batch_ends, self.epoch_ends, self.at_start = tb_callback, [], [], [], {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # after TempBalanceCallback logged
+        tb = self.tbc.tempbalance
+        self.at_start[trainer.global_step] = (dict(tb.values), tb.n_balances, tb.last_balance_s)
 
     def on_fit_start(self, trainer, pl_module):
         trainer.optimizers[0].register_step_pre_hook(self.pre_step)
@@ -134,7 +139,7 @@ def check_stepped_rates(recorder, first_step=0):
 def test_each_group_steps_at_base_schedule_times_multiplier_and_the_log_shows_it(tmp_path):
     """per="update", every=2: the recorded rate is base × multiplier at every step; the callback logs that
     effective rate, LearningRateMonitor the base rate of the same split group, at the same step."""
-    cb = TempBalanceCallback(per="update", every=2)
+    cb = TempBalanceCallback(per="update", every=2, log="groups")
     mem = MemoryLogger()
     _, trainer, rec = fit(tmp_path, cb, logger=mem, log_every_n_steps=1,
                           callbacks=[L.callbacks.LearningRateMonitor(logging_interval="step")])
@@ -149,7 +154,134 @@ def test_each_group_steps_at_base_schedule_times_multiplier_and_the_log_shows_it
         for name, (lr, unit) in lrs.items():
             assert row[f"lr/{name}"] == pytest.approx(lr, rel=1e-6), (step, name)  # effective, as stepped
             assert row[f"lr-AdamW/{name}"] * mult[unit] == pytest.approx(lr, rel=1e-6), (step, name)  # base
-        assert any(k.startswith("alpha/net.blocks.") for k in row)
+        values = rec.at_start[step][0]
+        assert {k: v for k, v in row.items() if k.startswith("alpha/")} == pytest.approx(
+            {f"alpha/{t.unit}": values[t.name] for t in tb.layers}, rel=1e-6)  # one layer per unit
+        assert set(ours(row)) == SUMMARY | {f"lr/{n}" for n in lrs} | {f"alpha/{u}" for u in tb.units}
+
+
+SUMMARY = {"tb/mult_min", "tb/mult_max", "tb/alpha_mean", "tb/alpha_std", "tb/rebalance_s", "tb/n_balances",
+           "tb/n_units", "tb/n_failed"}
+
+
+def ours(row):
+    return {k: v for k, v in row.items() if k.startswith(("tb/", "lr/", "alpha/", "wd/"))}
+
+
+def test_default_log_is_a_compact_summary_of_the_coming_update(tmp_path):
+    cb = TempBalanceCallback(per="update", every=2, map="sqrt")  # multipliers of mean 1: their range moves
+    mem = MemoryLogger()
+    _, _, rec = fit(tmp_path, cb, logger=mem, log_every_n_steps=1)
+    tb = cb.tempbalance
+    assert sorted(mem.rows) == list(range(6))
+    for step, (_, mult) in enumerate(rec.steps):
+        values, n_balances, seconds = rec.at_start[step]
+        alphas = [values[t.name] for t in tb.layers]
+        mean = sum(alphas) / len(alphas)
+        assert ours(mem.rows[step]) == pytest.approx({
+            "tb/mult_min": min(mult[u] for u in tb.units), "tb/mult_max": max(mult[u] for u in tb.units),
+            "tb/alpha_mean": mean, "tb/alpha_std": math.sqrt(sum((a - mean) ** 2 for a in alphas) / len(alphas)),
+            "tb/rebalance_s": seconds, "tb/n_balances": n_balances, "tb/n_units": 12, "tb/n_failed": 0}, rel=1e-6)
+    assert [rec.at_start[s][1] for s in range(6)] == [1, 1, 2, 2, 3, 3]
+    assert mem.rows[1]["tb/mult_max"] != mem.rows[2]["tb/mult_max"]
+    with pytest.raises(TbdiagError, match=r"TempBalanceCallback: log='group'; use one of 'summary', 'groups'"):
+        TempBalanceCallback(log="group")
+    quiet = MemoryLogger()
+    fit(tmp_path, TempBalanceCallback(per="update", every=2, log=None), logger=quiet, log_every_n_steps=1, epochs=1,
+        callbacks=[L.callbacks.LearningRateMonitor(logging_interval="step")])
+    assert len(quiet.rows) == BATCHES and not any(ours(row) for row in quiet.rows.values())
+
+
+class LitGAN(L.LightningModule):
+    """Manual optimisation with two optimizers: the generator steps every batch (with a warm-up LambdaLR),
+    the discriminator every other batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+        self.gen = nn.Sequential(nn.Linear(16, 64), nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 32))
+        self.disc = nn.Sequential(nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 1))
+
+    def training_step(self, batch, batch_idx):
+        opt_g, opt_d = self.optimizers()
+        real = batch[0]
+        fake = self.gen(torch.randn(real.shape[0], 16))
+        opt_g.zero_grad()
+        self.manual_backward(nn.functional.softplus(-self.disc(fake)).mean())
+        opt_g.step()
+        self.lr_schedulers().step()
+        if batch_idx % 2 == 0:
+            opt_d.zero_grad()
+            loss = nn.functional.softplus(-self.disc(real)).mean() + nn.functional.softplus(self.disc(fake.detach())).mean()
+            self.manual_backward(loss)
+            opt_d.step()
+
+    def configure_optimizers(self):
+        opt_g = torch.optim.Adam(self.gen.parameters(), lr=1e-3)
+        opt_d = torch.optim.Adam(self.disc.parameters(), lr=2e-3)
+        return [opt_g, opt_d], [torch.optim.lr_scheduler.LambdaLR(opt_g, warmup)]
+
+
+def fit_gan(tmp_path, callbacks, epochs=2, ckpt_path=None, logger=False):
+    seen = {0: [], 1: []}
+
+    class Hooks(L.Callback):  # the rate each group of each optimizer steps with, and the multipliers then
+        def on_fit_start(self, trainer, pl_module):
+            for i, (opt, cb) in enumerate(zip(trainer.optimizers, callbacks)):
+                opt.register_step_pre_hook(lambda o, a, k, i=i, cb=cb: seen[i].append(
+                    ({g["name"]: (g["lr"], g["unit"]) for g in o.param_groups}, cb.tempbalance.multipliers)))
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, logger=logger, log_every_n_steps=1,
+                        enable_checkpointing=False, callbacks=[*callbacks, Hooks()])
+    data = torch.utils.data.TensorDataset(torch.randn(12, 32, generator=torch.Generator().manual_seed(0)))
+    trainer.fit(LitGAN(), torch.utils.data.DataLoader(data, batch_size=4), ckpt_path=ckpt_path)
+    return trainer, seen
+
+
+def test_two_optimizers_each_callback_balances_only_its_own_layers(tmp_path):
+    """A GAN: one callback per optimizer; each tunes and fits only the layers its optimizer holds, counts only its
+    optimizer's steps, logs under its own prefix and keeps its own state in the checkpoint."""
+    cb_g, cb_d = TempBalanceCallback(per="update", every=2), TempBalanceCallback(per="update", every=2, optimizer=1)
+    mem = MemoryLogger()
+    trainer, seen = fit_gan(tmp_path, [cb_g, cb_d], logger=mem)
+    g, d = cb_g.tempbalance, cb_d.tempbalance
+    assert (g.units, sorted(g.values), d.units, sorted(d.values)) == (
+        ["gen.1", "gen.2"], ["gen.1", "gen.2"], ["disc.1", "disc.2"], ["disc.1", "disc.2"])
+    assert trainer.global_step == 10 and (len(seen[0]), len(seen[1])) == (6, 4)  # every step of both optimizers
+    assert (g.updates, g.n_balances, d.updates, d.n_balances) == (6, 4, 4, 3)  # start, then 2, 4, 6 / 2, 4
+    for k, (lrs, mult) in enumerate(seen[0]):
+        for name, (lr, unit) in lrs.items():
+            assert lr == pytest.approx(1e-3 * warmup(k) * mult[unit], rel=1e-12), (k, name)
+    for lrs, mult in seen[1]:
+        assert {name: lr for name, (lr, _) in lrs.items()} == pytest.approx(
+            {name: 2e-3 * mult[unit] for name, (_, unit) in lrs.items()}, rel=1e-12)
+    assert sorted(m for u, m in seen[0][-1][1].items() if u != "default") == [0.5, 1.5]
+    logged = {k for row in mem.rows.values() for k in row} - {"epoch"}
+    assert logged == {f"opt{i}/{k}" for i in (0, 1) for k in SUMMARY}
+    path = tmp_path / "gan.ckpt"
+    trainer.save_checkpoint(path)
+    states = torch.load(path, weights_only=True)["callbacks"]
+    assert (states["TempBalanceCallback"]["updates"], states["TempBalanceCallback{'optimizer': 1}"]["updates"]) == (6, 4)
+    again_g, again_d = TempBalanceCallback(per="update", every=2), TempBalanceCallback(per="update", every=2, optimizer=1)
+    _, seen = fit_gan(tmp_path, [again_g, again_d], epochs=3, ckpt_path=path)
+    assert (again_g.tempbalance.updates, again_d.tempbalance.updates) == (9, 6)
+    assert seen[0][0][1] == g.multipliers and seen[1][0][1] == d.multipliers  # resumed with each one's own
+    plain, _ = fit_gan(tmp_path, [])  # a checkpoint without TempBalance: each counts on from its Adam's step
+    plain.save_checkpoint(tmp_path / "plain.ckpt")
+    late_g, late_d = TempBalanceCallback(per="update", every=4), TempBalanceCallback(per="update", every=4, optimizer=1)
+    fit_gan(tmp_path, [late_g, late_d], epochs=3, ckpt_path=tmp_path / "plain.ckpt")
+    assert [(cb.tempbalance.updates, cb.tempbalance.n_balances) for cb in (late_g, late_d)] == [(9, 2), (6, 1)]
+    with pytest.raises(TbdiagError, match=r"optimizer=2, but configure_optimizers returned 2 optimizer\(s\); give an "
+                                          r"index below 2"):
+        fit_gan(tmp_path, [TempBalanceCallback(optimizer=2)])
+    with pytest.raises(TbdiagError, match=r"optimizer=-1; give the index \(0, 1, …\) of an optimizer"):
+        TempBalanceCallback(optimizer=-1)
+    with pytest.raises(TbdiagError, match="others come from configure_optimizers"):
+        TempBalanceCallback(others=[])
+    with pytest.raises(TbdiagError, match="log_rates is now log: log='summary' \\(default\\), 'groups' or None"):
+        TempBalanceCallback(log_rates=False)
 
 
 @pytest.mark.parametrize("restore", ["default", "after setup"])

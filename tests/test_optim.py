@@ -369,11 +369,16 @@ class Holder(nn.Module):  # a task wrapper with `self.module = net`, or a compil
 def test_layers_under_a_child_called_module_or_compiled_are_tuned(compiled):
     model = Holder(compiled)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    tb = TempBalance(model, opt, initial={u: 0.5 for u in ("1.0", "2.0", "3.0")} if not compiled else None)
-    units = {g["unit"]: len(g["params"]) for g in opt.param_groups}
     prefix = "backbone." if compiled else ""
+    tb = TempBalance(model, opt, initial={f"{prefix}{u}": m for u, m in (("1.0", 0.5), ("2.0", 2.0), ("3.0", 1.5))})
+    units = {g["unit"]: len(g["params"]) for g in opt.param_groups}
     assert units == {"default": 4, f"{prefix}1.0": 2, f"{prefix}2.0": 2, f"{prefix}3.0": 2}
-    assert all(lr != 0.1 for name, lr in tb.effective_lrs().items() if name != "default") or not compiled
+    assert tb.effective_lrs() == pytest.approx({"default": 0.1, f"{prefix}1.0": 0.05, f"{prefix}2.0": 0.2,
+                                                f"{prefix}3.0": 0.15}, rel=1e-12)
+    fitted = TempBalance(Holder(compiled), lambda g: torch.optim.SGD(g, lr=0.1))  # fitted through the wrapper
+    assert sorted(fitted.values) == [f"{prefix}{u}" for u in ("1.0", "2.0", "3.0")]
+    tuned = sorted(m for u, m in fitted.multipliers.items() if u != "default")
+    assert tuned[0] == 0.5 and tuned[2] == 1.5 and 0.5 < tuned[1] < 1.5  # the linear map over three fits
 
 
 def test_groups_added_later_are_split_tagged_and_saved():
@@ -438,7 +443,7 @@ def test_what_tempbalance_cannot_do_is_refused_before_anything_changes():
     assert len(opt.param_groups) == 1 and "unit" not in opt.param_groups[0]  # untouched: a retry works
     tb = TempBalance(model, opt, initial={})
     before = tb.state_dict()
-    with pytest.raises(TbdiagError):
+    with pytest.raises(TbdiagError, match="multipliers for l1: no such tuned unit"):
         tb.load_state_dict({**before, "updates": 99, "multipliers": {"l1": 2.0}})
     assert tb.state_dict() == before
 
@@ -450,9 +455,16 @@ def test_frozen_tuned_layers_round_trip_and_multipliers_reload():
     tb = TempBalance(model, opt)
     state = tb.state_dict()
     assert "1.0" in state["multipliers"] and "1.0" not in {g["unit"] for g in opt.param_groups}
-    tb.load_state_dict(state)
-    tb.set_multipliers(tb.multipliers)  # `default` (1) included
-    assert tb.multipliers == state["multipliers"]
+    assert state["multipliers"]["1.0"] in (0.5, 1.5) or 0.5 < state["multipliers"]["1.0"] < 1.5
+    again = mlp()
+    again[1][0].requires_grad_(False)
+    other = TempBalance(again, torch.optim.SGD([p for p in again.parameters() if p.requires_grad], lr=0.1), initial={})
+    assert set(other.multipliers.values()) == {1.0}
+    other.load_state_dict(state)
+    assert other.multipliers == state["multipliers"] and other.values == state["values"]
+    other.set_multipliers(other.multipliers)  # `default` (1) included
+    assert other.effective_lrs() == pytest.approx({g["name"]: 0.1 * state["multipliers"][g["unit"]]
+                                                   for g in other.optimizer.param_groups}, rel=1e-12)
 
 
 def test_cyclic_lr_momentum_and_param_names_follow_the_split():
@@ -488,11 +500,12 @@ def test_adopting_a_scheduler_when_the_layout_cannot_tell():
     assert len(timm.base_values) == len(opt.param_groups) and timm.state_dict()["base_values"] == [0.1]
     one = mlp(n_hidden=1)  # one group holding two units and an empty one: split, still two groups
     opt2 = torch.optim.SGD([{"params": list(one.parameters())}, {"params": [], "lr": 0.5}], lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt2, [lambda s: 1.0, lambda s: 0.5])
+    timm2 = TimmLike(opt2)
     tb2 = TempBalance(one, opt2, initial={})
     assert len(opt2.param_groups) == 2 and tb2._origin == [0, 0]
     with pytest.raises(TbdiagError, match="cannot tell whether this scheduler was built before"):
-        tb2.adopt_scheduler(sched)
+        tb2.adopt_scheduler(timm2)
+    assert timm2.base_values == [0.1, 0.5]
 
 
 def test_a_checkpoint_taken_after_a_raising_step_holds_the_unscaled_rate_and_decay():

@@ -125,7 +125,8 @@ def test_counters_every_warmup_and_timing():
     assert epochs.step(8) and epochs.epoch == 8 and not epochs.step_update(8)
     logged = epochs.log_values()
     assert logged["lr/layer1.0.conv1"] == pytest.approx(0.1 * epochs.multipliers["layer1.0.conv1"])
-    assert "alpha/layer1.0.conv1" in logged and logged["tb/balance_s"] > 0
+    assert logged["alpha/layer1.0.conv1"] == pytest.approx(epochs.values["layer1.0.conv1"], rel=1e-12)
+    assert logged["tb/rebalance_s"] == epochs.last_balance_s > 0 and logged["tb/n_balances"] == epochs.n_balances == 5
     with pytest.raises(TbdiagError, match="per 'step'"):
         TempBalance(small_resnet(), lambda g: torch.optim.SGD(g, lr=0.1), per="step")
 
@@ -136,12 +137,27 @@ def test_existing_optimizer_is_regrouped_and_adamw_works():
     tb = TempBalance(model, opt, map="sqrt")
     assert tb.optimizer is opt and all("name" in g for g in opt.param_groups)
     assert all(g["weight_decay"] == 0.05 for g in opt.param_groups)
-    model(torch.randn(2, 3, 32, 32)).sum().backward()
-    opt.step()
+    reference = small_resnet()
+    own = dict(zip(map(id, model.parameters()), reference.parameters()))
+    ref = torch.optim.AdamW([{"params": [own[id(p)] for p in g["params"]], "lr": 1e-3 * tb.multipliers[g["unit"]]}
+                             for g in opt.param_groups], weight_decay=0.05)  # each unit at its own fixed rate
+    x = torch.randn(2, 3, 32, 32)
+    for m, o in ((model, opt), (reference, ref)):
+        m(x).sum().backward()
+        o.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.allclose(p, q, rtol=0, atol=1e-7)
+    assert len({round(m, 6) for m in tb.multipliers.values()}) > 3
     partial = small_resnet()
-    only_conv = torch.optim.SGD([{"params": [partial.layer1[0].conv1.weight], "lr": 0.1}], lr=0.1)
+    conv = partial.layer1[0].conv1.weight
+    only_conv = torch.optim.SGD([{"params": [conv], "lr": 0.1}], lr=0.1)
     tb = TempBalance(partial, only_conv)  # parameters outside the optimizer are simply not trained
     assert [g["name"] for g in only_conv.param_groups] == ["layer1.0.conv1"]
+    start = [p.detach().clone() for p in partial.parameters()]
+    conv.grad = torch.ones_like(conv)
+    only_conv.step()
+    assert torch.allclose(conv, start[[p is conv for p in partial.parameters()].index(True)] - 0.1 *
+                          tb.multipliers["layer1.0.conv1"], rtol=0, atol=1e-7) and tb.multipliers["layer1.0.conv1"] != 1
 
 
 def test_state_dict_roundtrip_and_bad_multipliers():
@@ -164,4 +180,8 @@ def test_spectral_norm_metric_and_keep_first_last():
     tb = TempBalance(model, lambda g: torch.optim.SGD(g, lr=0.1), metric="spectral_norm", exclude_first_last=False,
                      min_evals=2)
     assert "linear" in tb.units and tb.units[0] == "conv1"
-    assert all(v > 0 for v in tb.values.values())
+    from tbdiag import analyze
+
+    norms = {row.name: row.lambda_max for row in analyze(model, fit="median", min_evals=2).layers}
+    assert tb.values == pytest.approx({name: norms[name] for name in tb.values}, rel=1e-9)
+    assert min(tb.multipliers.values()) == 0.5 and max(tb.multipliers.values()) == 1.5

@@ -4,8 +4,6 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from torch import nn
 
 from tbdiag import TempBalance, analyze
 from tbdiag.tempbalance import block_of
@@ -50,6 +48,8 @@ def test_recommend_on_checkpoint_equals_tempbalance_on_model(name, unit, tmp_pat
     for u, entry in doc["layers"].items():
         assert tb.multipliers[u] == pytest.approx(entry["multiplier"], abs=1e-9), u
     tb.set_multipliers({u: e["multiplier"] for u, e in doc["layers"].items()})  # a recommend file loads as is
+    assert tb.multipliers == {**{u: e["multiplier"] for u, e in doc["layers"].items()}, "default": 1.0}
+    assert tb.effective_lrs() == {g["name"]: 0.1 * tb.multipliers[g["unit"]] for g in tb.optimizer.param_groups}
 
 
 @pytest.mark.parametrize("name", ["gpt2", "mha"])

@@ -6,11 +6,15 @@ At ``on_train_begin`` the Trainer's optimizer (its own AdamW with decay/no-decay
 through ``optimizer_cls_and_kwargs``, e.g. over `tbdiag.param_groups`) is looked through accelerate's
 wrapper and split by unit, and its LambdaLR — built before any callback runs — is adapted. Updates are
 counted by a post-hook on the optimizer's step, so gradient accumulation counts one update per step and an
-fp16 step the GradScaler skips counts none. Each rebalance refits every tuned layer; each log adds the
-effective rate of every group (``lr/<group>``), the mean alpha of every unit (``alpha/<unit>``) and the
-last rebalance time. The state is written beside every checkpoint (``tbdiag_tempbalance.json``) and read
-back when the Trainer resumes from it, so the multipliers continue unchanged (the optimizer and scheduler
-checkpoints stay in the Trainer's original group layout).
+fp16 step the GradScaler skips counts none. Each rebalance refits every tuned layer. Each log row gets a
+compact summary (``log="summary"``, 8 keys whatever the model: ``tb/mult_min``, ``tb/mult_max``,
+``tb/alpha_mean``, ``tb/alpha_std``, ``tb/rebalance_s``, ``tb/n_balances``, ``tb/n_units``, ``tb/n_failed``;
+`tbdiag.tempbalance.logs`) or, with ``log="groups"``, also the effective rate of every group (``lr/<group>``)
+and the mean alpha of every unit (``alpha/<unit>``). Rates and multipliers in a row are those the optimizer
+step of that row (``state.global_step``) used, recorded by the step hook. The state is written beside
+every checkpoint (``tbdiag_tempbalance.json``) and read back when the Trainer resumes from it, so the
+multipliers continue unchanged (the optimizer and scheduler checkpoints stay in the Trainer's original group
+layout).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from transformers import TrainerCallback
 
 from tbdiag.errors import TbdiagError
 from tbdiag.tempbalance.balancer import TempBalance
+from tbdiag.tempbalance.logs import LogMode, StepRates, check_log_mode, log_values, step_rates
 from tbdiag.tempbalance.optim import inner_optimizer
 
 log = logging.getLogger(__name__)
@@ -41,13 +46,17 @@ class TempBalanceCallback(TrainerCallback):
         per: ``update`` (default) or ``epoch``.
         warmup: no rebalance before this many updates/epochs (multipliers 1 until then).
         initial: multipliers to start from: a ``{unit: multiplier}`` dict or a ``tbdiag recommend`` file.
+        log: what each log row gets: ``summary`` (default, 8 keys) or ``groups`` (the summary, ``lr/<group>``
+            for every param group and ``alpha/<unit>`` for every unit: hundreds of keys for a large model).
         **options: any other `TempBalance` option (``map``, ``min_ratio``, ``max_ratio``, ``metric``,
             ``unit``, ``fit``, ``include``, ``exclude``, ``split_qkv`` …).
     """
 
     def __init__(self, *, every: int = 100, per: str = "update", warmup: int = 0,
-                 initial: Mapping[str, float] | str | Path | None = None, **options: Any) -> None:
-        self.every, self.per, self.warmup, self.options = every, per, warmup, options
+                 initial: Mapping[str, float] | str | Path | None = None, log: LogMode = "summary",
+                 **options: Any) -> None:
+        check_log_mode(log, "TempBalanceCallback")
+        self.every, self.per, self.warmup, self.log_mode, self.options = every, per, warmup, log, options
         if isinstance(initial, (str, Path)):
             from tbdiag.tempbalance.recommend import load_multipliers
 
@@ -56,6 +65,7 @@ class TempBalanceCallback(TrainerCallback):
         self.tb: TempBalance | None = None
         self.updates = 0  # optimizer steps that really ran
         self._counted = 0  # updates already passed to the balancer
+        self._used: StepRates | None = None  # what the last optimizer step used
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
@@ -71,15 +81,17 @@ class TempBalanceCallback(TrainerCallback):
         if saved:
             self.tb.load_state_dict(saved)
             log.info("TempBalance: resumed at update %d with %d units", self.tb.updates, len(self.tb.units))
-        elif state.global_step:  # resumed from a checkpoint outside output_dir: counters from the Trainer, and
-            self.tb.updates, self.tb.epoch = int(state.global_step), int(state.epoch or 0)  # multipliers from the
-            if self.tb.every and self.tb.updates >= self.tb.warmup and self.initial is None:  # weights now
-                self.tb.balance()
+        elif state.global_step:  # resumed from a checkpoint outside output_dir: counters from the Trainer,
+            self.tb.updates, self.tb.epoch = int(state.global_step), int(state.epoch or 0)
+            if self.tb.every and self.tb.updates >= self.tb.warmup and self.initial is None and not self.tb.n_balances:
+                self.tb.balance()  # multipliers from the weights now (fitted already when there is no warm-up)
         self.updates = self._counted = self.tb.updates
         inner.register_step_post_hook(self._count)
 
     def _count(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         self.updates += 1
+        if self.tb is not None:  # after TempBalance's own post-hook: the scheduler's lr, the step's multipliers
+            self._used = step_rates(self.tb)
 
     @staticmethod
     def _saved_state(args: Any, state: Any) -> dict | None:
@@ -104,7 +116,7 @@ class TempBalanceCallback(TrainerCallback):
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if self.tb is None or logs is None:
             return
-        values = self.tb.log_values()
+        values = log_values(self.tb, self.log_mode, self._used)
         logs.update(values)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(values)

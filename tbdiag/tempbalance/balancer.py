@@ -2,7 +2,7 @@
 
     opt = torch.optim.AdamW(tbdiag.param_groups(model, weight_decay=0.1), lr=3e-4)   # or any optimizer
     tb = TempBalance(model, opt, every=100, per="update", warmup=500)
-    sched = torch.optim.lr_scheduler.LambdaLR(tb.optimizer, schedule)                # before or after
+    sched = torch.optim.lr_scheduler.LambdaLR(tb.optimizer, schedule)    # built before: schedulers=[sched]
     for step in range(max_steps):
         loss(model, batch).backward(); opt.step(); opt.zero_grad(); sched.step()
         tb.step_update(step + 1)      # counts updates; refits alphas every 100 after the first 500
@@ -16,9 +16,8 @@ is confused. With a timm scheduler, which applies ``lr_scale`` itself, pass ``ap
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,9 +26,12 @@ from torch import nn
 from tbdiag.measure import measure_shared
 from tbdiag.options import AnalyzeOptions
 from tbdiag.errors import TbdiagError
+from tbdiag.tempbalance.guards import (check_materialised, check_multipliers, check_scalable, check_schedulers,
+                                       held_elsewhere)
+from tbdiag.tempbalance.logs import LogMode, log_values
 from tbdiag.tempbalance.maps import multipliers, unit_multipliers
-from tbdiag.tempbalance.optim import (OriginalLayout, adopt_scheduler, inner_optimizer, param_groups, restore_lrs,
-                                      scale_lrs, split_by_unit)
+from tbdiag.tempbalance.optim import (OriginalLayout, adopt_after_split, adopt_scheduler, inner_optimizer, param_groups,
+                                      restore_lrs, scale_lrs, split_by_unit)
 from tbdiag.tempbalance.tuned import (DEFAULT_GROUP, TuneOptions, plan_model, tuned_layers, unit_of_parameters,
                                       units_in_order, unwrap)
 
@@ -38,7 +40,11 @@ log = logging.getLogger(__name__)
 METRICS = {"alpha": "alpha", "alpha_weighted": "alpha_weighted", "spectral_norm": "lambda_max"}
 PER = ("epoch", "update")
 TARGETS = ("lr", "weight_decay", "both")  # what a unit's multiplier scales (AlphaDecay: the weight decay)
-Factory = Callable[[list[dict]], torch.optim.Optimizer]
+
+
+def is_factory(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is a factory ``groups -> Optimizer`` rather than an optimizer (or a wrapper of one)."""
+    return callable(optimizer) and not hasattr(optimizer, "param_groups")
 
 
 class TempBalance:
@@ -66,6 +72,13 @@ class TempBalance:
             × m(α), higher alpha → more decay; their default ratios 0.5–1.5, LLaMA runs 0.667–3) or ``both``.
         schedulers: schedulers already built over the optimizer's original groups, adapted to the split.
         no_decay: factory route only: put biases, norms and embeddings in ``:no_decay`` groups (weight decay 0).
+        others: other optimizers over the same model (a GAN's discriminator beside its generator): layers whose
+            weights they hold and this optimizer does not are neither tuned nor fitted.
+
+    Raises:
+        TbdiagError: before anything changes (`tbdiag.tempbalance.guards`): bad options, meta-device weights, no
+            layer to tune, a rate that is not a finite number (``lr=None``, Adafactor's ``relative_step=True``), a
+            scheduler built over the optimizer and not passed as ``schedulers``.
     """
 
     def __init__(self, model: nn.Module, optimizer: Any, *, map: str = "linear", min_ratio: float = 0.5,
@@ -74,7 +87,7 @@ class TempBalance:
                  include: Sequence[str] = (), exclude: Sequence[str] = (), split_qkv: bool = False,
                  fit: str = "median", device: str = "auto", initial: Mapping[str, float] | None = None,
                  apply_scale: bool = True, schedulers: Sequence[Any] = (), no_decay: bool = True,
-                 target: str = "lr") -> None:
+                 target: str = "lr", others: Sequence[Any] = ()) -> None:
         if target not in TARGETS:
             raise TbdiagError(f"target {target!r}: use one of {', '.join(TARGETS)}")
         if metric not in METRICS:
@@ -89,19 +102,21 @@ class TempBalance:
         self.tune = TuneOptions(unit=unit, exclude_first_last=exclude_first_last, min_evals=min_evals,
                                 include=tuple(include), exclude=tuple(exclude), split_qkv=split_qkv)
         self.options = AnalyzeOptions(fit=fit, device=device, min_evals=2)
+        check_materialised(unwrap(model))
         specs = plan_model(model, self.tune)
-        self.layers = tuned_layers(specs, self.tune)
+        theirs = held_elsewhere(unwrap(model), None if is_factory(optimizer) else optimizer, others)
+        self.layers = [t for t in tuned_layers(specs, self.tune) if t.tensor not in theirs]
         if not self.layers:
             raise TbdiagError(f"no layer to tune in this {type(unwrap(model)).__name__}: TempBalance tunes Linear and "
                               f"Conv layers with ≥ {min_evals} eigenvalues, the input and output layers left out "
-                              "(parametrized ones such as weight_norm are not seen); lower min_evals, keep the first "
-                              "and last layers, or check include/exclude")
+                              "(parametrized ones such as weight_norm are not seen, nor layers of other optimizers); "
+                              "lower min_evals, keep the first and last layers, or check include/exclude")
         tuned_names = {t.name for t in self.layers}
         self._specs = [s for s in specs if s.name in tuned_names]
         owner = unit_of_parameters(model, self.layers, specs, unit)
         unit_of = {id(p): owner[n] for n, p in unwrap(model).named_parameters() if n in owner}
         if initial is not None:  # checked before the optimizer is touched: a failed construction changes nothing
-            self._check_multipliers(initial)
+            check_multipliers(initial, self.units)
         self._layout: OriginalLayout | None = None
         self.optimizer = self._split(model, optimizer, unit_of, schedulers, no_decay)
         self._split_added_groups(unit_of)
@@ -120,12 +135,14 @@ class TempBalance:
 
     def _split(self, model: nn.Module, optimizer: Any, unit_of: dict[int, str], schedulers: Sequence[Any],
                no_decay: bool) -> torch.optim.Optimizer:
-        if callable(optimizer) and not hasattr(optimizer, "param_groups"):
+        if is_factory(optimizer):
             base = param_groups(model) if no_decay else [{"params": [p for p in unwrap(model).parameters()
                                                                       if p.requires_grad]}]
             groups, _ = split_by_unit(base, unit_of)
             self._origin, self._n_original = list(range(len(groups))), len(groups)
-            return inner_optimizer(optimizer(groups))
+            built = inner_optimizer(optimizer(groups))
+            check_scalable(built.param_groups, built.defaults, self.target, type(built).__name__)
+            return built
         opt = inner_optimizer(optimizer)
         if isinstance(opt, torch.optim.LBFGS):
             raise TbdiagError("LBFGS keeps a single param group, so it cannot step layers at their own rates; use "
@@ -136,6 +153,8 @@ class TempBalance:
         if not any(id(p) in in_opt for p in unwrap(model).parameters()):
             raise TbdiagError("the optimizer holds none of this model's parameters; build it over the model "
                               "TempBalance is given (model.parameters(), or its param groups)")
+        check_scalable(original, opt.defaults, self.target, type(opt).__name__)
+        check_schedulers(opt, schedulers)
         if missing:
             log.info("TempBalance: %d trainable parameters are not in the optimizer (e.g. %s)", len(missing), missing[0])
         opt.param_groups, origin = split_by_unit(original, unit_of)
@@ -153,6 +172,7 @@ class TempBalance:
         opt, add = self.optimizer, self.optimizer.add_param_group
 
         def add_param_group(group: dict) -> None:
+            check_scalable([group], opt.defaults, self.target, type(opt).__name__, self._n_original)
             j, tag = self._n_original, group.get("name") or f"g{self._n_original}"
             names = {g["name"] for g in opt.param_groups}
             new, _ = split_by_unit([group], unit_of)
@@ -191,7 +211,8 @@ class TempBalance:
 
     def effective_lrs(self) -> dict[str, float]:
         """The learning rate each param group steps with, by group name (``lr × lr_scale`` with the hooks)."""
-        return {g["name"]: g["lr"] * (g["lr_scale"] if self.apply_scale else 1.0) for g in self.optimizer.param_groups}
+        return {g["name"]: float(g["lr"]) * (g["lr_scale"] if self.apply_scale else 1.0)
+                for g in self.optimizer.param_groups}
 
     def effective_weight_decays(self) -> dict[str, float]:
         """The weight decay each param group steps with, by group name (``weight_decay × wd_scale``)."""
@@ -200,18 +221,7 @@ class TempBalance:
     def adopt_scheduler(self, scheduler: Any) -> None:
         """Adapt a scheduler that was built over the optimizer's groups before they were split (as the
         ``schedulers`` argument does); harmless for one built after."""
-        lists = next((getattr(scheduler, a) for a in ("base_lrs", "base_values") if isinstance(getattr(scheduler, a, None),
-                                                                                             list)), None)
-        n_now = len(self.optimizer.param_groups)
-        if lists is not None and n_now == self._n_original and list(self._origin) != list(range(n_now)):
-            raise TbdiagError("cannot tell whether this scheduler was built before the optimizer's groups were split "
-                              "(the split has as many groups as before); pass it as schedulers=[...] when "
-                              "constructing TempBalance")
-        built_before = lists is not None and len(lists) != n_now
-        if built_before:
-            adopt_scheduler(scheduler, self.optimizer, self._origin, self._n_original)
-        else:
-            adopt_scheduler(scheduler, self.optimizer, range(len(self._origin)), len(self._origin))
+        adopt_after_split(scheduler, self.optimizer, self._origin, self._n_original)
 
     def measure(self) -> dict[str, float]:
         """The metric of every tuned layer (``nan`` where a fit failed), shared across ranks under DDP."""
@@ -238,19 +248,17 @@ class TempBalance:
         """End of an epoch: ``epoch`` epochs are done (default: one more than last time). With ``per="epoch"``,
         rebalances when due; returns whether it did."""
         self.epoch = self.epoch + 1 if epoch is None else int(epoch)
-        if self.per == "epoch" and self._due(self.epoch):
+        if due := (self.per == "epoch" and self._due(self.epoch)):
             self.balance()
-            return True
-        return False
+        return due
 
     def step_update(self, num_updates: int | None = None) -> bool:
         """After an optimizer update: ``num_updates`` updates are done (default: one more). With
         ``per="update"``, rebalances when due; returns whether it did."""
         self.updates = self.updates + 1 if num_updates is None else int(num_updates)
-        if self.per == "update" and self._due(self.updates):
+        if due := (self.per == "update" and self._due(self.updates)):
             self.balance()
-            return True
-        return False
+        return due
 
     def _apply(self, mult: Mapping[str, float]) -> None:
         self._mult.update({unit: float(m) for unit, m in mult.items()})
@@ -265,36 +273,13 @@ class TempBalance:
         Raises:
             TbdiagError: a name that is no tuned unit of this model, or a multiplier that is not a positive number.
         """
-        self._check_multipliers(mapping)
+        check_multipliers(mapping, self.units)
         self._apply(mapping)
 
-    def _check_multipliers(self, mapping: Mapping[str, float]) -> None:
-        """Names of tuned units (one whose parameters are frozen has no group but is tuned) or ``default`` at 1,
-        each with a positive number."""
-        known = set(self.units) | {DEFAULT_GROUP}
-        unknown = [n for n in mapping if n not in known or (n == DEFAULT_GROUP and mapping[n] != 1.0)]
-        if unknown:
-            raise TbdiagError(f"multipliers for {', '.join(unknown[:3])}: no such tuned unit in this model "
-                              f"(tuned: {', '.join(self.units[:3])} …); recommend from this model's checkpoint "
-                              "with the same unit and layer options")
-        for name, m in mapping.items():
-            if isinstance(m, bool) or not (isinstance(m, (int, float)) and math.isfinite(m) and m > 0):
-                raise TbdiagError(f"multiplier of {name}: {m!r} is not a positive number")
-
-    def log_values(self) -> dict[str, float]:
-        """Flat numbers for a logger: ``lr/<group>`` (effective rate), ``alpha/<unit>`` (mean metric),
-        ``tb/balance_s`` (last rebalance time)."""
-        out = {f"lr/{name}": lr for name, lr in self.effective_lrs().items()}
-        if self.target != "lr":
-            out.update({f"wd/{name}": wd for name, wd in self.effective_weight_decays().items()})
-        per_unit: dict[str, list[float]] = {}
-        for t in self.layers:
-            v = self.values.get(t.name, math.nan)
-            if math.isfinite(v):
-                per_unit.setdefault(t.unit, []).append(v)
-        out.update({f"{self.metric}/{u}": sum(v) / len(v) for u, v in per_unit.items()})
-        out["tb/balance_s"] = self.last_balance_s
-        return out
+    def log_values(self, mode: LogMode = "groups") -> dict[str, float]:
+        """Flat numbers for a logger, now (`tbdiag.tempbalance.logs`): ``groups`` (default here) the summary and
+        ``lr/<group>`` (effective rate), ``<metric>/<unit>``; ``summary`` its 8 keys only."""
+        return log_values(self, mode)
 
     def state_dict(self) -> dict[str, Any]:
         """What `load_state_dict` needs to continue exactly: counters, multipliers, last metric values."""
@@ -304,7 +289,7 @@ class TempBalance:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore `state_dict` output (also that of earlier versions, which counted ``calls``); a state whose
         multipliers do not fit this model changes nothing."""
-        self._check_multipliers(state["multipliers"])
+        check_multipliers(state["multipliers"], self.units)
         self.epoch = int(state.get("epoch", state.get("calls", 0)))
         self.updates = int(state.get("updates", 0))
         self.values = dict(state.get("values", {}))

@@ -141,6 +141,21 @@ def adopt_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer, origin: Se
         _keep_original_layout(scheduler, list(origin), n_old, before)
 
 
+def adopt_after_split(scheduler: Any, optimizer: torch.optim.Optimizer, origin: Sequence[int], n_original: int) -> None:
+    """`adopt_scheduler` for a scheduler met after the split: one whose per-group lists still have the original
+    length was built before (re-indexed by ``origin``), one already as long as the split was built after."""
+    lists = next((v for a in ("base_lrs", "base_values") if isinstance(v := getattr(scheduler, a, None), list)), None)
+    n_now = len(optimizer.param_groups)
+    if lists is not None and n_now == n_original and list(origin) != list(range(n_now)):
+        raise TbdiagError("cannot tell whether this scheduler was built before the optimizer's groups were split "
+                          "(the split has as many groups as before); pass it as schedulers=[...] when "
+                          "constructing TempBalance")
+    if lists is not None and len(lists) != n_now:
+        adopt_scheduler(scheduler, optimizer, origin, n_original)
+    else:
+        adopt_scheduler(scheduler, optimizer, range(len(origin)), len(origin))
+
+
 def _keep_original_layout(scheduler: Any, origin: list[int], n_old: int, before: dict[str, list]) -> None:
     """Wrap a scheduler's state_dict/load_state_dict (on the instance) to save per-group lists in the
     original layout (each original group's first sub-group; a group without parameters keeps its values

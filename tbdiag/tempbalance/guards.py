@@ -1,0 +1,112 @@
+"""What `TempBalance` refuses before it changes anything: weights that are not there, rates it cannot scale,
+a scheduler it was not told about, and layers that another optimizer trains.
+
+Every check raises a one-line `TbdiagError` (what, where, what to do) and leaves the model, the optimizer
+and its groups untouched, so the same objects can be retried once the cause is fixed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from tbdiag.errors import TbdiagError
+from tbdiag.tempbalance.optim import inner_optimizer
+from tbdiag.tempbalance.tuned import DEFAULT_GROUP
+from tbdiag.tensors import clean_name
+
+log = logging.getLogger(__name__)
+
+
+def check_materialised(model: nn.Module) -> None:
+    """Refuse a model whose parameters are on the meta device (shapes without values: nothing to fit)."""
+    meta = [name for name, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise TbdiagError(f"TempBalance: {len(meta)} parameters of this {type(model).__name__} are on the meta device "
+                          f"(e.g. {meta[0]}), so they hold no values to fit; materialise the weights first "
+                          "(load them, or model.to_empty(device=...) and initialise) and then build TempBalance")
+
+
+def check_multipliers(mapping: Mapping[str, float], units: Sequence[str]) -> None:
+    """Multipliers by name of a tuned unit (one whose parameters are frozen has no group but is tuned) or
+    ``default`` at 1, each a positive number."""
+    known = set(units) | {DEFAULT_GROUP}
+    unknown = [n for n in mapping if n not in known or (n == DEFAULT_GROUP and mapping[n] != 1.0)]
+    if unknown:
+        raise TbdiagError(f"multipliers for {', '.join(unknown[:3])}: no such tuned unit in this model "
+                          f"(tuned: {', '.join(units[:3])} …); recommend from this model's checkpoint "
+                          "with the same unit and layer options")
+    for name, m in mapping.items():
+        if isinstance(m, bool) or not (isinstance(m, (int, float)) and math.isfinite(m) and m > 0):
+            raise TbdiagError(f"multiplier of {name}: {m!r} is not a positive number")
+
+
+def rate_value(x: Any) -> float | None:
+    """The rate ``x`` as a float when it is one TempBalance can scale (a finite number ≥ 0, or a 0-d floating
+    tensor holding one, which torch's optimizers accept), else None."""
+    if isinstance(x, torch.Tensor):
+        if x.ndim != 0 or not x.is_floating_point() or x.is_meta:
+            return None
+        x = float(x)
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0:
+        return None
+    return float(x)
+
+
+def check_scalable(groups: Sequence[Mapping], defaults: Mapping, target: str, optimizer: str, first: int = 0) -> None:
+    """Refuse groups whose learning rate (``target`` ``lr``/``both``) or weight decay (``weight_decay``/``both``)
+    TempBalance cannot scale; ``defaults`` fill what a group leaves out (``add_param_group``), ``first`` is the
+    index of the first group (one added later)."""
+    for i, group in enumerate(groups, start=first):
+        g = {**defaults, **group}
+        lr = g.get("lr")
+        if target != "weight_decay" and (g.get("relative_step") or rate_value(lr) is None):
+            why = "computed by the optimizer itself (relative_step=True)" if g.get("relative_step") else "not a number"
+            raise TbdiagError(f"TempBalance: param group {i} of {optimizer} has lr={_shown(lr)}, {why}, so there is no "
+                              "rate to scale; give every group a fixed finite lr (e.g. Adafactor(..., "
+                              "relative_step=False, lr=1e-3)) or train without TempBalance")
+        if target != "lr" and rate_value(g.get("weight_decay", 0.0)) is None:
+            raise TbdiagError(f"TempBalance: param group {i} of {optimizer} has weight_decay="
+                              f"{_shown(g.get('weight_decay'))}, not a finite number ≥ 0 to scale; set a numeric "
+                              "weight_decay")
+    if target != "lr" and groups and not any(rate_value({**defaults, **g}.get("weight_decay", 0.0)) for g in groups):
+        raise TbdiagError(f"TempBalance: target={target!r} scales weight decay, but every group of {optimizer} has "
+                          "weight_decay 0, so it would change nothing; give the optimizer a weight decay")
+
+
+def _shown(x: Any) -> str:
+    return f"tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) and x.ndim else repr(x)
+
+
+def check_schedulers(optimizer: torch.optim.Optimizer, schedulers: Sequence[Any]) -> None:
+    """Refuse an optimizer over which torch built a scheduler (it patches ``optimizer.step`` and writes
+    ``initial_lr`` into the groups) when no scheduler is passed: after the split it would fail inside torch
+    (its lists no longer match the groups). ``initial_lr`` alone (a loaded optimizer state, timm's schedulers)
+    is only reported."""
+    if schedulers or not any("initial_lr" in g for g in optimizer.param_groups):
+        return
+    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        raise TbdiagError(f"TempBalance: a learning-rate scheduler was built over this {type(optimizer).__name__} "
+                          "before TempBalance (its groups carry initial_lr) and was not passed to it; pass it as "
+                          "schedulers=[...] so it follows the split groups, or build it after TempBalance")
+    log.warning("TempBalance: the optimizer's groups carry initial_lr (a loaded state, or a scheduler such as "
+                "timm's built before); pass any scheduler built over them as schedulers=[...]")
+
+
+def held_elsewhere(model: nn.Module, optimizer: Any, others: Iterable[Any]) -> set[str]:
+    """Names (as layers name their tensors) of the model's parameters that one of ``others`` holds and
+    ``optimizer`` (None: a factory, not built yet) does not: another optimizer's layers, never tuned."""
+    def ids(opt: Any) -> set[int]:
+        return {id(p) for g in inner_optimizer(opt).param_groups for p in g["params"]}
+
+    others = list(others)
+    if not others:
+        return set()
+    own = ids(optimizer) if optimizer is not None else set()
+    theirs = set().union(*(ids(o) for o in others)) - own
+    return {clean_name(n) for n, p in model.named_parameters() if id(p) in theirs}
