@@ -1,6 +1,7 @@
-"""``TrainConfig``: everything that decides a training run's numbers, with the names each choice may take
-(`CHOICES`: the CLI lists them, the trainer implements them) and the range of every number, checked on
-creation. Written to a run folder's ``config.json`` by `tbdiag.runfolder`."""
+"""What a training run is and what it records: ``TrainConfig``, everything that decides a run's numbers, with
+the names each choice may take (`CHOICES`: the CLI lists them, the trainer implements them) and the range of
+every number, checked on creation (written to a run folder's ``config.json`` by `tbdiag.runfolder`); and the
+per-epoch record of ``metrics.jsonl`` as readers get it (`epoch_record`)."""
 
 from __future__ import annotations
 
@@ -117,3 +118,43 @@ class TrainConfig:
         lo, hi = (0.6, 1.4) if self.method == "tb+snr" else (0.5, 1.5)
         return (self.tb_min_ratio if self.tb_min_ratio is not None else lo,
                 self.tb_max_ratio if self.tb_max_ratio is not None else hi)
+
+
+# The numbers of an epoch record (metrics.jsonl) that readers use, besides "epoch" and "layers".
+EPOCH_NUMBERS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def epoch_record(raw: Any) -> tuple[dict, list[str]]:
+    """An epoch record of ``metrics.jsonl`` with every field readers use, and the fields it had to fill in.
+
+    ``epoch`` must be a whole number ≥ 1. Each of `EPOCH_NUMBERS` that is missing or not a number becomes
+    ``nan``; ``layers`` maps layer names to ``{"alpha": …, "lr": …}``, where a missing or non-numeric value is
+    ``None`` (as the trainer writes a layer without an alpha) and a missing ``layers`` is ``{}``. Other keys
+    are kept as they are.
+
+    Raises:
+        ValueError: not a JSON object with a whole epoch ≥ 1.
+    """
+    if not isinstance(raw, dict) or not _whole(1)(raw.get("epoch")):
+        raise ValueError("not an epoch record (an object with a whole epoch ≥ 1)")
+    record, filled = dict(raw), []
+    for key in EPOCH_NUMBERS:
+        if not _number(raw.get(key)):
+            record[key] = math.nan
+            filled.append(key)
+    layers = raw.get("layers", {})
+    bad = not isinstance(layers, dict)  # a layer's entry or value that is not what the trainer writes
+    record["layers"] = {}
+    for name, entry in (layers.items() if isinstance(layers, dict) else ()):
+        if not isinstance(entry, dict):
+            entry, bad = {}, True
+        values = {k: entry.get(k) if _number(entry.get(k)) else None for k in ("alpha", "lr")}
+        bad = bad or any(values[k] is None and entry.get(k) is not None for k in values)
+        record["layers"][str(name)] = {**entry, **values}
+    if bad:
+        filled.append("a layer's alpha or lr")
+    return record, filled

@@ -10,7 +10,8 @@
 Every file is written atomically (temporary file, fsync, rename), a new pair before ``last.json`` moves to
 it, and the two newest pairs are kept. Readers trust nothing: `load_last` resumes from the newest pair
 that loads completely (a truncated file or a corrupt ``last.json`` costs at most an epoch, with a warning
-naming what was skipped), and `read_metrics` skips a half-written last line. Training code
+naming what was skipped), and `read_metrics` skips a half-written last line and shows a value a record
+lacks as missing, each with a warning. Training code
 (`tbdiag.train`) and reports (`tbdiag.report`) both use this module; it imports neither, and torch only
 where it reads or writes checkpoints. The config itself, `TrainConfig` with its choices and ranges, is in
 `tbdiag.runconfig`.
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tbdiag.errors import TbdiagError
-from tbdiag.runconfig import TrainConfig
+from tbdiag.runconfig import TrainConfig, epoch_record
 
 if TYPE_CHECKING:
     import torch
@@ -249,31 +250,37 @@ def last_weights(folder: Path) -> Path | None:
 
 
 def read_metrics(folder: Path) -> list[dict]:
-    """The per-epoch records of ``metrics.jsonl`` ([] when there is none).
+    """The per-epoch records of ``metrics.jsonl`` ([] when there is none), each with every field readers use
+    (`tbdiag.runconfig.epoch_record`): a value the file lacks, or holds as something other than a number, is
+    shown as missing (``nan``; ``None`` in ``layers``), never guessed, and named in one warning per field.
 
     A last line cut short (a copy or a writer that was not atomic stopped mid-line) is skipped with a
     warning; a broken line before it is an error.
 
     Raises:
-        TbdiagError: a line other than the last is not a JSON record.
+        TbdiagError: a line other than the last is not an epoch record.
     """
     path = folder / "metrics.jsonl"
     if not path.is_file():
         return []
     lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    records = []
+    records, filled = [], {}
     for i, line in enumerate(lines):
         try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or "epoch" not in record:
-                raise ValueError("not an epoch record")
-        except ValueError as exc:
+            record, missing = epoch_record(json.loads(line))
+        except (ValueError, RecursionError) as exc:
             if i == len(lines) - 1:
                 log.warning("%s: skipped its last line, which is incomplete (%s)", path, _short(exc))
                 break
-            raise TbdiagError(f"{path}: line {i + 1} is not an epoch record ({_short(exc)}); "
-                              "resume the run to rewrite it from its checkpoint") from None
+            raise TbdiagError(f"{path}: line {i + 1} is not an epoch record ({_short(exc)}); fix or remove that "
+                              "line (training rewrites the file at its next epoch)") from None
         records.append(record)
+        for key in missing:
+            filled.setdefault(key, []).append(str(record["epoch"]))
+    for key, epochs in filled.items():
+        more = f", … (+{len(epochs) - 5})" if len(epochs) > 5 else ""
+        log.warning("%s: %s missing or not a number in epoch %s%s; shown as missing", path, key, ", ".join(epochs[:5]),
+                    more)
     return records
 
 

@@ -73,6 +73,35 @@ def test_randomize_is_seeded_per_layer_and_off_by_default(planted):
         analyze(planted, randomize=True, estimator="farms")
 
 
+def test_randomize_permutes_each_slice_and_layer_apart_reproducibly():
+    """One permutation per (seed, layer name, slice), the same in every process: identical slices and
+    identical layers are shuffled differently, and the seeding formula does not drift."""
+    import numpy as np
+
+    from tbdiag.randomize import permutation
+
+    assert permutation(0, "l1", 0, 8).tolist() == [0, 7, 1, 6, 4, 2, 3, 5]  # crc32-seeded: stable across runs
+    assert permutation(0, "l1", 1, 8).tolist() == [7, 2, 6, 0, 5, 4, 3, 1]
+    assert permutation(7, "l1", 0, 8).tolist() == [7, 2, 0, 3, 4, 1, 5, 6]
+    torch.manual_seed(5)
+    m = torch.randn(12, 6)
+    conv = m[:, :, None, None].expand(12, 6, 2, 2).contiguous()  # four identical kernel slices
+    a = analyze({"c.weight": conv, "l1.weight": m, "l2.weight": m.clone()}, randomize=True, seed=0, keep_spectra=True)
+    assert len(np.unique(a.rand_spectra["c"].round(9))) == 24  # not 6 values four times: each slice its own
+    rows = {r.name: r for r in a.layers}
+    assert rows["l1"].lambda_max == rows["l2"].lambda_max and rows["l1"].rand_lambda_max != rows["l2"].rand_lambda_max
+
+
+def test_randomize_conv_trap_is_scaled_and_placed_like_the_weight():
+    torch.manual_seed(6)
+    w = torch.randn(64, 32, 3, 3)
+    w[10, 4, 1, 2] = 80.0  # kernel position (1, 2): slice 5
+    a = analyze({"conv.weight": w}, randomize=True, seed=0, keep_spectra=True)
+    (trap,) = a.layers[0].traps
+    assert trap["eigenvalue"] == pytest.approx(float(a.rand_spectra["conv"][-1]), rel=1e-12)  # × conv_norm, as the ESD
+    assert trap["entries"] == [{"slice": 5, "row": 10, "col": 4, "value": 80.0}]
+
+
 def test_randomize_cli_json_round_trip_and_report(planted, tmp_path):
     src, out, html = tmp_path / "p.safetensors", tmp_path / "p.json", tmp_path / "p.html"
     save_file(planted, src)
@@ -243,7 +272,10 @@ def test_lora_bad_configs(lora, tmp_path):
     shutil.copytree(adapter, bad)
     config = json.loads((bad / "adapter_config.json").read_text())
     for change, message in (({"use_dora": True}, "DoRA"), ({"r": 0}, "r is 0"),
-                            ({"rank_pattern": {}}, "has rank 12 but the config says 4")):
+                            ({"rank_pattern": {}}, "has rank 12 but the config says 4"),
+                            ({"rank_pattern": {"(": 4}}, "rank_pattern is {'(': 4}, not a map of regular expressions"),
+                            ({"alpha_pattern": {"q_proj": "8"}}, "alpha_pattern is {'q_proj': '8'}, not a map"),
+                            ({"modules_to_save": 5}, "modules_to_save is 5, not a list of module names")):
         (bad / "adapter_config.json").write_text(json.dumps({**config, **change}))
         one_line_error(run("analyze", bad), message)
 

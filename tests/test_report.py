@@ -1,4 +1,5 @@
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -259,3 +260,68 @@ def test_a_hugging_face_folder_is_a_checkpoint_not_a_training_run(tmp_path):
     res = runner.invoke(app, ["report", str(folder), "--out", str(tmp_path / "r.html")])
     assert res.exit_code == 0, res.output
     assert "alpha per layer" in (tmp_path / "r.html").read_text()
+
+
+# A run folder's metrics.jsonl is input too: what it lacks is shown as missing, with a warning; never a traceback.
+def _run_copy(runs, tmp_path, edit):
+    folder = tmp_path / "run"
+    shutil.copytree(runs["tb"], folder)
+    path = folder / "metrics.jsonl"
+    path.write_text(edit(path.read_text().splitlines()))
+    return folder
+
+
+def test_report_of_a_run_with_missing_values_renders_them_as_missing(runs, tmp_path):
+    records = [json.loads(line) for line in (runs["tb"] / "metrics.jsonl").read_text().splitlines()]
+
+    def edit(lines):
+        first, last = json.loads(lines[0]), json.loads(lines[1])
+        del last["test_acc"]
+        first["lr"] = "fast"
+        first["layers"] = {name: {"alpha": "high", "lr": v["lr"]} for name, v in first["layers"].items()}
+        return "\n".join(json.dumps(r) for r in (first, last)) + "\n"
+
+    folder, out = _run_copy(runs, tmp_path, edit), tmp_path / "r.html"
+    res = runner.invoke(app, ["report", str(folder), "--out", str(out)])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    assert "test_acc missing or not a number in epoch 2; shown as missing" in res.stderr
+    assert "lr missing or not a number in epoch 1; shown as missing" in res.stderr
+    assert "a layer's alpha or lr missing or not a number in epoch 1; shown" in res.stderr
+    html = out.read_text()
+    assert 'data-v="nan">-</td>' in html  # the final test accuracy: missing, not 0
+    assert f">{records[0]['test_acc']:.4f}</td>" in html  # the best of what is there
+
+    from tbdiag.runfolder import read_metrics
+
+    first, last = read_metrics(folder)
+    assert math.isnan(first["lr"]) and math.isnan(last["test_acc"]) and last["lr"] == records[1]["lr"]
+    assert all(v["alpha"] is None and v["lr"] == records[0]["layers"][n]["lr"] for n, v in first["layers"].items())
+    assert first["layers"] and first["train_loss"] == records[0]["train_loss"]
+
+
+def test_report_of_a_run_with_malformed_lines(runs, tmp_path):
+    """A last line cut short is skipped (a copy stopped mid-write); a broken line before it is one line, exit 2."""
+    out = tmp_path / "r.html"
+    folder = _run_copy(runs, tmp_path, lambda lines: "\n".join([lines[0], '{"epoch": 2, "train_loss": ']) + "\n")
+    res = runner.invoke(app, ["report", str(folder), "--out", str(out)])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    assert "metrics.jsonl: skipped its last line, which is incomplete (JSONDecodeError" in res.stderr
+    assert '<td data-v="1">1 / 2</td>' in out.read_text()  # the one readable epoch
+    shutil.rmtree(folder)
+    out.unlink()
+    for middle in ('{"epoch": 0}', "[]", '{"epoch": 1, "train_loss": '):
+        folder = _run_copy(runs, tmp_path, lambda lines: "\n".join([middle, lines[1]]) + "\n")
+        res = runner.invoke(app, ["report", str(folder), "--out", str(out)])
+        assert res.exit_code == 2 and "Traceback" not in res.output and not out.exists(), res.output
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {folder / 'metrics.jsonl'}: line 1 is not an epoch "
+                                                       "record (") and "; fix or remove that line" in lines[0], lines
+        shutil.rmtree(folder)
+
+
+@pytest.mark.parametrize("raw", [{"epoch": 0}, {"epoch": "1"}, {"epoch": True}, {"epoch": 1.0}, [], None])
+def test_an_epoch_record_needs_a_whole_epoch(raw):
+    from tbdiag.runconfig import epoch_record
+
+    with pytest.raises(ValueError, match="not an epoch record"):
+        epoch_record(raw)

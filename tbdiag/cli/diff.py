@@ -48,7 +48,12 @@ def diff_command(
         if not quiet:
             from tbdiag.cli.render import diff_table
 
-            (err_console if outputs.stdout else out_console).print(diff_table(doc, top))
+            table = diff_table(doc, top)
+            if doc["changed_shape"]:  # same name, another shape: listed, never compared
+                shapes = ", ".join(f"{c['name']} {c['shape_a']} → {c['shape_b']}" for c in doc["changed_shape"][:5])
+                more = f" … (+{len(doc['changed_shape']) - 5})" if len(doc["changed_shape"]) > 5 else ""
+                table.caption = (table.caption or "") + f"\nchanged shape, not compared: {shapes}{more}"
+            (err_console if outputs.stdout else out_console).print(table)
 
 
 def _load_both(a: str, b: str, fit: str | None, device: str, keep_spectra: bool) -> list:
