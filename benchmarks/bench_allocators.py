@@ -56,7 +56,7 @@ from torch.nn import functional as F
 
 import tbdiag
 from tbdiag import TempBalance
-from tbdiag.tempbalance.recommend import allocation
+from tbdiag.allocation.recommend import allocation
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from nanogpt_tempbalance import BUILTIN_TEXT, GPT, GPTConfig, get_batch, lr_at  # noqa: E402

@@ -30,11 +30,11 @@ import time
 import torch
 from torch import nn
 
-from tbdiag.analysis import analyze
-from tbdiag.measure import group_spectra, solve_groups
-from tbdiag.checkpoint import open_checkpoint
-from tbdiag.layers import CONV_KINDS, as_matrices, plan_layers
-from tbdiag.powerlaw import FITS as TB_FITS
+from tbdiag.analysis.core import analyze
+from tbdiag.analysis.measure import group_spectra, solve_groups
+from tbdiag.io.checkpoint import open_checkpoint
+from tbdiag.esd.layers import CONV_KINDS, as_matrices, plan_layers
+from tbdiag.esd.powerlaw import FITS as TB_FITS
 from tbdiag.train.models import MODELS
 
 FITS = ("median", "ks", "peak")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tbdiag.analysis import analyze
+from tbdiag.analysis.core import analyze
 from tbdiag.train.models import MODELS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

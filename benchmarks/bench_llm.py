@@ -114,8 +114,8 @@ def main() -> None:
             code = ("import logging, weightwatcher as ww; logging.disable(logging.INFO);"
                     f"ww.WeightWatcher(model={str(folder)!r}).analyze()")
             runs["weightwatcher default"] = ["-c", code]
-        from tbdiag.options import AnalyzeOptions
-        from tbdiag.plan import make_plan
+        from tbdiag.analysis.options import AnalyzeOptions
+        from tbdiag.analysis.plan import make_plan
 
         estimates = {"tbdiag": make_plan(str(folder), AnalyzeOptions(device="cpu")).seconds,
                      "tbdiag --embeddings": make_plan(str(folder), AnalyzeOptions(device="cpu", include_embeddings=True)).seconds}

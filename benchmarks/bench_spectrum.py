@@ -2,12 +2,12 @@
 
     python benchmarks/bench_spectrum.py [--rounds 3] [--device cpu]
 
-1. Gram matrix. For LLM- and CNN-shaped bf16 weights it times `tbdiag.spectrum.gram(..., full=False)`
+1. Gram matrix. For LLM- and CNN-shaped bf16 weights it times `tbdiag.esd.spectrum.gram(..., full=False)`
    (what `analyze` runs: only the lower triangle, in column panels) and the same blockwise accumulation
    as one full ``baddbmm`` per block (what tbdiag did before), in float64 and float32, and prints the
    median times, their ratio and the largest difference in the lower triangle relative to the largest entry.
 2. Eigensolve of a stack (CPU only). For stacks of Gram matrices (conv kernel positions, FARMS windows)
-   it times `tbdiag.spectrum.eigvalsh_shared` (the stack shared out over torch's threads, one BLAS thread
+   it times `tbdiag.esd.spectrum.eigvalsh_shared` (the stack shared out over torch's threads, one BLAS thread
    each) against one ``torch.linalg.eigvalsh`` call (LAPACK's own threading), float64, and prints the
    largest difference of the eigenvalues relative to the largest.
 """
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from tbdiag.spectrum import block_elements, eigvalsh_shared, gram, resolve_device
+from tbdiag.esd.spectrum import block_elements, eigvalsh_shared, gram, resolve_device
 
 SHAPES = {"MLP up 8192×2048": (1, 8192, 2048), "attention q 2048×2048": (1, 2048, 2048),
           "embedding slice 32064×2048": (1, 32064, 2048), "conv 3×3, 512→512": (9, 512, 512),

@@ -26,7 +26,7 @@ from torch import nn
 from tbdiag.tempbalance import TempBalance
 from tbdiag.train.loop import train
 from tbdiag.train.models import MODELS
-from tbdiag.runconfig import TrainConfig
+from tbdiag.runs.config import TrainConfig
 
 
 def overhead(steps: int) -> None:
@@ -55,7 +55,7 @@ def overhead(steps: int) -> None:
     print(f"  training step (batch 128), median of {steps}: {step * 1000:.0f} ms → epoch (391 steps) ≈ {epoch:.0f} s (estimate)")
     print(f"  TempBalance per epoch (ESD + fit + group update), median of 3: {bal * 1000:.0f} ms")
     print(f"  overhead ratio: {bal / epoch:.5f} ({100 * bal / epoch:.3f}% of an epoch)")
-    from tbdiag.analysis import analyze
+    from tbdiag.analysis.core import analyze
     from tbdiag.report.render import checkpoint_report
 
     checkpoint_report(analyze(model, keep_spectra=True, device="cpu"))  # imports matplotlib/jinja2 once

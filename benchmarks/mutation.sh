@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Mutation testing of tbdiag's math core with mutmut 3 (on demand; not part of `pytest`).
+# Mutation testing of every tbdiag module that computes or writes a number, with mutmut 3 (on demand; not part of `pytest`).
 #
 #   benchmarks/mutation.sh                     # every module, one after the other
-#   benchmarks/mutation.sh maps powerlaw       # only these (short names below)
+#   benchmarks/mutation.sh maps powerlaw       # only these (short names: ORDER below)
 #   MUTATION_JOBS=2 benchmarks/mutation.sh     # parallel test workers (default 1)
 #
 # The configuration (files mutated, tests run, fork-server isolation for torch) is `[tool.mutmut]` in
@@ -17,11 +17,35 @@ JOBS=${MUTATION_JOBS:-1}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 PYTHONHASHSEED=0
 
 declare -A MODULE=(
-    [maps]=tbdiag.tempbalance.maps [powerlaw]=tbdiag.powerlaw [metrics]=tbdiag.metrics
-    [tuned]=tbdiag.tempbalance.tuned [spectrum]=tbdiag.spectrum [layers]=tbdiag.layers
-    [allocate]=tbdiag.tempbalance.allocate [optim]=tbdiag.tempbalance.optim
+    [maps]=tbdiag.allocation.maps
+    [powerlaw]=tbdiag.esd.powerlaw
+    [metrics]=tbdiag.esd.metrics
+    [selection]=tbdiag.allocation.selection
+    [spectrum]=tbdiag.esd.spectrum
+    [layers]=tbdiag.esd.layers
+    [allocators]=tbdiag.allocation.allocators
+    [optim]=tbdiag.tempbalance.optim
+    [mp]=tbdiag.esd.mp
+    [randomize]=tbdiag.esd.randomize
+    [delta]=tbdiag.finetune.delta
+    [lora]=tbdiag.finetune.lora
+    [lora_config]=tbdiag.finetune.lora_config
+    [diff]=tbdiag.finetune.diff
+    [magnitude]=tbdiag.pruning.magnitude
+    [prune]=tbdiag.pruning.core
+    [prune_results]=tbdiag.pruning.results
+    [prune_files]=tbdiag.pruning.files
+    [prune_tensors]=tbdiag.pruning.tensors
+    [recommend]=tbdiag.allocation.recommend
+    [balancer]=tbdiag.tempbalance.balancer
+    [guards]=tbdiag.tempbalance.guards
+    [logs]=tbdiag.tempbalance.logs
+    [hf]=tbdiag.integrations.hf
+    [lightning]=tbdiag.integrations.lightning
+    [export]=tbdiag.analysis.export
+    [outputs]=tbdiag.io.outputs
 )
-ORDER=(maps powerlaw metrics tuned spectrum layers allocate optim)
+ORDER=(maps powerlaw metrics selection spectrum layers allocators optim mp randomize delta lora lora_config diff magnitude prune prune_results prune_files prune_tensors recommend balancer guards logs hf lightning export outputs)
 selected=("$@")
 [ ${#selected[@]} -eq 0 ] && selected=("${ORDER[@]}")
 for m in "${selected[@]}"; do
@@ -39,17 +63,17 @@ for m in "${selected[@]}"; do
 done
 echo "total: $(( $(date +%s) - start )) s"
 
-"$PYTHON" - "${selected[@]}" <<'EOF'
+"$PYTHON" - $(for m in "${selected[@]}"; do printf '%s=%s ' "$m" "${MODULE[$m]}"; done) <<'EOF'
 """Score per module from mutants/**/*.py.meta: killed (timeouts count as killed) / all mutants."""
 import json
 import sys
 from pathlib import Path
 
-names = {m: f"tempbalance/{m}" for m in ("maps", "tuned", "allocate", "optim")}
+modules = dict(arg.split("=", 1) for arg in sys.argv[1:])  # short name=dotted module
 killed_codes = {1, 3, 24, -24, 36, 152, 255}  # test failure, pytest internal error, timeouts
 grand = [0, 0]
-for short in sys.argv[1:]:
-    meta = Path("mutants/tbdiag") / f"{names.get(short, short)}.py.meta"
+for short, module in modules.items():
+    meta = Path("mutants") / (module.replace(".", "/") + ".py.meta")
     codes = json.loads(meta.read_text())["exit_code_by_key"]
     killed = sum(c in killed_codes for c in codes.values())
     survivors = sorted(k for k, c in codes.items() if c not in killed_codes)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tbdiag.checkpoint import order_metadata
+from tbdiag.io.checkpoint import order_metadata
 from tbdiag.train.idx import load_mnist
 from tbdiag.train.models import MLP, SmallCNN
 

@@ -5,30 +5,23 @@ The public API is imported lazily so that ``tbdiag analyze`` does not pay for wh
 
 from __future__ import annotations
 
-from typing import Any
+from tbdiag._lazy import exports
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "analyze": "tbdiag.analysis",
-    "Analysis": "tbdiag.analysis",
-    "AnalyzeOptions": "tbdiag.options",
-    "LayerResult": "tbdiag.metrics",
-    "PowerLawFit": "tbdiag.powerlaw",
-    "open_checkpoint": "tbdiag.checkpoint",
+    "analyze": "tbdiag.analysis.core",
+    "Analysis": "tbdiag.analysis.core",
+    "AnalyzeOptions": "tbdiag.analysis.options",
+    "LayerResult": "tbdiag.esd.metrics",
+    "PowerLawFit": "tbdiag.esd.powerlaw",
+    "open_checkpoint": "tbdiag.io.checkpoint",
     "TbdiagError": "tbdiag.errors",
-    "TempBalance": "tbdiag.tempbalance",
+    "TempBalance": "tbdiag.tempbalance.balancer",
     "param_groups": "tbdiag.tempbalance.optim",
-    "load_multipliers": "tbdiag.tempbalance.recommend",
-    "prune": "tbdiag.pruning",
+    "load_multipliers": "tbdiag.allocation.recommend",
+    "prune": "tbdiag.pruning.core",
 }
 
-__all__ = ["__version__", *_EXPORTS]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'tbdiag' has no attribute {name!r}")
+__all__, __getattr__ = exports(__name__, _EXPORTS)
+__all__ = ["__version__", *__all__]

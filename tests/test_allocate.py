@@ -8,7 +8,7 @@ from torch import nn
 
 from tbdiag import TempBalance
 from tbdiag.errors import TbdiagError
-from tbdiag.tempbalance.allocate import lora_ranks, peft_patterns, sparsity
+from tbdiag.allocation.allocators import lora_ranks, peft_patterns, sparsity
 from tests import tiny_models
 
 
@@ -102,7 +102,7 @@ def run(*args):
 def test_recommend_targets_write_allocation_documents(tmp_path):
     import json
 
-    from tbdiag.tempbalance.recommend import load_multipliers
+    from tbdiag.allocation.recommend import load_multipliers
 
     common = (SAMPLES / "mlp_sharded", "--keep-first-last", "--min-evals", "10")
     res = run("recommend", *common, "--target", "sparsity", "--sparsity", "0.6", "-o", tmp_path / "s.json")
@@ -141,7 +141,7 @@ def test_peft_keys_on_the_real_minilm_folder():
     from transformers import AutoModel
 
     import tbdiag
-    from tbdiag.tempbalance.recommend import allocation
+    from tbdiag.allocation.recommend import allocation
 
     folder = Path(minilm.__file__).parent / "model"
     doc = allocation(tbdiag.analyze(folder, fit="median"), "lora_rank", budget=288, r_min=4, r_max=16, lora_alpha=16)

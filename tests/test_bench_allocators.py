@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tbdiag
-from tbdiag.tempbalance.recommend import allocation
+from tbdiag.allocation.recommend import allocation
 from tbdiag.train.data import load_dataset
 from tests.scripts import imported
 

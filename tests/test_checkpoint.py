@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from tbdiag import analyze
-from tbdiag.checkpoint import clean_name, open_checkpoint, sniff
+from tbdiag.io.checkpoint import clean_name, open_checkpoint, sniff
 from tbdiag.errors import CheckpointError, TbdiagError
 
 from tests.conftest import write_sharded_safetensors

@@ -229,11 +229,11 @@ def test_help_lists_choices_and_our_own_metavars(command):
 
 
 def test_choices_match_the_library():
-    from tbdiag.options import PRECISIONS
+    from tbdiag.analysis.options import PRECISIONS
     from tbdiag.cli.common import Fit, MapName, Metric, Precision
-    from tbdiag.powerlaw import FITS
+    from tbdiag.esd.powerlaw import FITS
     from tbdiag.tempbalance.balancer import METRICS
-    from tbdiag.tempbalance.maps import MAPS
+    from tbdiag.allocation.maps import MAPS
 
     for enum, table in ((Fit, FITS), (Precision, PRECISIONS), (MapName, MAPS), (Metric, METRICS)):
         assert [m.value for m in enum] == list(table), enum
@@ -244,7 +244,7 @@ def test_analyze_defaults_to_ks_and_flags_bands_only_for_ks():
     from rich.console import Console
 
     from tbdiag import analyze
-    from tbdiag.options import AnalyzeOptions
+    from tbdiag.analysis.options import AnalyzeOptions
     from tbdiag.cli.render import analysis_table
 
     assert AnalyzeOptions().fit == "ks"
@@ -264,7 +264,7 @@ def test_analyze_defaults_to_ks_and_flags_bands_only_for_ks():
 
 # Maps, on values computed by hand.
 def test_maps_on_hand_computed_values():
-    from tbdiag.tempbalance.maps import USES_RATIOS, multipliers
+    from tbdiag.allocation.maps import USES_RATIOS, multipliers
 
     nan = float("nan")
     assert multipliers([2.0, 3.0, nan, 4.0], "linear", 0.5, 2.5) == pytest.approx([0.5, 1.5, 1.0, 2.5])
@@ -293,7 +293,7 @@ def test_maps_on_hand_computed_values():
     (([1.0, 2.0], "log2", 0.5, 1.5), "use the linear map")])
 def test_maps_refuse_bad_input_without_naming_cli_flags(args, message):
     from tbdiag.errors import TbdiagError
-    from tbdiag.tempbalance.maps import multipliers
+    from tbdiag.allocation.maps import multipliers
 
     with pytest.raises(TbdiagError) as info:
         multipliers(*args)

@@ -126,7 +126,7 @@ def image_folder(root, sizes, shape=(8, 8)):
 
 
 def test_train_subset_is_a_seeded_stratified_sample(tmp_path):
-    from tbdiag.runconfig import TrainConfig
+    from tbdiag.runs.config import TrainConfig
     from tbdiag.train.batches import training_set
 
     folder = image_folder(tmp_path / "imgs", [20, 20, 20, 20])
@@ -196,7 +196,7 @@ def test_unreadable_images_are_named(tmp_path):
 
 
 def test_synthetic_needs_an_image_per_class():
-    from tbdiag.runconfig import ConfigError
+    from tbdiag.runs.config import ConfigError
 
     with pytest.raises(ConfigError, match="synthetic_size 5: fewer images than its 10 classes"):
         load_dataset("synthetic", None, synthetic_size=5)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import tbdiag
-from tbdiag.options import AnalyzeOptions
+from tbdiag.analysis.options import AnalyzeOptions
 from tbdiag.errors import TbdiagError
-from tbdiag.spectrum import resolve_device
+from tbdiag.esd.spectrum import resolve_device
 
 
 class Evil:

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from tbdiag import TbdiagError, analyze
 from tbdiag.cli import app
-from tbdiag.export import read_analyses, to_json
+from tbdiag.analysis.export import read_analyses, to_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import llama  # noqa: E402
@@ -78,7 +78,7 @@ def test_randomize_permutes_each_slice_and_layer_apart_reproducibly():
     identical layers are shuffled differently, and the seeding formula does not drift."""
     import numpy as np
 
-    from tbdiag.randomize import permutation
+    from tbdiag.esd.randomize import permutation
 
     assert permutation(0, "l1", 0, 8).tolist() == [0, 7, 1, 6, 4, 2, 3, 5]  # crc32-seeded: stable across runs
     assert permutation(0, "l1", 1, 8).tolist() == [7, 2, 6, 0, 5, 4, 3, 1]
@@ -135,7 +135,7 @@ def finetuned(tmp_path_factory):
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-    from tbdiag.checkpoint import order_metadata
+    from tbdiag.io.checkpoint import order_metadata
 
     path = tmp_path_factory.mktemp("ft") / "cnn_finetuned.safetensors"
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -251,8 +251,8 @@ def test_lora_merged_view_and_cli(lora, tmp_path):
 
 
 def test_plans_cover_deltas_and_randomized_analyses(finetuned):
-    from tbdiag.options import AnalyzeOptions
-    from tbdiag.plan import make_plan
+    from tbdiag.analysis.options import AnalyzeOptions
+    from tbdiag.analysis.plan import make_plan
 
     base = str(SAMPLES / "cnn_trained.safetensors")
     alone = make_plan(str(finetuned), AnalyzeOptions())
@@ -310,8 +310,8 @@ def test_diff_sorted_by_alpha_change_json_html_and_errors(tmp_path):
 def test_diff_compares_like_with_like(tmp_path):
     """A checkpoint beside an analysis JSON is analysed as that JSON was; other fits, or no common layer, are
     refused instead of printing the estimator's difference as a change of the model."""
-    from tbdiag.analysis import analyze
-    from tbdiag.diff import diff
+    from tbdiag.analysis.core import analyze
+    from tbdiag.finetune.diff import diff
 
     untrained, trained = SAMPLES / "cnn_untrained.safetensors", SAMPLES / "cnn_trained.safetensors"
     saved = tmp_path / "median.json"
@@ -366,8 +366,8 @@ def test_conv_lora_updates_pool_r_eigenvalues_per_kernel_position(conv_lora):
         full = torch.linalg.svdvals(slices).square()[:, :r].flatten().sort().values * 0.5
         assert torch.allclose(torch.from_numpy(a.spectra[name]), full, rtol=1e-5, atol=1e-12), name
         assert rows[name].status == "ok" and "rank-4 update" in rows[name].warning
-    from tbdiag.options import AnalyzeOptions
-    from tbdiag.plan import make_plan
+    from tbdiag.analysis.options import AnalyzeOptions
+    from tbdiag.analysis.plan import make_plan
 
     assert [x.n_evals for x in make_plan(str(adapter), AnalyzeOptions()).layers] == [27, 36, 4]
     m = analyze(adapter, base=base_path, view="merged", keep_spectra=True)

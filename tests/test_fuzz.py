@@ -33,9 +33,9 @@ from hypothesis import strategies as st
 
 from tbdiag import analyze
 from tbdiag.errors import TbdiagError
-from tbdiag.export import read_analyses, to_json
-from tbdiag.st_reader import DTYPE_BITS
-from tbdiag.tempbalance.recommend import load_multipliers, recommend
+from tbdiag.analysis.export import read_analyses, to_json
+from tbdiag.io.st_reader import DTYPE_BITS
+from tbdiag.allocation.recommend import load_multipliers, recommend
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
 # torch warns about the odd pickle protocol byte a flip can make; the warning is not what is tested here

@@ -189,7 +189,7 @@ def test_an_optimizer_without_a_scalable_rate_is_refused_before_training(tmp_pat
 def test_tbdiag_built_optimizer_and_recommend_file(tmp_path):
     model = tiny_models.llama()
     model.save_pretrained(tmp_path / "ckpt")
-    from tbdiag.tempbalance.recommend import recommend
+    from tbdiag.allocation.recommend import recommend
 
     doc = recommend(tbdiag.analyze(tmp_path / "ckpt", fit="median"))
     (tmp_path / "m.json").write_text(json.dumps(doc))
@@ -229,7 +229,7 @@ def test_real_minilm_weights_recommend_equals_tempbalance():
     from transformers import AutoModel
 
     folder = Path(minilm.__file__).parent / "model"
-    from tbdiag.tempbalance.recommend import recommend
+    from tbdiag.allocation.recommend import recommend
 
     model = AutoModel.from_pretrained(folder)
     for unit in ("layer", "block"):

@@ -72,7 +72,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycles_between_modules():
     graph = module_graph()
-    assert {"tbdiag.pruned_files", "tbdiag.outputs", "tbdiag.tensors"} <= set(graph)
-    assert "tbdiag.magnitude" in graph["tbdiag.pruned_files"] and "tbdiag.outputs" in graph["tbdiag.pruned_files"]
+    assert {"tbdiag.pruning.files", "tbdiag.io.outputs", "tbdiag.io.tensors"} <= set(graph)
+    assert "tbdiag.pruning.magnitude" in graph["tbdiag.pruning.files"] and "tbdiag.io.outputs" in graph["tbdiag.pruning.files"]
     assert cycles(graph) == []
-    assert cycles({**graph, "tbdiag.tensors": graph["tbdiag.tensors"] | {"tbdiag.checkpoint"}})  # the check bites
+    assert cycles({**graph, "tbdiag.io.tensors": graph["tbdiag.io.tensors"] | {"tbdiag.io.checkpoint"}})  # the check bites

@@ -1,7 +1,7 @@
 import torch
 
-from tbdiag.checkpoint import open_checkpoint
-from tbdiag.layers import kind_from_name, layer_name, plan_layers
+from tbdiag.io.checkpoint import open_checkpoint
+from tbdiag.esd.layers import kind_from_name, layer_name, plan_layers
 
 
 def test_kind_from_name_and_shape():

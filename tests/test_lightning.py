@@ -350,7 +350,7 @@ def test_per_epoch_rebalances_at_each_epoch_end(tmp_path):
 
 def test_initial_multipliers_from_a_recommend_file(tmp_path):
     """Multipliers recommended from a saved state dict of the inner network (module="net"), kept (every=0)."""
-    from tbdiag.tempbalance.recommend import recommend
+    from tbdiag.allocation.recommend import recommend
 
     weights = tmp_path / "net.pt"
     torch.save(LitMHA().net.state_dict(), weights)

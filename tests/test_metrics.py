@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tbdiag import AnalyzeOptions, analyze
-from tbdiag.metrics import layer_result
+from tbdiag.esd.metrics import layer_result
 
 
 def evals_of(w: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The Marchenko–Pastur fields (tbdiag.mp): WeightWatcher 0.7.7's definitions, checked against its values."""
+"""The Marchenko–Pastur fields (tbdiag.esd.mp): WeightWatcher 0.7.7's definitions, checked against its values."""
 
 import importlib.util
 import logging
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tbdiag import analyze
-from tbdiag.mp import js_distance, kde_triangular, matrix_entropy, mp_fit, nelder_mead_1d, spike_threshold
+from tbdiag.esd.mp import js_distance, kde_triangular, matrix_entropy, mp_fit, nelder_mead_1d, spike_threshold
 
 HAS_WW = importlib.util.find_spec("weightwatcher") is not None
 

@@ -19,21 +19,21 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tbdiag import AnalyzeOptions, analyze
-from tbdiag.checkpoint import order_metadata
+from tbdiag.io.checkpoint import order_metadata
 from tbdiag.errors import TbdiagError
-from tbdiag.layers import fused_axis, is_transposed_linear, kind_of_module, plan_layers
-from tbdiag.metrics import band_flags, layer_result, summarize
-from tbdiag.mp import matrix_entropy, mp_fit
-from tbdiag import powerlaw, spectrum
-from tbdiag.powerlaw import failed_fit, fit_ks, fit_median, fit_peak, hill_alphas, ks_bounds, ks_distances
-from tbdiag.tempbalance.allocate import lora_ranks, peft_patterns, sparsity
-from tbdiag.tempbalance.maps import check_ratios, multipliers, unit_means, unit_multipliers
-from tbdiag.tempbalance.tuned import (TuneOptions, plan_model, tensor_of, tuned_layers, unit_of_parameters,
+from tbdiag.esd.layers import fused_axis, is_transposed_linear, kind_of_module, plan_layers
+from tbdiag.esd.metrics import band_flags, layer_result, summarize
+from tbdiag.esd.mp import matrix_entropy, mp_fit
+from tbdiag.esd import powerlaw, spectrum
+from tbdiag.esd.powerlaw import failed_fit, fit_ks, fit_median, fit_peak, hill_alphas, ks_bounds, ks_distances
+from tbdiag.allocation.allocators import lora_ranks, peft_patterns, sparsity
+from tbdiag.allocation.maps import check_ratios, multipliers, unit_means, unit_multipliers
+from tbdiag.allocation.selection import (TuneOptions, plan_model, tensor_of, tuned_layers, unit_of_parameters,
                                       unwrap)
-from tbdiag.tensors import Checkpoint, TensorRef
+from tbdiag.io.tensors import Checkpoint, TensorRef
 from tbdiag.train.schedules import cosine, warm_restarts
 
-# --- tempbalance/maps.py ------------------------------------------------------------------------------------
+# --- allocation/maps.py ------------------------------------------------------------------------------------
 
 
 def test_linear_map_spans_any_ratio_range():
@@ -454,7 +454,7 @@ def test_band_flags_only_for_the_fit_they_were_calibrated_on():
     assert band_flags({}, "ks") == ([], []) and band_flags({"over_trained": None}, "ks") == ([], [])
 
 
-# --- tempbalance/tuned.py -----------------------------------------------------------------------------------
+# --- allocation/selection.py -----------------------------------------------------------------------------------
 
 
 def _units(model: nn.Module, unit: str = "layer", **options) -> tuple[list[str], dict[str, str]]:
@@ -843,7 +843,7 @@ def test_transformers_conv1d_is_a_transposed_linear():
     assert spec.kind == "linear"
 
 
-# --- tempbalance/allocate.py -----------------------------------------------------------------------------------
+# --- allocation/allocators.py -----------------------------------------------------------------------------------
 
 
 def test_sparsity_follows_alphapruning_with_an_exact_mean():

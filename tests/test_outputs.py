@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from tbdiag.cli import app
 from tbdiag.errors import TbdiagError
-from tbdiag.outputs import check_outputs, write_outputs
+from tbdiag.io.outputs import check_outputs, write_outputs
 
 runner = CliRunner()
 
@@ -42,13 +42,13 @@ def ckpt(tmp_path):
 @pytest.fixture
 def no_work(monkeypatch):
     """Fail the test if an analysis starts: every refusal here must come before any work."""
-    import tbdiag.analysis
+    import tbdiag.analysis.core
     import tbdiag.report.render
 
     def forbidden(*args, **kwargs):
         raise AssertionError("analysis started before the outputs were checked")
 
-    for module in (tbdiag.analysis, tbdiag.report.render):
+    for module in (tbdiag.analysis.core, tbdiag.report.render):
         monkeypatch.setattr(module, "analyze", forbidden)
 
 
@@ -184,16 +184,16 @@ def test_write_outputs_is_all_or_nothing_when_a_rename_fails(tmp_path, monkeypat
 
 def test_a_failed_write_leaves_earlier_outputs_alone(ckpt, tmp_path, monkeypatch):
     """`--json a.json --csv a.csv`: a failure while the second file is written leaves no a.json behind."""
-    import tbdiag.outputs
+    import tbdiag.io.outputs
 
-    real_write = tbdiag.outputs._write_text
+    real_write = tbdiag.io.outputs._write_text
 
     def disk_full_for_csv(tmp, text):
         if ".a.csv." in tmp.name:
             raise OSError(28, "No space left on device", str(tmp))
         real_write(tmp, text)
 
-    monkeypatch.setattr(tbdiag.outputs, "_write_text", disk_full_for_csv)
+    monkeypatch.setattr(tbdiag.io.outputs, "_write_text", disk_full_for_csv)
     assert_refused(run("analyze", ckpt, "--json", tmp_path / "a.json", "--csv", tmp_path / "a.csv"),
                    "a.csv: cannot write (No space left on device); nothing was written")
     assert not (tmp_path / "a.json").exists() and not (tmp_path / "a.csv").exists()

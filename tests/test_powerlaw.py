@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from tbdiag.powerlaw import fit_ks, fit_median, fit_peak, hill_alphas, ks_distances
-from tbdiag.spectrum import eigenvalues
+from tbdiag.esd.powerlaw import fit_ks, fit_median, fit_peak, hill_alphas, ks_distances
+from tbdiag.esd.spectrum import eigenvalues
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_ks_distances_chunking_is_invisible(monkeypatch):
     alphas = hill_alphas(ev)
     idx = torch.arange(499)
     whole = ks_distances(ev, alphas, idx)
-    monkeypatch.setattr("tbdiag.powerlaw.KS_CHUNK_ELEMENTS", 777)
+    monkeypatch.setattr("tbdiag.esd.powerlaw.KS_CHUNK_ELEMENTS", 777)
     assert torch.allclose(ks_distances(ev, alphas, idx), whole, rtol=0, atol=1e-14)
 
 
@@ -108,7 +108,7 @@ def test_pruned_ks_search_is_exact(seed):
         ev = torch.cat([torch.rand(n, generator=g, dtype=torch.float64) + 0.5, pareto(2.5, n // 5, seed) * 2]).sort().values
     else:  # many repeated values (ties)
         ev = torch.randint(1, 40, (n,), generator=g).to(torch.float64).sort().values
-    from tbdiag.powerlaw import ks_argmin
+    from tbdiag.esd.powerlaw import ks_argmin
 
     alphas = hill_alphas(ev)
     cand = torch.arange(len(ev) - 1)

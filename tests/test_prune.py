@@ -18,15 +18,15 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import tbdiag
-import tbdiag.checkpoint
-import tbdiag.pruned_files
-import tbdiag.pruned_tensors
-import tbdiag.pruning
+import tbdiag.io.checkpoint
+import tbdiag.pruning.files
+import tbdiag.pruning.tensors
+import tbdiag.pruning.core
 from tbdiag.cli import app
 from tbdiag.errors import TbdiagError
-from tbdiag.magnitude import prune_smallest_
-from tbdiag.pruning import prune
-from tbdiag.st_reader import read_header
+from tbdiag.pruning.magnitude import prune_smallest_
+from tbdiag.pruning.core import prune
+from tbdiag.io.st_reader import read_header
 from tests.conftest import write_bin_shards
 
 runner = CliRunner()
@@ -67,7 +67,7 @@ def saved(tmp_path: Path, state: dict, name: str = "ckpt.safetensors") -> Path:
 
 def fixed_alphas(monkeypatch, alphas: dict[str, float]) -> None:
     """Alphas by hand instead of fitted ones: the allocation alone is under test."""
-    monkeypatch.setattr(tbdiag.pruning, "_alphas", lambda specs, options, device: {
+    monkeypatch.setattr(tbdiag.pruning.core, "_alphas", lambda specs, options, device: {
         name: (alpha, "ok" if math.isfinite(alpha) else "zero_matrix") for name, alpha in alphas.items()})
 
 
@@ -121,7 +121,7 @@ def test_real_alphas_are_analyze_peak_alphas_and_higher_alpha_prunes_more(tmp_pa
 
 
 def test_the_allocation_json_is_recommends_sparsity_document(tmp_path):
-    from tbdiag.tempbalance.recommend import allocation
+    from tbdiag.allocation.recommend import allocation
 
     path = saved(tmp_path, llama_state())
     res = prune(path, sparsity=0.7, unit="block")
@@ -190,7 +190,7 @@ class LiveTensors:
 
     def __init__(self, monkeypatch) -> None:
         self.now = self.peak = self.reads = 0
-        real = tbdiag.checkpoint.tensor_loader
+        real = tbdiag.io.checkpoint.tensor_loader
 
         def loader(path, info, start):
             load, load_rows = real(path, info, start)
@@ -204,8 +204,8 @@ class LiveTensors:
 
             return counted, load_rows
 
-        monkeypatch.setattr(tbdiag.checkpoint, "tensor_loader", loader)
-        monkeypatch.setattr(tbdiag.pruned_tensors, "tensor_loader", loader)
+        monkeypatch.setattr(tbdiag.io.checkpoint, "tensor_loader", loader)
+        monkeypatch.setattr(tbdiag.pruning.tensors, "tensor_loader", loader)
 
     def _freed(self) -> None:
         self.now -= 1
@@ -294,7 +294,7 @@ def test_outputs_all_or_nothing(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         fout.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
 
-    monkeypatch.setattr(tbdiag.pruned_tensors, "write_tensor", failing)
+    monkeypatch.setattr(tbdiag.pruning.tensors, "write_tensor", failing)
     with pytest.raises(TbdiagError, match="No space left on device.*nothing was written"):
         prune(path, out, sparsity=0.5, allocation="uniform", allocation_json=doc)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]  # no output, no temporary
@@ -394,7 +394,7 @@ def test_cli_bad_input_in_one_line(tmp_path, args, message):
 
 def test_cli_choices_are_checked_and_listed():
     from tbdiag.cli.prune import Allocation
-    from tbdiag.pruning import ALLOCATIONS
+    from tbdiag.pruning.core import ALLOCATIONS
 
     res = cli("x.safetensors", "--sparsity", "0.5", "--allocation", "alhpa")
     assert res.exit_code == 2 and "alhpa" in res.stderr
@@ -498,7 +498,7 @@ def test_a_folder_output_is_taken_back_when_the_allocation_cannot_be_placed(tmp_
     def failing(temps):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(tbdiag.pruned_files, "replace_all", failing)
+    monkeypatch.setattr(tbdiag.pruning.files, "replace_all", failing)
     with pytest.raises(TbdiagError, match="nothing was written"):
         prune(src, out, sparsity=0.5, allocation="uniform", allocation_json=doc)
     assert (sorted(out.iterdir()) == [] if existing else not out.exists()) and not doc.exists()
@@ -513,7 +513,7 @@ def test_sigterm_while_writing_leaves_nothing_behind(tmp_path):
     out = tmp_path / "out"
     script = f"""
 import os, signal, sys
-import tbdiag.pruned_files as pf
+import tbdiag.pruning.files as pf
 real = pf._write_file
 def then_terminated(*args, **kwargs):
     real(*args, **kwargs)
@@ -544,7 +544,7 @@ def test_what_a_folder_copy_leaves_out_is_named_and_unreadable_files_are_refused
                             ("a/b/c", "a folder deeper than 3 levels"))
     secret = src / "a" / "b" / "ok.txt"
     real_access = os.access
-    monkeypatch.setattr(tbdiag.pruned_files.os, "access", lambda p, mode: False if Path(p) == secret else real_access(p, mode))
+    monkeypatch.setattr(tbdiag.pruning.files.os, "access", lambda p, mode: False if Path(p) == secret else real_access(p, mode))
     with pytest.raises(TbdiagError, match="ok.txt: cannot be read; the pruned folder would miss it"):
         prune(src, tmp_path / "out2", sparsity=0.5, allocation="uniform")
     monkeypatch.undo()

@@ -17,9 +17,9 @@ from torch import nn
 
 import tbdiag
 from tbdiag.errors import TbdiagError
-from tbdiag.pruning import prune
-from tbdiag.st_reader import read_header
-from tbdiag.tempbalance.allocate import sparsity as allocated
+from tbdiag.pruning.core import prune
+from tbdiag.io.st_reader import read_header
+from tbdiag.allocation.allocators import sparsity as allocated
 from tests.test_prune import cli, fixed_alphas, llama_state, mlp_state, saved, zeros
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
@@ -187,7 +187,7 @@ def fallback_state() -> dict[str, torch.Tensor]:
 
 def test_layers_without_a_finite_alpha_are_named_with_their_sparsity(tmp_path, caplog):
     path = saved(tmp_path, fallback_state())
-    with caplog.at_level(logging.WARNING, logger="tbdiag.pruning"):
+    with caplog.at_level(logging.WARNING, logger="tbdiag.pruning.core"):
         res = prune(path, tmp_path / "out.safetensors", sparsity=0.5, allocation_json=tmp_path / "a.json")
     got = {x.name: x for x in res.layers}
     assert [(x.name, x.status) for x in res.fallbacks] == [("fc2", "zero_matrix"), ("fc3", "degenerate")]

@@ -12,7 +12,7 @@ from tbdiag import analyze
 from tbdiag.cli import app
 from tbdiag.report.render import checkpoint_report, write_report
 from tbdiag.train.loop import train
-from tbdiag.runconfig import TrainConfig
+from tbdiag.runs.config import TrainConfig
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
 runner = CliRunner()
@@ -242,7 +242,7 @@ def test_unreadable_analysis_files_are_one_line(tmp_path, text, message):
 
 
 def test_a_saved_analysis_reads_back_unchanged(saved_doc, tmp_path):
-    from tbdiag.export import analysis_from_dict, to_json
+    from tbdiag.analysis.export import analysis_from_dict, to_json
 
     again = json.loads(to_json([analysis_from_dict(saved_doc)]))
     assert again == saved_doc
@@ -291,7 +291,7 @@ def test_report_of_a_run_with_missing_values_renders_them_as_missing(runs, tmp_p
     assert 'data-v="nan">-</td>' in html  # the final test accuracy: missing, not 0
     assert f">{records[0]['test_acc']:.4f}</td>" in html  # the best of what is there
 
-    from tbdiag.runfolder import read_metrics
+    from tbdiag.runs.folder import read_metrics
 
     first, last = read_metrics(folder)
     assert math.isnan(first["lr"]) and math.isnan(last["test_acc"]) and last["lr"] == records[1]["lr"]
@@ -321,7 +321,7 @@ def test_report_of_a_run_with_malformed_lines(runs, tmp_path):
 
 @pytest.mark.parametrize("raw", [{"epoch": 0}, {"epoch": "1"}, {"epoch": True}, {"epoch": 1.0}, [], None])
 def test_an_epoch_record_needs_a_whole_epoch(raw):
-    from tbdiag.runconfig import epoch_record
+    from tbdiag.runs.config import epoch_record
 
     with pytest.raises(ValueError, match="not an epoch record"):
         epoch_record(raw)

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from tbdiag import analyze
 from tbdiag.cli import app
-from tbdiag.checkpoint import open_checkpoint
+from tbdiag.io.checkpoint import open_checkpoint
 from tbdiag.errors import TbdiagError
-from tbdiag.layers import plan_layers
-from tbdiag.spectrum import gram, gram_macs
+from tbdiag.esd.layers import plan_layers
+from tbdiag.esd.spectrum import gram, gram_macs
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
 runner = CliRunner()
@@ -119,10 +119,10 @@ def test_plan_lists_layers_without_analysing(tmp_path):
 def _failing_rank(rank: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
-    from tbdiag.measure import measure_shared
-    from tbdiag.options import AnalyzeOptions
-    from tbdiag.checkpoint import TensorRef
-    from tbdiag.layers import LayerSpec
+    from tbdiag.analysis.measure import measure_shared
+    from tbdiag.analysis.options import AnalyzeOptions
+    from tbdiag.io.checkpoint import TensorRef
+    from tbdiag.esd.layers import LayerSpec
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
 
@@ -165,7 +165,8 @@ def test_torchrun_two_processes_give_the_single_process_result(tmp_path):
 
 
 def test_layers_solved_in_groups_give_the_same_rows(monkeypatch):
-    from tbdiag import measure, spectrum
+    from tbdiag.analysis import measure
+    from tbdiag.esd import spectrum
 
     torch.manual_seed(0)
     state = {f"blocks.{i}.{n}.weight": torch.randn(*shape) for i in range(2)

@@ -3,10 +3,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from tbdiag import spectrum
+from tbdiag.esd import spectrum
 from tbdiag.errors import TbdiagError
-from tbdiag.layers import as_matrices
-from tbdiag.spectrum import eigenvalues, eigenvalues_svd, resolve_device
+from tbdiag.esd.layers import as_matrices
+from tbdiag.esd.spectrum import eigenvalues, eigenvalues_svd, resolve_device
 
 
 @pytest.mark.parametrize("shape", [(300, 120), (120, 300), (64, 64), (64, 32, 3, 3), (48, 16, 5)])

@@ -208,7 +208,7 @@ STRIP = lambda rs: [{k: v for k, v in r.items() if not k.endswith("_s")} for r i
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A 3-epoch tb+snr run (TempBalance and SNR state in its checkpoints), never modified: tests copy it."""
-    from tbdiag.runconfig import TrainConfig
+    from tbdiag.runs.config import TrainConfig
     from tbdiag.train.loop import train
 
     folder = tmp_path_factory.mktemp("finished") / "run"
@@ -231,7 +231,7 @@ def truncate(path: Path) -> None:
     (["last.json"], 3, ["last.json"]),
 ])
 def test_resume_skips_unreadable_checkpoints(finished, tmp_path, caplog, damage, resumed_after, skipped):
-    from tbdiag.runfolder import read_config
+    from tbdiag.runs.folder import read_config
     from tbdiag.train.loop import train
 
     ck = finished / "checkpoints"
@@ -242,7 +242,7 @@ def test_resume_skips_unreadable_checkpoints(finished, tmp_path, caplog, damage,
         truncate(run_dir / "checkpoints" / name)
     with caplog.at_level(logging.INFO):
         history = train(read_config(run_dir), run_dir, device="cpu", resume=True)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "tbdiag.runfolder"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and r.name == "tbdiag.runs.folder"]
     assert len(warnings) == 1 and f"resuming after epoch {resumed_after}" in warnings[0], warnings
     assert all(name in warnings[0] for name in skipped), warnings
     assert f"resuming {run_dir} after epoch {resumed_after}" in caplog.text
@@ -303,12 +303,12 @@ def test_reports_read_run_folders_without_training_code():
     import tbdiag
 
     root = Path(tbdiag.__file__).parent
-    for path in [root / "runfolder.py", root / "runconfig.py", *(root / "report").glob("*.py")]:
+    for path in [*(root / "runs").glob("*.py"), *(root / "report").glob("*.py")]:
         tree = ast.parse(path.read_text())
         modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
         modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         assert not [m for m in modules if m.startswith("tbdiag.train")], path
-    assert "tbdiag.runfolder" in (root / "report" / "render.py").read_text()
+    assert "tbdiag.runs.folder" in (root / "report" / "render.py").read_text()
 
 
 @pytest.mark.parametrize("n, size", [(257, 2), (256, 2), (10, 3), (2, 4), (1, 1)])
@@ -342,8 +342,8 @@ def test_every_numeric_option_is_checked(tmp_path):
 
 def test_config_errors_name_fields_not_options(tmp_path):
     from tbdiag.errors import TbdiagError
-    from tbdiag.runconfig import ConfigError, TrainConfig
-    from tbdiag.runfolder import read_config
+    from tbdiag.runs.config import ConfigError, TrainConfig
+    from tbdiag.runs.folder import read_config
     from tbdiag.train.schedules import warm_restarts
 
     for bad in ({"sgdr_period": 0}, {"momentum": 1.0}, {"epochs": 2.5}, {"model": "gpt5"}, {"tb_max_ratio": 0.4}):
@@ -359,7 +359,7 @@ def test_config_errors_name_fields_not_options(tmp_path):
 
 
 def test_help_shows_defaults_and_choices_and_typos_fail():
-    from tbdiag.runconfig import CHOICES
+    from tbdiag.runs.config import CHOICES
 
     res = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"})
     assert res.exit_code == 0
@@ -376,8 +376,8 @@ def test_help_shows_defaults_and_choices_and_typos_fail():
 
 
 def test_choices_match_what_the_trainer_implements():
-    from tbdiag.powerlaw import FITS
-    from tbdiag.runconfig import CHOICES
+    from tbdiag.esd.powerlaw import FITS
+    from tbdiag.runs.config import CHOICES
     from tbdiag.tempbalance import MAPS, METRICS
     from tbdiag.train.data import DATASETS
     from tbdiag.train.loop import METHODS

@@ -7,7 +7,7 @@ import torch
 
 from tbdiag import TempBalance, analyze
 from tbdiag.tempbalance import block_of
-from tbdiag.tempbalance.recommend import recommend
+from tbdiag.allocation.recommend import recommend
 from tbdiag.train.models import MODELS
 from tests import tiny_models
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from tbdiag import TbdiagError, analyze
 from tbdiag.cli import app
-from tbdiag.diff import diff
+from tbdiag.finetune.diff import diff
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tiny_models import gpt2, llama  # noqa: E402
@@ -127,8 +127,8 @@ def test_diff_randomized_sides(caplog):
 # ΔW in float64 -------------------------------------------------------------------------------------------------
 
 def test_delta_is_taken_in_float64_and_in_order():
-    from tbdiag.analysis import plan_source
-    from tbdiag.options import AnalyzeOptions
+    from tbdiag.analysis.core import plan_source
+    from tbdiag.analysis.options import AnalyzeOptions
 
     torch.manual_seed(3)
     w0 = 1e4 * torch.randn(64, 32, dtype=torch.float64)
@@ -177,7 +177,7 @@ def llama_adapter(tmp_path_factory):
 
 
 def test_lora_embedding_and_rslora_updates_equal_pefts_merge(llama_adapter, caplog):
-    caplog.set_level(logging.INFO, "tbdiag.lora")
+    caplog.set_level(logging.INFO, "tbdiag.finetune.lora")
     adapter, _, base, merged = llama_adapter
     a = analyze(adapter, keep_spectra=True)
     rows = {r.name: r for r in a.layers}
@@ -217,7 +217,7 @@ def test_lora_merged_view_has_the_saved_modules(llama_adapter):
 def test_pattern_rule_is_pefts(key, module):
     from peft.utils.other import get_pattern_key
 
-    from tbdiag.lora_config import pattern_matches
+    from tbdiag.finetune.lora_config import pattern_matches
 
     assert pattern_matches(key, module) == (get_pattern_key([key], module) == key)
 
@@ -254,3 +254,15 @@ def test_lora_merged_with_float64_weights_stays_float64(tmp_path):
     exact = sq_evals(w0 + 0.5 * b @ a)
     assert torch.allclose(torch.from_numpy(m.spectra["fc"]), exact, rtol=1e-12)
     assert not torch.allclose(sq_evals(w0.float() + (0.5 * b @ a).float()), exact, rtol=1e-9)  # float32 is seen
+
+
+def test_diff_sides_carry_the_alpha_spread(sides):
+    """Both sides name their alpha_std (the follow-up's imbalance number), as their summaries compute it."""
+    import statistics
+
+    a, b = analyze(sides[0], fit="median"), analyze(sides[1], fit="median")
+    doc = diff(a, b)
+    for side, analysis in (("a", a), ("b", b)):
+        alphas = [r.alpha for r in analysis.layers if r.status == "ok"]
+        assert doc[side]["alpha_std"] == pytest.approx(statistics.pstdev(alphas), rel=1e-12)
+    assert doc["a"]["alpha_std"] != doc["b"]["alpha_std"]  # the two sides hold different layers

@@ -47,10 +47,10 @@ def analyze_command(
     plan: Annotated[bool, typer.Option("--plan", metavar=FLAG, help="Only print what would be analysed and an estimate of the time.", rich_help_panel=OUTPUT)] = False,
 ) -> None:
     """Fit the power-law exponent alpha of every layer's eigenvalue spectrum."""
-    from tbdiag.analysis import analyze
-    from tbdiag.options import AnalyzeOptions
+    from tbdiag.analysis.core import analyze
+    from tbdiag.analysis.options import AnalyzeOptions
     from tbdiag.errors import TbdiagError
-    from tbdiag.export import to_csv, to_json
+    from tbdiag.analysis.export import to_csv, to_json
 
     with user_errors():
         if html == "-":
@@ -68,14 +68,14 @@ def analyze_command(
                                 overwrite=overwrite)
         if plan:
             from tbdiag.cli.render import plan_table
-            from tbdiag.plan import make_plan
+            from tbdiag.analysis.plan import make_plan
 
             for p in paths:
                 for view in _views(p, base, both):
                     out_console.print(plan_table(make_plan(str(p), options, base=None if base is None else str(base),
                                                            view=view)))
             return
-        from tbdiag.distributed import process_group
+        from tbdiag.analysis.distributed import process_group
 
         with process_group("gloo") as rank:  # gloo carries the gathered rows; eigenvalues stay on each rank's device
             analyses = [_analyze_with_progress(analyze, str(p), options, keep_spectra=html is not None,
@@ -107,7 +107,7 @@ def analyze_command(
 def _views(path: Path, base: Path | None, both: bool) -> list[str | None]:
     """The views of one path: its own (weights; ΔW with a base or for an adapter), and with ``both`` the full
     weights too (the fine-tuned W, or W_base + ΔW of an adapter)."""
-    from tbdiag.lora import adapter_folder
+    from tbdiag.finetune.lora import adapter_folder
 
     if base is None:
         return [None]

@@ -121,9 +121,9 @@ def require_finite(value: float, option: str, why: str) -> None:
 class Outputs:
     """A command's output targets (option name → where it goes), checked before any work starts.
 
-    Files are checked with `tbdiag.outputs.check_outputs` (no folder, no missing folder, no two options on one
+    Files are checked with `tbdiag.io.outputs.check_outputs` (no folder, no missing folder, no two options on one
     file, never an input or a file of an input folder) and written together with
-    `tbdiag.outputs.write_outputs` (all or none); one option at most may name ``-``, standard output.
+    `tbdiag.io.outputs.write_outputs` (all or none); one option at most may name ``-``, standard output.
     """
 
     files: Mapping[str, Path]
@@ -131,7 +131,7 @@ class Outputs:
 
     @classmethod
     def check(cls, targets: Mapping[str, str | None], inputs: Sequence[str | Path], *, overwrite: bool = False) -> Outputs:
-        from tbdiag.outputs import check_outputs
+        from tbdiag.io.outputs import check_outputs
 
         chosen = {option: t for option, t in targets.items() if t is not None}
         to_stdout = [option for option, t in chosen.items() if t == STDOUT]
@@ -144,7 +144,7 @@ class Outputs:
 
     def write(self, texts: Mapping[str, str]) -> None:
         """Write every file (all or none), then the standard-output one."""
-        from tbdiag.outputs import write_outputs
+        from tbdiag.io.outputs import write_outputs
 
         write_outputs([(path, texts[option]) for option, path in self.files.items()])
         if self.stdout is not None:

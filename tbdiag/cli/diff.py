@@ -30,8 +30,8 @@ def diff_command(
             raise TbdiagError("--html -: an HTML report goes to a file; name one")
         outputs = Outputs.check({"--json": json_out, "--html": html}, [a, b], overwrite=overwrite)
         analyses = _load_both(a, b, fit.value if fit is not None else None, device, keep_spectra=html is not None)
-        from tbdiag.diff import diff
-        from tbdiag.export import jsonable
+        from tbdiag.finetune.diff import diff
+        from tbdiag.analysis.export import jsonable
 
         doc = diff(*analyses)
         texts = {}
@@ -61,10 +61,10 @@ def _load_both(a: str, b: str, fit: str | None, device: str, keep_spectra: bool)
     the JSON beside them (so that both sides are measured alike) or with ``fit`` (default ks)."""
     import dataclasses
 
-    from tbdiag.analysis import analyze
+    from tbdiag.analysis.core import analyze
     from tbdiag.errors import TbdiagError
-    from tbdiag.export import read_analyses
-    from tbdiag.options import AnalyzeOptions
+    from tbdiag.analysis.export import read_analyses
+    from tbdiag.analysis.options import AnalyzeOptions
 
     found = {}
     for path in (a, b):

@@ -39,7 +39,7 @@ def prune_command(
 ) -> None:
     """Prune the smallest-magnitude weights of each layer to a sparsity allocated from its alpha (or uniform)."""
     from tbdiag.errors import TbdiagError
-    from tbdiag.pruning import prune
+    from tbdiag.pruning.core import prune
 
     with user_errors():
         require_finite(sparsity, "--sparsity", "must be a finite number; e.g. 0.7")

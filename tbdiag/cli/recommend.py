@@ -55,9 +55,9 @@ def recommend_command(
 ) -> None:
     """Turn a checkpoint's per-layer alphas into TempBalance learning-rate multipliers (or, with --target,
     per-layer weight decay, sparsity or LoRA ranks)."""
-    from tbdiag.analysis import analyze
-    from tbdiag.export import jsonable
-    from tbdiag.tempbalance.recommend import recommend
+    from tbdiag.analysis.core import analyze
+    from tbdiag.analysis.export import jsonable
+    from tbdiag.allocation.recommend import recommend
 
     with user_errors():
         require_finite(min_ratio, "--min-ratio", "must be a finite number; e.g. 0.5")
@@ -99,7 +99,7 @@ def multipliers_table(doc: dict, *, source: str, map: str, metric: str, min_rati
     from rich.table import Table
 
     from tbdiag.cli.render import fmt
-    from tbdiag.tempbalance.maps import USES_RATIOS
+    from tbdiag.allocation.maps import USES_RATIOS
 
     span = f", {min_ratio:g}–{max_ratio:g}" if map in USES_RATIOS else ", mean 1"
     title = safe(f"{source}: TempBalance multipliers ({map} map of {metric}{span})")  # a line of its own: not
@@ -123,8 +123,8 @@ def _allocate(analysis, target: Target, rule: dict, outputs: Outputs, out: str |
     from rich.table import Table
 
     from tbdiag.cli.render import fmt
-    from tbdiag.export import jsonable
-    from tbdiag.tempbalance.recommend import allocation
+    from tbdiag.analysis.export import jsonable
+    from tbdiag.allocation.recommend import allocation
 
     if target == Target.weight_decay:
         params = {k: p[k] for k in ("map", "min_ratio", "max_ratio")}

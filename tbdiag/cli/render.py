@@ -11,9 +11,9 @@ import math
 from rich.table import Table
 from rich.text import Text
 
-from tbdiag.analysis import Analysis
+from tbdiag.analysis.core import Analysis
 from tbdiag.cli.common import safe
-from tbdiag.metrics import BANDS_FIT, OVER_TRAINED_BELOW, UNDER_TRAINED_ABOVE, band_flags
+from tbdiag.esd.metrics import BANDS_FIT, OVER_TRAINED_BELOW, UNDER_TRAINED_ABOVE, band_flags
 
 
 def fmt(x: float, digits: int = 3) -> str:
@@ -89,7 +89,7 @@ def summary_text(a: Analysis) -> Text:
     return text
 
 
-def plan_table(plan) -> Table:  # noqa: ANN001 - tbdiag.plan.Plan, imported lazily
+def plan_table(plan) -> Table:  # noqa: ANN001 - tbdiag.analysis.plan.Plan, imported lazily
     """The analysis plan: one row per layer with its read size and estimated time, and totals."""
     what = {"delta": f", ΔW against {plan.base}" if plan.base else ", ΔW", "merged": f", merged into {plan.base}"}
     table = Table(title=safe(f"plan: {plan.source}{what.get(plan.view, '')} ({plan.format}, {len(plan.layers)} "

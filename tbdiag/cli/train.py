@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from tbdiag.cli.common import FLAG, OVERWRITE_HELP, err_console, user_errors
-from tbdiag.runconfig import CHOICES
+from tbdiag.runs.config import CHOICES
 
 RUN, DATA, OPT, TB, BASE = "Run", "Data", "Optimisation", "TempBalance", "Baselines"
 
@@ -59,14 +59,14 @@ def train_command(
     sgdr_mult: Annotated[Optional[int], typer.Option(metavar="N", help="SGDR period multiplier, ≥ 1 (default 2).", rich_help_panel=BASE)] = None,
 ) -> None:
     """Train a model with TempBalance (or a baseline), writing a resumable run folder."""
-    from tbdiag.runconfig import TrainConfig
+    from tbdiag.runs.config import TrainConfig
 
     given = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in locals().items()
              if k in TrainConfig.__dataclass_fields__ and v is not None}
     with user_errors(), _options_named():
         config, folder = _config(given, out, resume)
         if report is not None:
-            from tbdiag.outputs import check_outputs
+            from tbdiag.io.outputs import check_outputs
 
             read = [p for p in (config.init_from, config.multipliers, folder if resume is not None else None) if p]
             (report,) = check_outputs([report], read, overwrite=overwrite)
@@ -81,7 +81,7 @@ def train_command(
 def _options_named() -> Iterator[None]:
     """Name the option, not the config field, in a configuration error (``--batch-size 0``, not ``batch_size 0``)."""
     from tbdiag.errors import TbdiagError
-    from tbdiag.runconfig import ConfigError
+    from tbdiag.runs.config import ConfigError
 
     try:
         yield
@@ -92,8 +92,8 @@ def _options_named() -> Iterator[None]:
 def _config(given: dict, out: Path | None, resume: Path | None):  # noqa: ANN202 - (TrainConfig, Path)
     """The run's config and folder: a new one from the options, or the resumed run's (only --epochs may change)."""
     from tbdiag.errors import TbdiagError
-    from tbdiag.runconfig import TrainConfig
-    from tbdiag.runfolder import read_config
+    from tbdiag.runs.config import TrainConfig
+    from tbdiag.runs.folder import read_config
 
     if resume is None:
         if out is None:
@@ -116,7 +116,7 @@ def _config(given: dict, out: Path | None, resume: Path | None):  # noqa: ANN202
 def _train_with_progress(config, folder: Path, device: str, resume: bool, report):  # noqa: ANN001, ANN202
     import logging
 
-    from tbdiag.distributed import world
+    from tbdiag.analysis.distributed import world
     from tbdiag.train.loop import train
 
     logging.getLogger("tbdiag.train.loop").setLevel(logging.INFO)

@@ -58,7 +58,7 @@ class TempBalanceCallback(TrainerCallback):
         check_log_mode(log, "TempBalanceCallback")
         self.every, self.per, self.warmup, self.log_mode, self.options = every, per, warmup, log, options
         if isinstance(initial, (str, Path)):
-            from tbdiag.tempbalance.recommend import load_multipliers
+            from tbdiag.allocation.recommend import load_multipliers
 
             initial = load_multipliers(initial)
         self.initial = dict(initial) if initial is not None else None
@@ -126,6 +126,6 @@ class TempBalanceCallback(TrainerCallback):
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
-            from tbdiag.outputs import atomic_write
+            from tbdiag.io.outputs import atomic_write
 
             atomic_write(folder / STATE_FILE, json.dumps(self.tb.state_dict(), indent=1) + "\n")

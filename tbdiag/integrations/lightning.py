@@ -101,7 +101,7 @@ class TempBalanceCallback(Callback):
             raise TbdiagError(f"TempBalanceCallback: optimizer={optimizer!r}; give the index (0, 1, …) of an "
                               "optimizer that configure_optimizers returns")
         if isinstance(initial, (str, Path)):
-            from tbdiag.tempbalance.recommend import load_multipliers
+            from tbdiag.allocation.recommend import load_multipliers
 
             initial = load_multipliers(initial)
         self.initial = dict(initial) if initial is not None else None

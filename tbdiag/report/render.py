@@ -17,13 +17,13 @@ import numpy as np
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from tbdiag import __version__
-from tbdiag.analysis import Analysis, analyze
+from tbdiag.analysis.core import Analysis, analyze
 from tbdiag.errors import TbdiagError
-from tbdiag.metrics import BANDS_FIT, band_flags
-from tbdiag.export import jsonable, read_analyses
-from tbdiag.outputs import check_outputs, write_outputs
+from tbdiag.esd.metrics import BANDS_FIT, band_flags
+from tbdiag.analysis.export import jsonable, read_analyses
+from tbdiag.io.outputs import check_outputs, write_outputs
 from tbdiag.report import figures
-from tbdiag.runfolder import is_run_folder, last_weights, read_config, read_metrics
+from tbdiag.runs.folder import is_run_folder, last_weights, read_config, read_metrics
 
 OPEN_FIRST = 6  # per-layer details open by default in a checkpoint report
 
@@ -43,7 +43,7 @@ def _env() -> Environment:
 
 def _view(a: Analysis, ident: str, with_esd: bool = True) -> dict:
     """What the templates show of one analysis (JSON-like, ``None`` for nan)."""
-    from tbdiag.tempbalance.recommend import recommend
+    from tbdiag.allocation.recommend import recommend
 
     doc = jsonable(a.to_dict())
     rows = doc["layers"]
@@ -156,7 +156,7 @@ def load_inputs(paths: Sequence[str], **analyze_options) -> tuple[str, list]:
 def write_report(paths: Sequence[str], out: str | Path, *, overwrite: bool = False, **analyze_options) -> str:
     """Render the report that fits the inputs and write it atomically; returns its kind.
 
-    ``out`` is checked first (`tbdiag.outputs.check_outputs`): never an input nor a file of an input folder,
+    ``out`` is checked first (`tbdiag.io.outputs.check_outputs`): never an input nor a file of an input folder,
     never an existing checkpoint unless ``overwrite``.
     """
     (target,) = check_outputs([out], paths, overwrite=overwrite)

@@ -1,9 +1,18 @@
-"""TempBalance: layer-wise learning rates from each layer's heavy-tail exponent alpha."""
+"""TempBalance: layer-wise learning rates (or weight decay) from each layer's heavy-tail exponent alpha, inside
+any optimizer. Which layers are tuned and the maps from alpha live in `tbdiag.allocation`; they are
+re-exported here for convenience."""
 
-from tbdiag.tempbalance.balancer import METRICS, TempBalance
-from tbdiag.tempbalance.maps import MAPS, multipliers
-from tbdiag.tempbalance.optim import param_groups
-from tbdiag.tempbalance.tuned import DEFAULT_GROUP, TuneOptions, Tuned, block_of, tuned_layers
+from tbdiag._lazy import exports
 
-__all__ = ["TempBalance", "METRICS", "MAPS", "DEFAULT_GROUP", "TuneOptions", "Tuned", "block_of", "multipliers",
-           "param_groups", "tuned_layers"]
+__all__, __getattr__ = exports(__name__, {
+    "TempBalance": "tbdiag.tempbalance.balancer",
+    "METRICS": "tbdiag.tempbalance.balancer",
+    "param_groups": "tbdiag.tempbalance.optim",
+    "MAPS": "tbdiag.allocation.maps",
+    "multipliers": "tbdiag.allocation.maps",
+    "DEFAULT_GROUP": "tbdiag.allocation.selection",
+    "TuneOptions": "tbdiag.allocation.selection",
+    "Tuned": "tbdiag.allocation.selection",
+    "block_of": "tbdiag.allocation.selection",
+    "tuned_layers": "tbdiag.allocation.selection",
+})

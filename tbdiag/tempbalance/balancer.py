@@ -23,16 +23,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from tbdiag.measure import measure_shared
-from tbdiag.options import AnalyzeOptions
+from tbdiag.analysis.measure import measure_shared
+from tbdiag.analysis.options import AnalyzeOptions
 from tbdiag.errors import TbdiagError
 from tbdiag.tempbalance.guards import (check_materialised, check_multipliers, check_scalable, check_schedulers,
                                        held_elsewhere)
 from tbdiag.tempbalance.logs import LogMode, log_values
-from tbdiag.tempbalance.maps import multipliers, unit_multipliers
+from tbdiag.allocation.maps import multipliers, unit_multipliers
 from tbdiag.tempbalance.optim import (OriginalLayout, adopt_after_split, adopt_scheduler, inner_optimizer, param_groups,
                                       restore_lrs, scale_lrs, split_by_unit)
-from tbdiag.tempbalance.tuned import (DEFAULT_GROUP, TuneOptions, plan_model, tuned_layers, unit_of_parameters,
+from tbdiag.allocation.selection import (DEFAULT_GROUP, TuneOptions, plan_model, tuned_layers, unit_of_parameters,
                                       units_in_order, unwrap)
 
 log = logging.getLogger(__name__)
@@ -56,14 +56,14 @@ class TempBalance:
             with ``.optimizer`` such as accelerate's are looked through): each group is split by unit and
             keeps its settings. Or a factory ``groups -> Optimizer``, given groups split by unit (and, with
             ``no_decay``, biases/norms/embeddings apart with weight decay 0).
-        map, min_ratio, max_ratio: the map from metric to multiplier (`tbdiag.tempbalance.maps`).
+        map, min_ratio, max_ratio: the map from metric to multiplier (`tbdiag.allocation.maps`).
         metric: ``alpha`` (default), ``alpha_weighted`` or ``spectral_norm``.
         every: rebalance every ``every`` epochs or updates (see ``per``); 0 keeps the initial multipliers.
         per: ``epoch`` (counted by `step`) or ``update`` (counted by `step_update`).
         warmup: no rebalance before this many epochs/updates; until then every multiplier is 1 (unless
             ``initial`` is given).
         unit, exclude_first_last, min_evals, include, exclude, split_qkv: which layers are tuned and their
-            groups (`tbdiag.tempbalance.tuned`, the rule `recommend` uses too).
+            groups (`tbdiag.allocation.selection`, the rule `recommend` uses too).
         fit: power-law estimator (``median``, as the paper, ``ks``, ``peak``).
         device: where eigenvalues are computed (``auto``, ``cpu``, ``cuda``…).
         initial: multipliers to start from (``{unit: multiplier}``, e.g. `load_multipliers` of a recommend file).

@@ -17,8 +17,8 @@ from torch import nn
 
 from tbdiag.errors import TbdiagError
 from tbdiag.tempbalance.optim import inner_optimizer
-from tbdiag.tempbalance.tuned import DEFAULT_GROUP
-from tbdiag.tensors import clean_name
+from tbdiag.allocation.selection import DEFAULT_GROUP
+from tbdiag.io.tensors import clean_name
 
 log = logging.getLogger(__name__)
 

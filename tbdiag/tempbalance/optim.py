@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tbdiag.errors import TbdiagError
-from tbdiag.tempbalance.tuned import DEFAULT_GROUP, unwrap
+from tbdiag.allocation.selection import DEFAULT_GROUP, unwrap
 
 OWN_KEYS = ("name", "unit", "lr_scale", "tb_base_scale", "wd_scale", "tb_scale_lr")
 SCHEDULER_LISTS = ("lr_lambdas", "min_lrs", "max_lrs", "base_values", "base_momentums", "max_momentums")  # per group

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tbdiag.runconfig import ConfigError, TrainConfig
+from tbdiag.runs.config import ConfigError, TrainConfig
 from tbdiag.train.data import Dataset, stratified_subset
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from tbdiag.errors import TbdiagError
-from tbdiag.runconfig import CHOICES, ConfigError
+from tbdiag.runs.config import CHOICES, ConfigError
 from tbdiag.train.idx import load_mnist
 
 DATASETS = CHOICES["data"]

@@ -2,7 +2,7 @@
 
 Determinism: the model is initialised from ``seed``; each epoch's shuffle and augmentation come from a
 generator seeded by (seed, epoch); so a run resumed from a checkpoint repeats exactly what an
-uninterrupted run does (on CPU). The run folder's format is `tbdiag.runfolder`'s.
+uninterrupted run does (on CPU). The run folder's format is `tbdiag.runs.folder`'s.
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tbdiag.checkpoint import open_checkpoint
-from tbdiag.distributed import process_group, world
+from tbdiag.io.checkpoint import open_checkpoint
+from tbdiag.analysis.distributed import process_group, world
 from tbdiag.errors import TbdiagError
-from tbdiag.outputs import atomic_write
-from tbdiag.runconfig import CHOICES, ConfigError, TrainConfig
-from tbdiag.runfolder import (SavedEpoch, load_last, read_config, save_best, save_checkpoint, write_config, write_metrics,
+from tbdiag.io.outputs import atomic_write
+from tbdiag.runs.config import CHOICES, ConfigError, TrainConfig
+from tbdiag.runs.folder import (SavedEpoch, load_last, read_config, save_best, save_checkpoint, write_config, write_metrics,
                               write_pointer)
-from tbdiag.spectrum import resolve_device
+from tbdiag.esd.spectrum import resolve_device
 from tbdiag.tempbalance import TempBalance
-from tbdiag.tempbalance.recommend import load_multipliers
+from tbdiag.allocation.recommend import load_multipliers
 from tbdiag.train.batches import augment, rank_order, training_set
 from tbdiag.train.data import Dataset, load_dataset
 from tbdiag.train.models import MODELS, NARROWEST

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tbdiag.tempbalance.tuned import unwrap
+from tbdiag.allocation.selection import unwrap
 
 TUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # layers whose spectral norm SNR regularises
 

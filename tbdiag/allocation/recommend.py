@@ -1,0 +1,184 @@
+"""From an analysis to TempBalance multipliers (``tbdiag.multipliers/v1``) and other per-unit allocations
+(``tbdiag.allocation/v1``: weight decay, sparsity, LoRA ranks), and multipliers back from such files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from tbdiag.analysis.core import Analysis
+from tbdiag.errors import TbdiagError
+from tbdiag.tempbalance.balancer import METRICS
+from tbdiag.allocation.maps import unit_means, unit_multipliers
+from tbdiag.allocation import allocators as allocate
+from tbdiag.allocation.selection import TuneOptions, tuned_layers
+
+SCHEMA = "tbdiag.multipliers/v1"
+TARGETS = ("lr", "weight_decay", "sparsity", "lora_rank")
+
+
+def recommend(analysis: Analysis, *, map: str = "linear", min_ratio: float = 0.5, max_ratio: float = 1.5,
+              metric: str = "alpha", unit: str = "layer", exclude_first_last: bool = True, min_evals: int = 50,
+              include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), lr: float | None = None) -> dict:
+    """The ``tbdiag.multipliers/v1`` document for an analysis.
+
+    The tuned layers and their units follow `tbdiag.allocation.selection` — the rule `TempBalance` applies to
+    the live model — so a file written here loads into `TempBalance.set_multipliers` with the same options.
+    ``layers`` maps each unit (a layer, or a block with ``unit="block"``) to its alpha (the unit's mean), the
+    chosen metric's value, its multiplier, the layers it covers, and, when ``lr`` is given, its learning rate.
+
+    Raises:
+        TbdiagError: an unknown metric or unit, or no layer to tune.
+    """
+    if metric not in METRICS:
+        raise TbdiagError(f"metric {metric!r}: use one of {', '.join(METRICS)}")
+    tune = TuneOptions(unit=unit, exclude_first_last=exclude_first_last, min_evals=min_evals,
+                       include=tuple(include), exclude=tuple(exclude), split_qkv=analysis.options.split_qkv,
+                       embeddings=False)
+    tuned = tuned_layers(analysis.layers, tune)
+    if not tuned:
+        raise _none_tuned(analysis, tune, "tune")
+    rows = {r.name: r for r in analysis.layers}
+    units = [t.unit for t in tuned]
+    values = [getattr(rows[t.name], METRICS[metric]) for t in tuned]
+    mult = unit_multipliers(units, values, map, min_ratio, max_ratio)
+    alphas, means = unit_means(units, [rows[t.name].alpha for t in tuned]), unit_means(units, values)
+    layers = {}
+    for u in mult:
+        entry = {"alpha": _or_none(alphas[u]), "value": _or_none(means[u]), "multiplier": mult[u],
+                 "layers": [t.name for t in tuned if t.unit == u]}
+        if lr is not None:
+            entry["lr"] = lr * mult[u]
+        layers[u] = entry
+    return {"schema": SCHEMA, "source": analysis.source, "metric": metric, "map": map, "min_ratio": min_ratio,
+            "max_ratio": max_ratio, "unit": unit, "fit": analysis.options.fit, "lr": lr,
+            "layers": layers, "default_multiplier": 1.0}
+
+
+def allocation(analysis: Analysis, target: str, *, unit: str = "layer", exclude_first_last: bool = True,
+               min_evals: int = 50, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+               **parameters: float) -> dict:
+    """The ``tbdiag.allocation/v1`` document: per unit its alpha, the layers it covers, its parameter count
+    and the target's value, on the units of the tuning rule (as `recommend`).
+
+    Targets and their ``parameters``: ``weight_decay`` (AlphaDecay: ``map``, ``min_ratio``, ``max_ratio``,
+    optional ``weight_decay`` — per unit ``multiplier`` and ``weight_decay``); ``sparsity`` (AlphaPruning:
+    ``sparsity``, ``epsilon``, ``max_sparsity`` — per unit ``sparsity``); ``lora_rank`` (``budget``,
+    ``beta``, ``r_min``, ``r_max``, optional ``lora_alpha`` — per unit ``rank``, and ``peft``:
+    `LoraConfig` arguments whose keys are checked against the checkpoint's module names).
+
+    Raises:
+        TbdiagError: an unknown target, bad parameters, or no layer to allocate to.
+    """
+    if target not in TARGETS[1:]:
+        raise TbdiagError(f"target {target!r}: use one of {', '.join(TARGETS[1:])} (lr: recommend)")
+    if target == "lora_rank" and unit != "layer":
+        raise TbdiagError("LoRA ranks are per module: use unit layer")
+    tune = TuneOptions(unit=unit, exclude_first_last=exclude_first_last, min_evals=min_evals,
+                       include=tuple(include), exclude=tuple(exclude), split_qkv=analysis.options.split_qkv)
+    tuned = tuned_layers(analysis.layers, tune)
+    if not tuned:
+        raise _none_tuned(analysis, tune, "allocate to")
+    rows = {r.name: r for r in analysis.layers}
+    alphas = unit_means([t.unit for t in tuned], [rows[t.name].alpha for t in tuned])
+    groups = {u: {"alpha": _or_none(a), "layers": [t.name for t in tuned if t.unit == u],
+                  "n_params": sum(_numel(rows[t.name].shape) for t in tuned if t.unit == u)} for u, a in alphas.items()}
+    values = list(alphas.values())
+    doc = {"schema": ALLOCATION_SCHEMA, "source": analysis.source, "target": target, "unit": unit,
+           "fit": analysis.options.fit, "parameters": dict(parameters), "layers": groups}
+    wd = parameters.get("weight_decay")
+    if target == "weight_decay" and wd is not None and not (math.isfinite(wd) and wd >= 0):
+        raise TbdiagError(f"weight_decay {wd}: must be a finite number ≥ 0; e.g. 0.05", cli={"weight_decay ": "--weight-decay "})
+    if target == "weight_decay":
+        mult = unit_multipliers(list(alphas), values, parameters.get("map", "linear"),
+                                parameters.get("min_ratio", 0.5), parameters.get("max_ratio", 1.5))
+        for u, g in groups.items():
+            g.update(multiplier=mult[u], **({"weight_decay": wd * mult[u]} if wd is not None else {}))
+    elif target == "sparsity":
+        got = allocate.sparsity(values, [g["n_params"] for g in groups.values()], parameters["sparsity"],
+                                parameters.get("epsilon", 0.3), parameters.get("max_sparsity", 0.99))
+        for g, x in zip(groups.values(), got):
+            g["sparsity"] = x
+    else:
+        ranks = allocate.lora_ranks(values, int(parameters["budget"]), parameters.get("beta", 1.0),
+                                    int(parameters.get("r_min", 1)), _int_or_none(parameters.get("r_max")))
+        for g, r in zip(groups.values(), ranks):
+            g["rank"] = r
+        modules = {n.rsplit(".", 1)[0] for r in analysis.layers for n in _prefixes(r.name)}
+        doc["peft"] = allocate.peft_patterns(dict(zip(groups, ranks)), sorted(modules),
+                                             lora_alpha=parameters.get("lora_alpha"),
+                                             default_r=round(sum(ranks) / len(ranks)))
+    return doc
+
+
+ALLOCATION_SCHEMA = allocate.SCHEMA
+
+
+def _none_tuned(analysis: Analysis, tune: TuneOptions, what: str) -> TbdiagError:
+    """Why no layer is left: the name patterns, or the rule's own limits."""
+    if tune.include or tune.exclude:
+        patterns = ", ".join([*(f"include {p!r}" for p in tune.include), *(f"exclude {p!r}" for p in tune.exclude)])
+        names = ", ".join(r.name for r in analysis.layers[:3])
+        return TbdiagError(f"{analysis.source}: no layer to {what} with {patterns} among its {len(analysis.layers)} "
+                           f"layers ({names} …); check the patterns", cli={"include '": "--include '", "exclude '": "--exclude '"})
+    return TbdiagError(f"{analysis.source}: no layer to {what} (Conv/Linear with ≥ {tune.min_evals} eigenvalues"
+                       f"{', input and output layers excluded' if tune.exclude_first_last else ''}); "
+                       + ("keep the first and last layers or " if tune.exclude_first_last else "")
+                       + "lower the eigenvalue minimum", cli={"keep the first and last layers": "--keep-first-last",
+                                                               "the eigenvalue minimum": "--min-evals"})
+
+
+def _prefixes(name: str) -> list[str]:
+    """Every dotted prefix of a layer name, itself included, each with a dummy last part for rsplit."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) + ".x" for i in range(1, len(parts) + 1)]
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def _int_or_none(x: float | None) -> int | None:
+    return None if x is None else int(x)
+
+
+def _or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def load_multipliers(path: str | Path) -> dict[str, float]:
+    """``{group name: multiplier}`` from a ``tbdiag.multipliers/v1`` file.
+
+    Raises:
+        TbdiagError: missing file, bad JSON, another schema, a malformed ``layers`` entry, or a multiplier
+            that is not a positive finite number.
+    """
+    from tbdiag.analysis.export import read_json
+
+    hint = "write one with tbdiag recommend"
+    doc = read_json(path, hint)
+    weight_decay_allocation = isinstance(doc, dict) and doc.get("schema") == ALLOCATION_SCHEMA \
+        and doc.get("target") == "weight_decay"
+    if not isinstance(doc, dict) or (doc.get("schema") != SCHEMA and not weight_decay_allocation):
+        found = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+        raise TbdiagError(f"{path}: schema is {str(found)[:40]!r}, not {SCHEMA}; {hint}")
+    layers = doc.get("layers")
+    if not isinstance(layers, dict):
+        raise TbdiagError(f"{path}: 'layers' is a {type(layers).__name__}, not an object of groups; {hint}")
+    out = {}
+    for name, entry in layers.items():
+        m = entry.get("multiplier") if isinstance(entry, dict) else None
+        if not _positive(m):
+            raise TbdiagError(f"{path}: multiplier of {name[:80]!r} is {str(m)[:40]!r}, not a positive number; {hint}")
+        out[name] = float(m)
+    return out
+
+
+def _positive(m: object) -> bool:
+    """A positive finite number (not a bool; an integer too large for a float is not)."""
+    if isinstance(m, bool) or not isinstance(m, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(m)) and m > 0
+    except OverflowError:
+        return False

@@ -1,0 +1,1 @@
+"""The training run folder: its configuration and its files, shared by `train` and `report`."""
