@@ -104,7 +104,7 @@ def test_recommend_targets_write_allocation_documents(tmp_path):
 
     from tbdiag.allocation.recommend import load_multipliers
 
-    common = (SAMPLES / "mlp_sharded", "--keep-first-last", "--min-evals", "10")
+    common = (SAMPLES / "mlp_sharded", "--include-first-last", "--min-evals", "10")
     res = run("recommend", *common, "--target", "sparsity", "--sparsity", "0.6", "-o", tmp_path / "s.json")
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "s.json").read_text())

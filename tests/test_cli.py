@@ -147,13 +147,13 @@ def test_recommend_table_file_and_errors(tmp_path):
     assert doc["schema"] == "tbdiag.multipliers/v1" and doc["default_multiplier"] == 1.0 and doc["fit"] == "median"
     assert sorted(e["multiplier"] for e in doc["layers"].values()) == pytest.approx([0.5, 1.5])
     assert all(e["lr"] == pytest.approx(0.1 * e["multiplier"]) for e in doc["layers"].values())
-    res = run("recommend", SAMPLES / "mlp_sharded", "--keep-first-last", "--min-evals", "5", "--map", "sqrt", "--out", "-")
+    res = run("recommend", SAMPLES / "mlp_sharded", "--include-first-last", "--min-evals", "5", "--map", "sqrt", "--out", "-")
     assert res.exit_code == 0 and set(json.loads(res.stdout)["layers"]) == {"net.1", "net.3", "net.5"}
-    res = run("recommend", SAMPLES / "mlp_sharded", "--keep-first-last", "--min-evals", "5", "--map", "sqrt")
+    res = run("recommend", SAMPLES / "mlp_sharded", "--include-first-last", "--min-evals", "5", "--map", "sqrt")
     assert "sqrt map of alpha, mean 1)" in res.stdout and "0.5–1.5" not in res.stdout  # sqrt ignores the ratios
     out.write_text("keep")
     for args, message in (([SAMPLES / "mlp_sharded", "--min-evals", "500"], "no layer to tune (Conv/Linear with ≥ 500 "
-                           "eigenvalues, input and output layers excluded); --keep-first-last or lower --min-evals"),
+                           "eigenvalues, input and output layers excluded); --include-first-last or lower --min-evals"),
                           ([SAMPLES / "mlp_sharded", "--include", "zzz*"], "no layer to tune with --include 'zzz*' among "
                            "its 3 layers (net.1, net.3, net.5 …); check the patterns"),
                           ([tmp_path / "missing.pt"], "no such file"),
@@ -221,7 +221,7 @@ def test_help_lists_choices_and_our_own_metavars(command):
         assert re.search(r"--fit .*\[default: ks\]", text)
     if command == ["recommend"]:
         assert "[linear|sqrt|log2|step|sigmoid]" in text and "[layer|block]" in text
-        assert "[alpha|alpha_weighted|spectral_norm]" in text and re.search(r"--fit .*\[default: median\]", text)
+        assert "[alpha|alpha_weighted|spectral_norm]" in text and re.search(r"--fit .*default: median.*peak for --target sparsity", text)
     if command == ["report"]:
         assert re.search(r"--fit .*\[default: ks\]", text)
     if command == []:
@@ -232,10 +232,10 @@ def test_choices_match_the_library():
     from tbdiag.analysis.options import PRECISIONS
     from tbdiag.cli.common import Fit, MapName, Metric, Precision
     from tbdiag.esd.powerlaw import FITS
-    from tbdiag.tempbalance.balancer import METRICS
+    from tbdiag.allocation.maps import METRIC_FIELDS
     from tbdiag.allocation.maps import MAPS
 
-    for enum, table in ((Fit, FITS), (Precision, PRECISIONS), (MapName, MAPS), (Metric, METRICS)):
+    for enum, table in ((Fit, FITS), (Precision, PRECISIONS), (MapName, MAPS), (Metric, METRIC_FIELDS)):
         assert [m.value for m in enum] == list(table), enum
 
 
@@ -313,3 +313,11 @@ def test_alpha_spread_in_the_json_the_table_footer_and_the_report_cards(tmp_path
     assert f"alpha spread (std) {doc['summary']['alpha_std']:.3f}" in res.stdout
     html = (tmp_path / "a.html").read_text()
     assert f'alpha spread (std)</div><div class="v">{doc["summary"]["alpha_std"]:.2f}<' in html
+
+
+def test_first_last_flag_has_one_name_and_one_sense_and_old_spellings_still_work():
+    """--include-first-last (include_first_last=True): the input and output layers are tuned or pruned too."""
+    args = (SAMPLES / "mlp_sharded", "--min-evals", "5", "--out", "-")
+    new, old, without = (run("recommend", *args, *flag) for flag in (["--include-first-last"], ["--keep-first-last"], []))
+    assert new.exit_code == old.exit_code == 0 and json.loads(new.stdout) == json.loads(old.stdout)
+    assert without.exit_code == 0 and len(json.loads(new.stdout)["layers"]) > len(json.loads(without.stdout)["layers"])

@@ -314,7 +314,7 @@ def documents() -> dict[str, object]:
         analyses = [analyze(SAMPLES / "cnn_trained.safetensors", fit="median"), analyze(SAMPLES / "mlp_sharded")]
         _docs["analysis"] = json.loads(to_json(analyses[:1]))
         _docs["analyses"] = json.loads(to_json(analyses))
-        _docs["multipliers"] = recommend(analyses[0], min_evals=5, exclude_first_last=False)
+        _docs["multipliers"] = recommend(analyses[0], min_evals=5, include_first_last=True)
     return _docs
 
 

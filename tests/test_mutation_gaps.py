@@ -541,7 +541,7 @@ def test_layer_unit_never_gives_a_norm_to_a_layer_and_root_parameters_keep_their
     model = nn.Sequential(*[_Gated() for _ in range(3)])
     tuned, units = _units(model)
     assert tuned == ["1"] and units == {"1.weight": "1", "1.bias": "1"}  # not 1.norm.*
-    tuned, units = _units(nn.Linear(64, 64), exclude_first_last=False)  # the model is the layer
+    tuned, units = _units(nn.Linear(64, 64), include_first_last=True)  # the model is the layer
     assert tuned == ["weight"] and units == {"weight": "weight", "bias": "weight"}
 
 

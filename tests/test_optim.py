@@ -293,10 +293,10 @@ def test_optimizer_state_with_another_number_of_groups_is_refused_as_torch_refus
 
 
 def test_step_hooks_scale_rate_and_decay_for_the_step_only():
-    """`scale_lrs` / `restore_lrs` on groups as TempBalance leaves them and as other code may write them."""
+    """`scale_rates` / `restore_rates` on groups as TempBalance leaves them and as other code may write them."""
     from types import SimpleNamespace
 
-    from tbdiag.tempbalance.optim import restore_lrs, scale_lrs
+    from tbdiag.tempbalance.optim import restore_rates, scale_rates
 
     groups = [{"lr": 0.1, "lr_scale": 2.0, "weight_decay": 0.01, "wd_scale": 3.0},  # both scaled
               {"lr": 0.1, "weight_decay": 0.01},  # neither key: factors 1
@@ -304,10 +304,10 @@ def test_step_hooks_scale_rate_and_decay_for_the_step_only():
               {"lr": 0.1, "lr_scale": 0.5, "wd_scale": 3.0}]  # no weight decay to scale
     before = copy.deepcopy(groups)
     opt = SimpleNamespace(param_groups=groups)
-    scale_lrs(opt, (), {})
+    scale_rates(opt, (), {})
     assert [(g["lr"], g.get("weight_decay")) for g in groups] == [
         (pytest.approx(0.2), pytest.approx(0.03)), (0.1, 0.01), (0.1, 0.01), (0.05, None)]
-    restore_lrs(opt, (), {})
+    restore_rates(opt, (), {})
     assert groups == before
 
 
@@ -502,7 +502,7 @@ def test_adopting_a_scheduler_when_the_layout_cannot_tell():
     opt2 = torch.optim.SGD([{"params": list(one.parameters())}, {"params": [], "lr": 0.5}], lr=0.1)
     timm2 = TimmLike(opt2)
     tb2 = TempBalance(one, opt2, initial={})
-    assert len(opt2.param_groups) == 2 and tb2._origin == [0, 0]
+    assert len(opt2.param_groups) == 2 and tb2._layout.origin == [0, 0]
     with pytest.raises(TbdiagError, match="cannot tell whether this scheduler was built before"):
         tb2.adopt_scheduler(timm2)
     assert timm2.base_values == [0.1, 0.5]

@@ -316,7 +316,7 @@ def test_prune_never_replaces_an_existing_checkpoint_unless_asked(ckpt, tmp_path
     before = victim.read_bytes()
     assert_refused(run("prune", ckpt, "--sparsity", "0.5", "--out", victim), "pass --overwrite to replace it")
     assert victim.read_bytes() == before
-    res = run("prune", ckpt, "--sparsity", "0.5", "--out", victim, "--overwrite", "--prune-first-last", "--min-evals", "10")
+    res = run("prune", ckpt, "--sparsity", "0.5", "--out", victim, "--overwrite", "--include-first-last", "--min-evals", "10")
     assert res.exit_code == 0, res.output
     from safetensors.torch import load_file
 

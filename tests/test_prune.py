@@ -89,7 +89,7 @@ def test_alpha_allocation_by_hand_with_exact_counts(tmp_path, monkeypatch):
     assert res.n_pruned == 10241 and res.realised_mean == pytest.approx(10241 / 20480)
     with safe_open(tmp_path / "out.safetensors", "pt") as f:
         assert [zeros(f.get_tensor(f"fc{i}.weight")) for i in range(5)] == [0, 2088, 2983, 5170, 0]
-    first_last = prune(path, sparsity=0.5, prune_first_last=True, allocation="uniform")
+    first_last = prune(path, sparsity=0.5, include_first_last=True, allocation="uniform")
     assert [x.name for x in first_last.layers] == ["fc0", "fc1", "fc2", "fc3"]  # fc4: 10 eigenvalues
 
 
@@ -349,7 +349,7 @@ def test_bad_outputs_and_checkpoints_without_prunable_layers(tmp_path):
     for ckpt in (two, norms):  # only the input and output layers, or no layer at all
         with pytest.raises(TbdiagError, match="no layer to prune"):
             prune(ckpt, tmp_path / "o.safetensors", sparsity=0.5)
-    assert len(prune(two, sparsity=0.5, prune_first_last=True, allocation="uniform").layers) == 2
+    assert len(prune(two, sparsity=0.5, include_first_last=True, allocation="uniform").layers) == 2
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == sorted(
         ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors",
          "model.safetensors.index.json"])
@@ -369,7 +369,7 @@ def test_cli_prunes_writes_the_allocation_and_plans(tmp_path):
     written = json.loads(doc.read_text())
     assert written["unit"] == "block" and written["fit"] == "peak" and out.is_file()
     assert sum(u["n_pruned"] for u in written["layers"].values()) == written["n_pruned"]
-    res = cli(path, "--sparsity", "0.5", "--allocation", "uniform", "--prune-first-last", "--allocation-json", "-")
+    res = cli(path, "--sparsity", "0.5", "--allocation", "uniform", "--include-first-last", "--allocation-json", "-")
     assert res.exit_code == 0 and "lm_head" in json.loads(res.stdout)["layers"] and "realised" in res.stderr
     res = cli(path, "--sparsity", "0.5", "--plan-only")
     assert res.exit_code == 0 and "0.5000" not in res.stdout and "zeroed" in res.stdout
@@ -404,7 +404,7 @@ def test_cli_choices_are_checked_and_listed():
     assert not [line for line in options if re.search(r"<[a-z]+>", line)]  # our metavars, not Typer's types
     text = "\n".join(options)
     assert "[alpha|uniform]" in text and "[layer|block]" in text and re.search(r"--fit .*\[default: peak\]", text)
-    assert "--prune-first-last" in text and "--keep-first-last" not in text  # recommend's flag means the opposite
+    assert "--include-first-last" in text  # one flag, in one sense, for prune, recommend and TempBalance
 
 
 # --- model folders: the pruned model loads as the original did ---------------------------------------------------

@@ -247,7 +247,7 @@ def test_empty_paths_are_refused_before_anything_is_read(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("sample, recommend_flags, prune_flags", [
-    ("mlp_sharded", ["--keep-first-last", "--min-evals", "10"], ["--prune-first-last", "--min-evals", "10"]),
+    ("mlp_sharded", ["--include-first-last", "--min-evals", "10"], ["--include-first-last", "--min-evals", "10"]),
     ("cnn_trained.safetensors", [], []),
 ])
 def test_recommend_sparsity_and_prune_agree_by_default(tmp_path, sample, recommend_flags, prune_flags):

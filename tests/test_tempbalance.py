@@ -177,7 +177,7 @@ def test_state_dict_roundtrip_and_bad_multipliers():
 
 def test_spectral_norm_metric_and_keep_first_last():
     model = small_resnet()
-    tb = TempBalance(model, lambda g: torch.optim.SGD(g, lr=0.1), metric="spectral_norm", exclude_first_last=False,
+    tb = TempBalance(model, lambda g: torch.optim.SGD(g, lr=0.1), metric="spectral_norm", include_first_last=True,
                      min_evals=2)
     assert "linear" in tb.units and tb.units[0] == "conv1"
     from tbdiag import analyze

@@ -231,3 +231,20 @@ def test_groups_mode_adds_every_group_rate_and_unit_mean_from_the_step_given():
     assert out["alpha/blocks.1"] == pytest.approx(sum(tb.values[n] for n in layers) / len(layers), rel=1e-12)
     with pytest.raises(TbdiagError, match=r"log='group'; use one of 'summary', 'groups'"):
         log_values(tb, "group")
+
+
+def test_per_update_with_only_epoch_steps_says_so_once(caplog):
+    """step(epoch) counts epochs; a per='update' balancer whose step_update is never called would never
+    rebalance: one warning names the counter to call."""
+    import logging
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
+    tb = TempBalance(model, torch.optim.SGD(model.parameters(), lr=0.1), per="update", every=1, warmup=1)
+    with caplog.at_level(logging.WARNING, logger="tbdiag.tempbalance.guards"):
+        tb.step()
+        tb.step()
+    assert [r.getMessage().count("step_update") for r in caplog.records] == [2]
+    caplog.clear()
+    tb.step_update(1)
+    assert tb.n_balances == 1 and not caplog.records

@@ -378,12 +378,12 @@ def test_help_shows_defaults_and_choices_and_typos_fail():
 def test_choices_match_what_the_trainer_implements():
     from tbdiag.esd.powerlaw import FITS
     from tbdiag.runs.config import CHOICES
-    from tbdiag.tempbalance import MAPS, METRICS
+    from tbdiag.tempbalance import MAPS, METRIC_FIELDS
     from tbdiag.train.data import DATASETS
     from tbdiag.train.loop import METHODS
     from tbdiag.train.models import MODELS, NARROWEST
 
     assert CHOICES["model"] == tuple(MODELS) == tuple(NARROWEST)
     assert set(CHOICES["tb_map"]) == set(MAPS) and set(CHOICES["tb_fit"]) == set(FITS)
-    assert set(CHOICES["tb_metric"]) == set(METRICS)
+    assert set(CHOICES["tb_metric"]) == set(METRIC_FIELDS)
     assert CHOICES["data"] == DATASETS and CHOICES["method"] == METHODS

@@ -22,6 +22,10 @@ from tbdiag.finetune.lora_config import pattern_matches
 SCHEMA = "tbdiag.allocation/v1"
 
 
+# The fit each target reads by default: TempBalance's (median) for rates, decay and ranks; AlphaPruning's (peak)
+# for sparsity, so that an allocation written for any pruner is the one `tbdiag.prune` applies.
+DEFAULT_FITS = {"lr": "median", "weight_decay": "median", "lora_rank": "median", "sparsity": "peak"}
+
 def _finite_or(values: Sequence[float], fill: float) -> list[float]:
     return [v if math.isfinite(v) else fill for v in values]
 

@@ -78,6 +78,8 @@ def _sigmoid(v: list[float], lo: float, hi: float, temperature: float = 10.0) ->
 MAPS: dict[str, Callable[[list[float], float, float], list[float]]] = {
     "linear": _linear, "sqrt": _sqrt, "log2": _log2, "step": _step, "sigmoid": _sigmoid,
 }
+# The metric a map reads → the field of an analysis row that holds it.
+METRIC_FIELDS = {"alpha": "alpha", "alpha_weighted": "alpha_weighted", "spectral_norm": "lambda_max"}
 USES_RATIOS = frozenset({"linear", "step", "sigmoid"})  # sqrt and log2 ignore min_ratio and max_ratio
 
 

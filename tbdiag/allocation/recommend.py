@@ -8,9 +8,9 @@ from pathlib import Path
 
 from tbdiag.analysis.core import Analysis
 from tbdiag.errors import TbdiagError
-from tbdiag.tempbalance.balancer import METRICS
-from tbdiag.allocation.maps import unit_means, unit_multipliers
+from tbdiag.allocation.maps import METRIC_FIELDS, unit_means, unit_multipliers
 from tbdiag.allocation import allocators as allocate
+from tbdiag.allocation.allocators import DEFAULT_FITS  # noqa: F401 - re-exported for the CLI
 from tbdiag.allocation.selection import TuneOptions, tuned_layers
 
 SCHEMA = "tbdiag.multipliers/v1"
@@ -18,7 +18,7 @@ TARGETS = ("lr", "weight_decay", "sparsity", "lora_rank")
 
 
 def recommend(analysis: Analysis, *, map: str = "linear", min_ratio: float = 0.5, max_ratio: float = 1.5,
-              metric: str = "alpha", unit: str = "layer", exclude_first_last: bool = True, min_evals: int = 50,
+              metric: str = "alpha", unit: str = "layer", include_first_last: bool = False, min_evals: int = 50,
               include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), lr: float | None = None) -> dict:
     """The ``tbdiag.multipliers/v1`` document for an analysis.
 
@@ -30,9 +30,9 @@ def recommend(analysis: Analysis, *, map: str = "linear", min_ratio: float = 0.5
     Raises:
         TbdiagError: an unknown metric or unit, or no layer to tune.
     """
-    if metric not in METRICS:
-        raise TbdiagError(f"metric {metric!r}: use one of {', '.join(METRICS)}")
-    tune = TuneOptions(unit=unit, exclude_first_last=exclude_first_last, min_evals=min_evals,
+    if metric not in METRIC_FIELDS:
+        raise TbdiagError(f"metric {metric!r}: use one of {', '.join(METRIC_FIELDS)}")
+    tune = TuneOptions(unit=unit, include_first_last=include_first_last, min_evals=min_evals,
                        include=tuple(include), exclude=tuple(exclude), split_qkv=analysis.options.split_qkv,
                        embeddings=False)
     tuned = tuned_layers(analysis.layers, tune)
@@ -40,7 +40,7 @@ def recommend(analysis: Analysis, *, map: str = "linear", min_ratio: float = 0.5
         raise _none_tuned(analysis, tune, "tune")
     rows = {r.name: r for r in analysis.layers}
     units = [t.unit for t in tuned]
-    values = [getattr(rows[t.name], METRICS[metric]) for t in tuned]
+    values = [getattr(rows[t.name], METRIC_FIELDS[metric]) for t in tuned]
     mult = unit_multipliers(units, values, map, min_ratio, max_ratio)
     alphas, means = unit_means(units, [rows[t.name].alpha for t in tuned]), unit_means(units, values)
     layers = {}
@@ -55,7 +55,7 @@ def recommend(analysis: Analysis, *, map: str = "linear", min_ratio: float = 0.5
             "layers": layers, "default_multiplier": 1.0}
 
 
-def allocation(analysis: Analysis, target: str, *, unit: str = "layer", exclude_first_last: bool = True,
+def allocation(analysis: Analysis, target: str, *, unit: str = "layer", include_first_last: bool = False,
                min_evals: int = 50, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
                **parameters: float) -> dict:
     """The ``tbdiag.allocation/v1`` document: per unit its alpha, the layers it covers, its parameter count
@@ -74,7 +74,7 @@ def allocation(analysis: Analysis, target: str, *, unit: str = "layer", exclude_
         raise TbdiagError(f"target {target!r}: use one of {', '.join(TARGETS[1:])} (lr: recommend)")
     if target == "lora_rank" and unit != "layer":
         raise TbdiagError("LoRA ranks are per module: use unit layer")
-    tune = TuneOptions(unit=unit, exclude_first_last=exclude_first_last, min_evals=min_evals,
+    tune = TuneOptions(unit=unit, include_first_last=include_first_last, min_evals=min_evals,
                        include=tuple(include), exclude=tuple(exclude), split_qkv=analysis.options.split_qkv)
     tuned = tuned_layers(analysis.layers, tune)
     if not tuned:
@@ -122,9 +122,9 @@ def _none_tuned(analysis: Analysis, tune: TuneOptions, what: str) -> TbdiagError
         return TbdiagError(f"{analysis.source}: no layer to {what} with {patterns} among its {len(analysis.layers)} "
                            f"layers ({names} …); check the patterns", cli={"include '": "--include '", "exclude '": "--exclude '"})
     return TbdiagError(f"{analysis.source}: no layer to {what} (Conv/Linear with ≥ {tune.min_evals} eigenvalues"
-                       f"{', input and output layers excluded' if tune.exclude_first_last else ''}); "
-                       + ("keep the first and last layers or " if tune.exclude_first_last else "")
-                       + "lower the eigenvalue minimum", cli={"keep the first and last layers": "--keep-first-last",
+                       f"{', input and output layers excluded' if not tune.include_first_last else ''}); "
+                       + ("include the first and last layers or " if not tune.include_first_last else "")
+                       + "lower the eigenvalue minimum", cli={"include the first and last layers": "--include-first-last",
                                                                "the eigenvalue minimum": "--min-evals"})
 
 

@@ -6,7 +6,7 @@ model is planned exactly as a saved checkpoint of it), so they agree on group na
 
 **Candidates**: Linear, Conv1d/2d/3d, transformers' ``Conv1D`` (stored in × out) and the in-projection of
 ``nn.MultiheadAttention``; embeddings only when asked; a tied weight once (where it first appears).
-**Left at the global rate**: the input and output layers (``exclude_first_last``) — in a model built of
+**Left at the global rate**: the input and output layers (unless ``include_first_last``) — in a model built of
 numbered blocks (``layer1.0``, ``model.layers.3``, ``h.11``) every candidate outside the blocks (the stem
 and the head, whatever order a file stores them in), otherwise the first and the last candidate; layers
 with fewer than ``min_evals`` eigenvalues; names filtered out by the ``include``/``exclude`` globs.
@@ -41,7 +41,7 @@ class TuneOptions:
     """What decides the tuned layers and their units (shared by `recommend` and `TempBalance`)."""
 
     unit: str = "layer"
-    exclude_first_last: bool = True
+    include_first_last: bool = False  # also the input and output layers
     min_evals: int = 50
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -85,7 +85,7 @@ def tuned_layers(layers: Sequence, options: TuneOptions = TuneOptions()) -> list
     """
     kinds = TUNABLE_KINDS + (("embedding",) if options.embeddings else ())
     candidates = [x for x in layers if x.kind in kinds]
-    if options.exclude_first_last:
+    if not options.include_first_last:
         if any(in_block(x.name) for x in candidates):
             candidates = [x for x in candidates if in_block(x.name)]
         else:

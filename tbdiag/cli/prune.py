@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from tbdiag.allocation.allocators import DEFAULT_FITS
 from tbdiag.cli.common import (FLAG, OVERWRITE_HELP, STDOUT, Fit, Unit, choices, err_console, out_console, require, require_finite,
                                safe, user_errors)
 
@@ -25,9 +26,9 @@ def prune_command(
     epsilon: Annotated[float, typer.Option(metavar="E", help="alpha: ratios spread over [1 − E, 1 + E] before rescaling to S (0 ≤ E < 1).", rich_help_panel=ALLOC)] = 0.3,
     max_sparsity: Annotated[float, typer.Option(metavar="X", help="No layer is pruned beyond X (S ≤ X < 1).", rich_help_panel=ALLOC)] = 0.99,
     unit: Annotated[Unit, typer.Option(metavar=choices(Unit), help="A sparsity per layer, or per transformer block (its mean alpha).", rich_help_panel=ALLOC)] = Unit.layer,
-    prune_first_last: Annotated[bool, typer.Option("--prune-first-last", metavar=FLAG, help="Also prune the input and output layers (outside numbered blocks: LM head, stem), which AlphaPruning leaves dense.", rich_help_panel=LAYERS)] = False,
+    include_first_last: Annotated[bool, typer.Option("--include-first-last", "--prune-first-last", metavar=FLAG, help="Also prune the input and output layers (outside numbered blocks: LM head, stem), which AlphaPruning leaves dense.", rich_help_panel=LAYERS)] = False,
     min_evals: Annotated[int, typer.Option(metavar="N", help="Layers with fewer eigenvalues stay dense (N ≥ 2).", rich_help_panel=LAYERS)] = 50,
-    fit: Annotated[Fit, typer.Option(metavar=choices(Fit), help="Estimator of alpha (AlphaPruning fits peak).", rich_help_panel=FIT)] = Fit.peak,
+    fit: Annotated[Fit, typer.Option(metavar=choices(Fit), help="Estimator of alpha (AlphaPruning fits peak).", rich_help_panel=FIT)] = Fit(DEFAULT_FITS["sparsity"]),
     peak_quirk: Annotated[bool, typer.Option("--peak-quirk", metavar=FLAG, help="peak: reproduce the reference implementation's lower bound.", rich_help_panel=FIT)] = False,
     key: Annotated[Optional[str], typer.Option(metavar="NAME", help="Entry of a nested checkpoint holding the weights.", rich_help_panel=INPUT)] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", metavar=FLAG, help="Allow full unpickling (trusted files only).", rich_help_panel=INPUT)] = False,
@@ -55,7 +56,7 @@ def prune_command(
             raise TbdiagError("--out: missing, nothing to write; give --out NEW for the pruned checkpoint, "
                               "--allocation-json FILE for the allocation alone, or --plan-only to show it")
         result = prune(path, out, sparsity=sparsity, allocation=allocation.value, epsilon=epsilon,
-                       max_sparsity=max_sparsity, unit=unit.value, prune_first_last=prune_first_last,
+                       max_sparsity=max_sparsity, unit=unit.value, include_first_last=include_first_last,
                        min_evals=min_evals, fit=fit.value, peak_lower_bound_quirk=peak_quirk,
                        allocation_json=None if allocation_json == STDOUT else allocation_json, key=key,
                        trust_pickle=trust_pickle, device=device, overwrite=overwrite)

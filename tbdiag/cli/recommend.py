@@ -25,16 +25,15 @@ class Target(str, Enum):
 
 
 def recommend_command(
-    ctx: typer.Context,
     path: Annotated[Path, typer.Argument(metavar="PATH", help="Checkpoint file or folder.", show_default=False)],
     map: Annotated[MapName, typer.Option(metavar=choices(MapName), help="How alphas become multipliers (sqrt and log2 ignore the ratios).", rich_help_panel=MAP)] = MapName.linear,
     min_ratio: Annotated[float, typer.Option(metavar="X", help="Smallest multiplier (finite, > 0).", rich_help_panel=MAP)] = 0.5,
     max_ratio: Annotated[float, typer.Option(metavar="X", help="Largest multiplier (finite, ≥ --min-ratio).", rich_help_panel=MAP)] = 1.5,
     metric: Annotated[Metric, typer.Option(metavar=choices(Metric), help="What the map reads.", rich_help_panel=MAP)] = Metric.alpha,
     unit: Annotated[Unit, typer.Option(metavar=choices(Unit), help="One multiplier per layer, or per transformer block.", rich_help_panel=MAP)] = Unit.layer,
-    keep_first_last: Annotated[bool, typer.Option("--keep-first-last", metavar=FLAG, help="Also tune the first and last Conv/Linear.", rich_help_panel=MAP)] = False,
+    include_first_last: Annotated[bool, typer.Option("--include-first-last", "--keep-first-last", metavar=FLAG, help="Also tune the first and last Conv/Linear.", rich_help_panel=MAP)] = False,
     min_evals: Annotated[int, typer.Option(metavar="N", help="Layers with fewer eigenvalues keep multiplier 1 (N ≥ 0).", rich_help_panel=MAP)] = 50,
-    fit: Annotated[Fit, typer.Option(metavar=choices(Fit), help="Estimator (TempBalance fits median; --target sparsity fits peak by default, AlphaPruning's and prune's).", rich_help_panel=MAP)] = Fit.median,
+    fit: Annotated[Optional[Fit], typer.Option(metavar=choices(Fit), help="Estimator (default: median, TempBalance's; peak for --target sparsity, AlphaPruning's and prune's).", rich_help_panel=MAP, show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(metavar="LR", help="Base learning rate (> 0): also show and write each layer's lr.", rich_help_panel=MAP)] = None,
     key: Annotated[Optional[str], typer.Option(metavar="NAME", help="Entry of a nested checkpoint holding the weights.", rich_help_panel=INPUT)] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", metavar=FLAG, help="Allow full unpickling (trusted files only).", rich_help_panel=INPUT)] = False,
@@ -57,7 +56,7 @@ def recommend_command(
     per-layer weight decay, sparsity or LoRA ranks)."""
     from tbdiag.analysis.core import analyze
     from tbdiag.analysis.export import jsonable
-    from tbdiag.allocation.recommend import recommend
+    from tbdiag.allocation.recommend import DEFAULT_FITS, recommend
 
     with user_errors():
         require_finite(min_ratio, "--min-ratio", "must be a finite number; e.g. 0.5")
@@ -71,10 +70,9 @@ def recommend_command(
         if target == Target.lora_rank:
             require(budget > 0, "--budget", budget, "lora_rank needs a rank budget; e.g. --budget 256")
         outputs = Outputs.check({"--out": out}, [path], overwrite=overwrite)
-        if target == Target.sparsity and ctx.get_parameter_source("fit").name == "DEFAULT":
-            fit = Fit.peak  # prune's default: the sparsities sold are those prune applies
-        analysis = analyze(str(path), fit=fit.value, key=key, trust_pickle=trust_pickle, device=device)
-        rule = dict(unit=unit.value, exclude_first_last=not keep_first_last, min_evals=min_evals,
+        chosen_fit = fit.value if fit is not None else DEFAULT_FITS[target.value]
+        analysis = analyze(str(path), fit=chosen_fit, key=key, trust_pickle=trust_pickle, device=device)
+        rule = dict(unit=unit.value, include_first_last=include_first_last, min_evals=min_evals,
                     include=tuple(include or ()), exclude=tuple(exclude or ()))
         if target != Target.lr:
             _allocate(analysis, target, rule, outputs, out, weight_decay=weight_decay, sparsity=sparsity,

@@ -3,7 +3,7 @@
 Layers are paired by name, with the rule `tbdiag.finetune.delta` follows too: a same-named layer of another shape
 is never compared — it is listed in ``changed_shape`` with both shapes (and named in a warning), apart
 from the layers only A has (``only_a``) and only B has (``only_b``). For each compared layer the document
-holds both values and the change B − A of alpha and the other metrics (`METRICS`); rows are sorted by the
+holds both values and the change B − A of alpha and the other metrics (`COMPARED`); rows are sorted by the
 size of the change of alpha, largest first, then — for layers without two alphas — by the size of the
 change of log_norm; layers whose alpha and log_norm both cannot be compared come last, in model order.
 Values that cannot be computed are ``nan`` (``null`` in JSON): the randomised metrics of a side analysed
@@ -27,7 +27,7 @@ from tbdiag.errors import TbdiagError
 log = logging.getLogger(__name__)
 
 SCHEMA = "tbdiag.diff/v1"
-METRICS = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "mp_softrank", "num_spikes",
+COMPARED = ("alpha", "alpha_weighted", "log_norm", "log_spectral_norm", "stable_rank", "mp_softrank", "num_spikes",
            "matrix_entropy", "rand_distance", "num_traps")
 RANDOMIZED = ("rand_distance", "num_traps")  # measured only with randomize
 # What the rows of each view describe: two analyses are compared only when they describe the same.
@@ -70,7 +70,7 @@ def diff(a: Analysis, b: Analysis) -> dict:
         log.warning("only %s was analysed with randomize: the changes of %s are missing",
                     a.source if a.options.randomize else b.source, ", ".join(RANDOMIZED))
     layers.sort(key=_key)  # stable: model order among equals
-    return {"schema": SCHEMA, "tbdiag_version": __version__, "metrics": list(METRICS), "sort": "abs_delta_alpha",
+    return {"schema": SCHEMA, "tbdiag_version": __version__, "metrics": list(COMPARED), "sort": "abs_delta_alpha",
             "a": _side(a), "b": _side(b), "layers": layers,
             "only_a": [r.name for r in a.layers if r.name not in rows_b],
             "only_b": [r.name for r in b.layers if r.name not in names_a],
@@ -78,10 +78,10 @@ def diff(a: Analysis, b: Analysis) -> dict:
 
 
 def _entry(ra: Any, rb: Any) -> dict:
-    va = {m: _value(ra, m) for m in METRICS}
-    vb = {m: _value(rb, m) for m in METRICS}
+    va = {m: _value(ra, m) for m in COMPARED}
+    vb = {m: _value(rb, m) for m in COMPARED}
     return {"name": ra.name, "kind": ra.kind, "shape": list(ra.shape), "status": [ra.status, rb.status],
-            "a": va, "b": vb, "delta": {m: vb[m] - va[m] for m in METRICS}}
+            "a": va, "b": vb, "delta": {m: vb[m] - va[m] for m in COMPARED}}
 
 
 def _shapes(changed: list) -> str:

@@ -71,7 +71,7 @@ class TempBalanceCallback(Callback):
         log: ``summary`` (8 keys), ``groups`` (also ``lr/<group>`` and ``alpha/<unit>``) or None (no logging).
         **options: any `TempBalance` option, with its default: ``every`` (1), ``per`` (``"epoch"`` or
             ``"update"``), ``warmup`` (0), ``map``, ``min_ratio``, ``max_ratio``, ``metric``, ``unit``, ``fit``,
-            ``exclude_first_last``, ``min_evals``, ``include``, ``exclude``, ``split_qkv``, ``device``,
+            ``include_first_last``, ``min_evals``, ``include``, ``exclude``, ``split_qkv``, ``device``,
             ``apply_scale``. (``schedulers`` and ``others`` are Lightning's.)
 
     Attributes:

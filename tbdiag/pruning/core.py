@@ -2,7 +2,7 @@
 (AlphaPruning, Lu et al., NeurIPS 2024), written as a new safetensors checkpoint one tensor at a time.
 
 **Which layers** (`tbdiag.allocation.selection`, the one rule of `recommend` and `TempBalance`): Linear and Conv
-weights, embeddings never; the input and output layers are left dense unless ``prune_first_last`` — in a model
+weights, embeddings never; the input and output layers are left dense unless ``include_first_last`` — in a model
 of numbered blocks every layer outside the blocks, as AlphaPruning prunes the linear layers of the transformer
 blocks and neither the embeddings nor the LM head; otherwise the first and the last layer — and so are layers
 with fewer than ``min_evals`` eigenvalues. The layers are those `tbdiag.analyze` sees: a stacked expert tensor
@@ -54,6 +54,7 @@ from tbdiag.analysis.measure import measure_layers
 from tbdiag.analysis.options import AnalyzeOptions
 from tbdiag.pruning.results import ALLOCATIONS, Allotment, PrunedLayer, PruneOptions, PruneResult  # noqa: F401 - API
 from tbdiag.pruning.files import Target, Written, check_dtypes, check_targets, commit, input_layout, refuse_empty
+from tbdiag.allocation.allocators import DEFAULT_FITS
 from tbdiag.allocation.allocators import sparsity as alpha_sparsities
 from tbdiag.allocation.maps import unit_means
 from tbdiag.allocation.selection import TuneOptions, Tuned, tuned_layers
@@ -62,8 +63,8 @@ from tbdiag.io.tensors import Checkpoint, TensorRef, numel
 log = logging.getLogger(__name__)
 
 def prune(source: str | Path, out: str | Path | None = None, *, sparsity: float, allocation: str = "alpha",
-          epsilon: float = 0.3, max_sparsity: float = 0.99, unit: str = "layer", prune_first_last: bool = False,
-          min_evals: int = 50, fit: str = "peak", peak_lower_bound_quirk: bool = False,
+          epsilon: float = 0.3, max_sparsity: float = 0.99, unit: str = "layer", include_first_last: bool = False,
+          min_evals: int = 50, fit: str = DEFAULT_FITS["sparsity"], peak_lower_bound_quirk: bool = False,
           allocation_json: str | Path | None = None, key: str | None = None, trust_pickle: bool = False,
           device: str = "auto", overwrite: bool = False) -> PruneResult:
     """Prune a checkpoint's layers by magnitude, each to its allocated sparsity, into a new checkpoint.
@@ -76,7 +77,7 @@ def prune(source: str | Path, out: str | Path | None = None, *, sparsity: float,
         sparsity: the mean sparsity S over the pruned layers, weighted by their sizes (0 ≤ S < 1).
         allocation: ``alpha`` (AlphaPruning) or ``uniform``.
         epsilon, max_sparsity: the spread ε of the ratios (0 ≤ ε < 1) and the largest sparsity of a layer.
-        unit, prune_first_last, min_evals: which layers and units (see the module's description).
+        unit, include_first_last, min_evals: which layers and units (see the module's description).
         fit, peak_lower_bound_quirk: the power-law fit of the alphas.
         allocation_json: also write the ``tbdiag.allocation/v1`` JSON here.
         key, trust_pickle, device: as for `tbdiag.analyze`.
@@ -87,7 +88,7 @@ def prune(source: str | Path, out: str | Path | None = None, *, sparsity: float,
             folder), an unreadable checkpoint, one without prunable layers; all before anything is written.
     """
     refuse_empty(source, out, allocation_json)
-    options = PruneOptions(sparsity, allocation, epsilon, max_sparsity, unit, prune_first_last, min_evals, fit,
+    options = PruneOptions(sparsity, allocation, epsilon, max_sparsity, unit, include_first_last, min_evals, fit,
                            peak_lower_bound_quirk)
     layout = input_layout(source)
     target = check_targets(source, layout, out, allocation_json, overwrite=overwrite)
@@ -129,7 +130,7 @@ def allocate(ckpt: Checkpoint, options: PruneOptions, *, device: str = "auto") -
         TbdiagError: no prunable layer, or an FP8 one (its magnitudes need its scales).
     """
     specs, _ = plan_layers(ckpt)
-    tuned = tuned_layers(specs, TuneOptions(unit=options.unit, exclude_first_last=not options.prune_first_last,
+    tuned = tuned_layers(specs, TuneOptions(unit=options.unit, include_first_last=options.include_first_last,
                                             min_evals=options.min_evals))
     if not tuned:
         raise TbdiagError(f"{ckpt.source}: no layer to prune (Linear/Conv weights with ≥ {options.min_evals} "

@@ -12,7 +12,7 @@ from tbdiag import __version__
 from tbdiag.errors import TbdiagError
 from tbdiag.analysis.export import jsonable
 from tbdiag.esd.powerlaw import FITS
-from tbdiag.allocation.allocators import SCHEMA
+from tbdiag.allocation.allocators import DEFAULT_FITS, SCHEMA
 from tbdiag.allocation.allocators import sparsity as alpha_sparsities
 from tbdiag.allocation.selection import UNITS
 
@@ -28,9 +28,9 @@ class PruneOptions:
     epsilon: float = 0.3
     max_sparsity: float = 0.99
     unit: str = "layer"
-    prune_first_last: bool = False
+    include_first_last: bool = False
     min_evals: int = 50
-    fit: str = "peak"
+    fit: str = DEFAULT_FITS["sparsity"]  # AlphaPruning's peak fit, as recommend --target sparsity
     peak_lower_bound_quirk: bool = False
 
     def __post_init__(self) -> None:
@@ -120,7 +120,7 @@ class PruneResult:
             for key in ("n_params", "n_pruned", "n_zero_input"):
                 unit[key] += getattr(x, key)
         parameters = {"sparsity": o.sparsity, "epsilon": o.epsilon if alpha else 0.0, "max_sparsity": o.max_sparsity,
-                      "allocation": o.allocation, "prune_first_last": o.prune_first_last, "min_evals": o.min_evals,
+                      "allocation": o.allocation, "include_first_last": o.include_first_last, "min_evals": o.min_evals,
                       "peak_lower_bound_quirk": o.peak_lower_bound_quirk}
         fallbacks = [{"layer": x.name, "status": x.status, "sparsity": x.sparsity, "from": x.fallback}
                      for x in self.fallbacks]

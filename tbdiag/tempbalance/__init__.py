@@ -6,10 +6,10 @@ from tbdiag._lazy import exports
 
 __all__, __getattr__ = exports(__name__, {
     "TempBalance": "tbdiag.tempbalance.balancer",
-    "METRICS": "tbdiag.tempbalance.balancer",
     "param_groups": "tbdiag.tempbalance.optim",
     "MAPS": "tbdiag.allocation.maps",
     "multipliers": "tbdiag.allocation.maps",
+    "METRIC_FIELDS": "tbdiag.allocation.maps",
     "DEFAULT_GROUP": "tbdiag.allocation.selection",
     "TuneOptions": "tbdiag.allocation.selection",
     "Tuned": "tbdiag.allocation.selection",

@@ -27,17 +27,16 @@ from tbdiag.analysis.measure import measure_shared
 from tbdiag.analysis.options import AnalyzeOptions
 from tbdiag.errors import TbdiagError
 from tbdiag.tempbalance.guards import (check_materialised, check_multipliers, check_scalable, check_schedulers,
-                                       held_elsewhere)
+                                      held_elsewhere, warn_counter_unused)
 from tbdiag.tempbalance.logs import LogMode, log_values
-from tbdiag.allocation.maps import multipliers, unit_multipliers
+from tbdiag.allocation.maps import METRIC_FIELDS, multipliers, unit_multipliers
 from tbdiag.tempbalance.optim import (OriginalLayout, adopt_after_split, adopt_scheduler, inner_optimizer, param_groups,
-                                      restore_lrs, scale_lrs, split_by_unit)
+                                      restore_rates, scale_rates, split_by_unit)
 from tbdiag.allocation.selection import (DEFAULT_GROUP, TuneOptions, plan_model, tuned_layers, unit_of_parameters,
                                       units_in_order, unwrap)
 
 log = logging.getLogger(__name__)
 
-METRICS = {"alpha": "alpha", "alpha_weighted": "alpha_weighted", "spectral_norm": "lambda_max"}
 PER = ("epoch", "update")
 TARGETS = ("lr", "weight_decay", "both")  # what a unit's multiplier scales (AlphaDecay: the weight decay)
 
@@ -62,7 +61,7 @@ class TempBalance:
         per: ``epoch`` (counted by `step`) or ``update`` (counted by `step_update`).
         warmup: no rebalance before this many epochs/updates; until then every multiplier is 1 (unless
             ``initial`` is given).
-        unit, exclude_first_last, min_evals, include, exclude, split_qkv: which layers are tuned and their
+        unit, include_first_last, min_evals, include, exclude, split_qkv: which layers are tuned and their
             groups (`tbdiag.allocation.selection`, the rule `recommend` uses too).
         fit: power-law estimator (``median``, as the paper, ``ks``, ``peak``).
         device: where eigenvalues are computed (``auto``, ``cpu``, ``cuda``…).
@@ -83,15 +82,15 @@ class TempBalance:
 
     def __init__(self, model: nn.Module, optimizer: Any, *, map: str = "linear", min_ratio: float = 0.5,
                  max_ratio: float = 1.5, metric: str = "alpha", every: int = 1, per: str = "epoch", warmup: int = 0,
-                 unit: str = "layer", exclude_first_last: bool = True, min_evals: int = 50,
+                 unit: str = "layer", include_first_last: bool = False, min_evals: int = 50,
                  include: Sequence[str] = (), exclude: Sequence[str] = (), split_qkv: bool = False,
                  fit: str = "median", device: str = "auto", initial: Mapping[str, float] | None = None,
                  apply_scale: bool = True, schedulers: Sequence[Any] = (), no_decay: bool = True,
                  target: str = "lr", others: Sequence[Any] = ()) -> None:
         if target not in TARGETS:
             raise TbdiagError(f"target {target!r}: use one of {', '.join(TARGETS)}")
-        if metric not in METRICS:
-            raise TbdiagError(f"metric {metric!r}: use one of {', '.join(METRICS)}")
+        if metric not in METRIC_FIELDS:
+            raise TbdiagError(f"metric {metric!r}: use one of {', '.join(METRIC_FIELDS)}")
         if per not in PER:
             raise TbdiagError(f"per {per!r}: use epoch or update")
         if not (isinstance(every, int) and every >= 0 and isinstance(warmup, int) and warmup >= 0):
@@ -99,7 +98,7 @@ class TempBalance:
         multipliers([], map, min_ratio, max_ratio)  # validates the map and the ratios
         self.map, self.min_ratio, self.max_ratio, self.metric = map, min_ratio, max_ratio, metric
         self.every, self.per, self.warmup, self.apply_scale, self.target = every, per, warmup, apply_scale, target
-        self.tune = TuneOptions(unit=unit, exclude_first_last=exclude_first_last, min_evals=min_evals,
+        self.tune = TuneOptions(unit=unit, include_first_last=include_first_last, min_evals=min_evals,
                                 include=tuple(include), exclude=tuple(exclude), split_qkv=split_qkv)
         self.options = AnalyzeOptions(fit=fit, device=device, min_evals=2)
         check_materialised(unwrap(model))
@@ -117,7 +116,6 @@ class TempBalance:
         unit_of = {id(p): owner[n] for n, p in unwrap(model).named_parameters() if n in owner}
         if initial is not None:  # checked before the optimizer is touched: a failed construction changes nothing
             check_multipliers(initial, self.units)
-        self._layout: OriginalLayout | None = None
         self.optimizer = self._split(model, optimizer, unit_of, schedulers, no_decay)
         self._split_added_groups(unit_of)
         self._mult = {u: 1.0 for u in self._groups}
@@ -126,8 +124,8 @@ class TempBalance:
         self.values: dict[str, float] = {}
         for g in self.optimizer.param_groups:
             g["tb_scale_lr"] = apply_scale
-        self.optimizer.register_step_pre_hook(scale_lrs)
-        self.optimizer.register_step_post_hook(restore_lrs)
+        self.optimizer.register_step_pre_hook(scale_rates)
+        self.optimizer.register_step_post_hook(restore_rates)
         if initial is not None:
             self.set_multipliers(initial)
         elif warmup == 0:
@@ -139,9 +137,10 @@ class TempBalance:
             base = param_groups(model) if no_decay else [{"params": [p for p in unwrap(model).parameters()
                                                                       if p.requires_grad]}]
             groups, _ = split_by_unit(base, unit_of)
-            self._origin, self._n_original = list(range(len(groups))), len(groups)
             built = inner_optimizer(optimizer(groups))
             check_scalable(built.param_groups, built.defaults, self.target, type(built).__name__)
+            self._layout = OriginalLayout(built, built.param_groups, range(len(built.param_groups)), self._lr_factor,
+                                          hooks=False)
             return built
         opt = inner_optimizer(optimizer)
         if isinstance(opt, torch.optim.LBFGS):
@@ -158,12 +157,14 @@ class TempBalance:
         if missing:
             log.info("TempBalance: %d trainable parameters are not in the optimizer (e.g. %s)", len(missing), missing[0])
         opt.param_groups, origin = split_by_unit(original, unit_of)
-        self._origin, self._n_original = origin, len(original)  # a group without parameters has no sub-group
-        for scheduler in schedulers:
+        for scheduler in schedulers:  # a group without parameters has no sub-group: origin says where each came from
             adopt_scheduler(scheduler, opt, origin, len(original))
-        self._layout = OriginalLayout(opt, original, origin,
-                                      lambda g: 1.0 if self.apply_scale else g["lr_scale"] / g["tb_base_scale"])
+        self._layout = OriginalLayout(opt, original, origin, self._lr_factor)
         return opt
+
+    def _lr_factor(self, group: dict) -> float:
+        """What the saved rate of a group was multiplied by (timm's layer-decay scale when timm applies it)."""
+        return 1.0 if self.apply_scale else group["lr_scale"] / group["tb_base_scale"]
 
     def _split_added_groups(self, unit_of: dict[int, str]) -> None:
         """Groups added later (progressive unfreezing: ``optimizer.add_param_group``) are split by unit as
@@ -172,8 +173,9 @@ class TempBalance:
         opt, add = self.optimizer, self.optimizer.add_param_group
 
         def add_param_group(group: dict) -> None:
-            check_scalable([group], opt.defaults, self.target, type(opt).__name__, self._n_original)
-            j, tag = self._n_original, group.get("name") or f"g{self._n_original}"
+            j = self._layout.n_original
+            check_scalable([group], opt.defaults, self.target, type(opt).__name__, j)
+            tag = group.get("name") or f"g{j}"
             names = {g["name"] for g in opt.param_groups}
             new, _ = split_by_unit([group], unit_of)
             for g in new:
@@ -183,10 +185,7 @@ class TempBalance:
                 names.add(g["name"])
                 g["tb_scale_lr"] = self.apply_scale
                 add(g)
-            if self._layout is not None:
-                self._layout.add_group(group, new)
-            self._origin += [j] * len(new)
-            self._n_original += 1
+            self._layout.add_group(group, new)
             self._apply(self._mult)
 
         opt.add_param_group = add_param_group  # type: ignore[method-assign]
@@ -221,12 +220,12 @@ class TempBalance:
     def adopt_scheduler(self, scheduler: Any) -> None:
         """Adapt a scheduler that was built over the optimizer's groups before they were split (as the
         ``schedulers`` argument does); harmless for one built after."""
-        adopt_after_split(scheduler, self.optimizer, self._origin, self._n_original)
+        adopt_after_split(scheduler, self.optimizer, self._layout.origin, self._layout.n_original)
 
     def measure(self) -> dict[str, float]:
         """The metric of every tuned layer (``nan`` where a fit failed), shared across ranks under DDP."""
         rows = measure_shared(self._specs, self.options)
-        return {row.name: getattr(row, METRICS[self.metric]) for row in rows}
+        return {row.name: getattr(row, METRIC_FIELDS[self.metric]) for row in rows}
 
     def balance(self) -> dict[str, float]:
         """Refit every tuned layer now and set each unit's multiplier; returns the multipliers."""
@@ -248,6 +247,8 @@ class TempBalance:
         """End of an epoch: ``epoch`` epochs are done (default: one more than last time). With ``per="epoch"``,
         rebalances when due; returns whether it did."""
         self.epoch = self.epoch + 1 if epoch is None else int(epoch)
+        if self.per == "update" and self.updates == 0:
+            warn_counter_unused(self)
         if due := (self.per == "epoch" and self._due(self.epoch)):
             self.balance()
         return due

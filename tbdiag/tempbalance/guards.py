@@ -110,3 +110,13 @@ def held_elsewhere(model: nn.Module, optimizer: Any, others: Iterable[Any]) -> s
     own = ids(optimizer) if optimizer is not None else set()
     theirs = set().union(*(ids(o) for o in others)) - own
     return {clean_name(n) for n, p in model.named_parameters() if id(p) in theirs}
+
+
+def warn_counter_unused(tb: Any) -> None:
+    """Once per balancer: ``per="update"`` rebalances on `step_update`, which was never called, while `step`
+    (timm's epoch counter) only counts epochs — a loop calling `step` alone would never rebalance."""
+    if not getattr(tb, "_warned_counter", False):
+        log.warning("TempBalance(per='update') rebalances on step_update(num_updates), which has not been called; "
+                    "step(epoch) only counts epochs: call step_update after each optimizer update, or use "
+                    "per='epoch'")
+        tb._warned_counter = True

@@ -176,11 +176,11 @@ def _keep_original_layout(scheduler: Any, origin: list[int], n_old: int, before:
     scheduler._tbdiag_layout = True
 
 
-def scale_lrs(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+def scale_rates(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Step pre-hook: each group steps with ``lr × lr_scale`` (unless a timm scheduler applies it:
-    ``tb_scale_lr`` false) and ``weight_decay × wd_scale``. A step that raised never reached `restore_lrs`:
+    ``tb_scale_lr`` false) and ``weight_decay × wd_scale``. A step that raised never reached `restore_rates`:
     its rates are restored first, so they are never scaled twice."""
-    restore_lrs(optimizer, args, kwargs)
+    restore_rates(optimizer, args, kwargs)
     for g in optimizer.param_groups:
         if g.get("tb_scale_lr", True):
             g["base_lr_"] = g["lr"]
@@ -190,7 +190,7 @@ def scale_lrs(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             g["weight_decay"] = g["weight_decay"] * g["wd_scale"]
 
 
-def restore_lrs(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+def restore_rates(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     """Step post-hook: back to the scheduler's ``lr`` and the group's own weight decay between steps."""
     for g in optimizer.param_groups:
         if "base_lr_" in g:
@@ -200,17 +200,25 @@ def restore_lrs(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Non
 
 
 class OriginalLayout:
-    """Optimizer state-dict hooks that save a split optimizer in its original group layout and load either
+    """The one record of an optimizer's group layout before TempBalance split it (which original group each
+    current group came from), and the state-dict hooks that save a split optimizer in that layout and load either
     layout, so checkpoints stay loadable by the same code with or without TempBalance (and whether the
     optimizer is split before or after its state is loaded)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, original: Sequence[Mapping], origin: Sequence[int],
-                 lr_factor: Callable[[dict], float]) -> None:
-        self.optimizer, self.origin, self.lr_factor = optimizer, list(origin), lr_factor
+                 lr_factor: Callable[[dict], float], *, hooks: bool = True) -> None:
+        self.optimizer, self.lr_factor = optimizer, lr_factor
+        self.origin = list(origin)  # the original group each current group came from
         self.settings = [{k: v for k, v in g.items() if k != "params"} for g in original]
         self.order = [[id(p) for p in g["params"]] for g in original]  # params of each original group, in order
-        optimizer.register_state_dict_post_hook(self.to_original)
-        optimizer.register_load_state_dict_pre_hook(self.from_original)
+        if hooks:  # without: an optimizer built over the split groups, whose layout is already the original
+            optimizer.register_state_dict_post_hook(self.to_original)
+            optimizer.register_load_state_dict_pre_hook(self.from_original)
+
+    @property
+    def n_original(self) -> int:
+        """How many groups the optimizer had before the split (and were added since)."""
+        return len(self.order)
 
     def add_group(self, original: Mapping, split: Sequence[Mapping]) -> None:
         """An original group added after the split (``add_param_group``), and the sub-groups it became."""
