@@ -161,7 +161,7 @@ def test_recommend_table_file_and_errors(tmp_path):
                           ([SAMPLES / "cnn_trained.safetensors", "--min-ratio", "nan"], "--min-ratio nan: must be a finite"),
                           ([SAMPLES / "cnn_trained.safetensors", "--min-ratio", "0"], "need 0 < min ≤ max"),
                           ([SAMPLES / "cnn_trained.safetensors", "--min-ratio", "2", "--max-ratio", "1"], "2/1: need 0 < min"),
-                          ([SAMPLES / "cnn_trained.safetensors", "--min-evals", "-1"], "--min-evals -1: must be 0 or more"),
+                          ([SAMPLES / "cnn_trained.safetensors", "--min-evals", "-1"], "--min-evals -1: must be at least 2 (a fit needs 2 eigenvalues)"),
                           ([SAMPLES / "cnn_trained.safetensors", "--lr", "0"], "--lr 0.0: must be positive"),
                           ([SAMPLES / "cnn_trained.safetensors", "--lr", "nan"], "--lr nan: must be a finite")):
         res = run("recommend", *args, "--out", out)
@@ -321,3 +321,11 @@ def test_first_last_flag_has_one_name_and_one_sense_and_old_spellings_still_work
     new, old, without = (run("recommend", *args, *flag) for flag in (["--include-first-last"], ["--keep-first-last"], []))
     assert new.exit_code == old.exit_code == 0 and json.loads(new.stdout) == json.loads(old.stdout)
     assert without.exit_code == 0 and len(json.loads(new.stdout)["layers"]) > len(json.loads(without.stdout)["layers"])
+
+
+@pytest.mark.parametrize("command", [["recommend"], ["prune", "--sparsity", "0.5", "--plan-only"]])
+def test_min_evals_has_one_rule_reported_with_the_flag(command):
+    """The selection rule (TuneOptions) is the one place min_evals is checked; the CLI names its flag."""
+    res = run(command[0], SAMPLES / "mlp_sharded", *command[1:], "--min-evals", "1")
+    assert res.exit_code == 2 and res.stderr.strip() == (
+        "error: --min-evals 1: must be at least 2 (a fit needs 2 eigenvalues)"), res.output

@@ -566,7 +566,7 @@ def test_tuned_layers_filter_by_eigenvalue_count_and_globs():
     assert str(info.value) == "unit 'blocks': use one of layer, block"
     with pytest.raises(TbdiagError) as info:
         TuneOptions(min_evals=1)
-    assert str(info.value) == "min_evals 1: must be at least 2"
+    assert str(info.value) == "min_evals 1: must be at least 2 (a fit needs 2 eigenvalues)"
 
 
 def test_tensor_of_a_layer_known_by_name():

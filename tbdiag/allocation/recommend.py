@@ -11,14 +11,14 @@ from tbdiag.errors import TbdiagError
 from tbdiag.allocation.maps import METRIC_FIELDS, unit_means, unit_multipliers
 from tbdiag.allocation import allocators as allocate
 from tbdiag.allocation.allocators import DEFAULT_FITS  # noqa: F401 - re-exported for the CLI
-from tbdiag.allocation.selection import TuneOptions, tuned_layers
+from tbdiag.allocation.selection import MIN_EVALS, TuneOptions, tuned_layers
 
 SCHEMA = "tbdiag.multipliers/v1"
 TARGETS = ("lr", "weight_decay", "sparsity", "lora_rank")
 
 
 def recommend(analysis: Analysis, *, map: str = "linear", min_ratio: float = 0.5, max_ratio: float = 1.5,
-              metric: str = "alpha", unit: str = "layer", include_first_last: bool = False, min_evals: int = 50,
+              metric: str = "alpha", unit: str = "layer", include_first_last: bool = False, min_evals: int = MIN_EVALS,
               include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), lr: float | None = None) -> dict:
     """The ``tbdiag.multipliers/v1`` document for an analysis.
 
@@ -56,7 +56,7 @@ def recommend(analysis: Analysis, *, map: str = "linear", min_ratio: float = 0.5
 
 
 def allocation(analysis: Analysis, target: str, *, unit: str = "layer", include_first_last: bool = False,
-               min_evals: int = 50, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
+               min_evals: int = MIN_EVALS, include: tuple[str, ...] = (), exclude: tuple[str, ...] = (),
                **parameters: float) -> dict:
     """The ``tbdiag.allocation/v1`` document: per unit its alpha, the layers it covers, its parameter count
     and the target's value, on the units of the tuning rule (as `recommend`).

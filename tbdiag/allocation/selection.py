@@ -32,6 +32,7 @@ from tbdiag.esd.layers import LayerSpec, layer_name, selected
 DEFAULT_GROUP = "default"
 TUNABLE_KINDS = ("linear", "conv1d", "conv2d", "conv3d")
 UNITS = ("layer", "block")
+MIN_EVALS = 50  # layers with fewer eigenvalues are left alone: the reference's threshold, a fit needs enough tail
 BLOCK = re.compile(r"^(.*?\.\d+)\.")  # the name up to its first numeric component: model.layers.3
 BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
 
@@ -42,7 +43,7 @@ class TuneOptions:
 
     unit: str = "layer"
     include_first_last: bool = False  # also the input and output layers
-    min_evals: int = 50
+    min_evals: int = MIN_EVALS
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     embeddings: bool = False
@@ -52,7 +53,8 @@ class TuneOptions:
         if self.unit not in UNITS:
             raise TbdiagError(f"unit {self.unit!r}: use one of {', '.join(UNITS)}")
         if self.min_evals < 2:
-            raise TbdiagError(f"min_evals {self.min_evals}: must be at least 2")
+            raise TbdiagError(f"min_evals {self.min_evals}: must be at least 2 (a fit needs 2 eigenvalues)",
+                              cli={"min_evals ": "--min-evals "})
 
 
 @dataclass(frozen=True)

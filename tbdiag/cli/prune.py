@@ -49,7 +49,6 @@ def prune_command(
         require(0 <= epsilon < 1, "--epsilon", epsilon, "must be at least 0 and below 1; e.g. 0.3 (0: uniform)")
         require(sparsity <= max_sparsity < 1, "--max-sparsity", max_sparsity,
                 f"must lie between --sparsity {sparsity:g} and 1; e.g. 0.99")
-        require(min_evals >= 2, "--min-evals", min_evals, "must be at least 2")
         if plan_only and out is not None:
             raise TbdiagError("--plan-only with --out: --plan-only writes no weights; drop one of them")
         if out is None and allocation_json is None and not plan_only:

@@ -32,7 +32,7 @@ def recommend_command(
     metric: Annotated[Metric, typer.Option(metavar=choices(Metric), help="What the map reads.", rich_help_panel=MAP)] = Metric.alpha,
     unit: Annotated[Unit, typer.Option(metavar=choices(Unit), help="One multiplier per layer, or per transformer block.", rich_help_panel=MAP)] = Unit.layer,
     include_first_last: Annotated[bool, typer.Option("--include-first-last", "--keep-first-last", metavar=FLAG, help="Also tune the first and last Conv/Linear.", rich_help_panel=MAP)] = False,
-    min_evals: Annotated[int, typer.Option(metavar="N", help="Layers with fewer eigenvalues keep multiplier 1 (N ≥ 0).", rich_help_panel=MAP)] = 50,
+    min_evals: Annotated[int, typer.Option(metavar="N", help="Layers with fewer eigenvalues keep multiplier 1 (N ≥ 2).", rich_help_panel=MAP)] = 50,
     fit: Annotated[Optional[Fit], typer.Option(metavar=choices(Fit), help="Estimator (default: median, TempBalance's; peak for --target sparsity, AlphaPruning's and prune's).", rich_help_panel=MAP, show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(metavar="LR", help="Base learning rate (> 0): also show and write each layer's lr.", rich_help_panel=MAP)] = None,
     key: Annotated[Optional[str], typer.Option(metavar="NAME", help="Entry of a nested checkpoint holding the weights.", rich_help_panel=INPUT)] = None,
@@ -63,7 +63,6 @@ def recommend_command(
         require_finite(max_ratio, "--max-ratio", "must be a finite number; e.g. 1.5")
         require(0 < min_ratio <= max_ratio, "--min-ratio/--max-ratio", f"{min_ratio:g}/{max_ratio:g}",
                 "need 0 < min ≤ max; e.g. 0.5 and 1.5")
-        require(min_evals >= 0, "--min-evals", min_evals, "must be 0 or more")
         if lr is not None:
             require_finite(lr, "--lr", "must be a finite number; e.g. 0.1")
             require(lr > 0, "--lr", lr, "must be positive; e.g. 0.1")

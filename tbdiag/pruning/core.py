@@ -57,14 +57,14 @@ from tbdiag.pruning.files import Target, Written, check_dtypes, check_targets, c
 from tbdiag.allocation.allocators import DEFAULT_FITS
 from tbdiag.allocation.allocators import sparsity as alpha_sparsities
 from tbdiag.allocation.maps import unit_means
-from tbdiag.allocation.selection import TuneOptions, Tuned, tuned_layers
+from tbdiag.allocation.selection import MIN_EVALS, TuneOptions, Tuned, tuned_layers
 from tbdiag.io.tensors import Checkpoint, TensorRef, numel
 
 log = logging.getLogger(__name__)
 
 def prune(source: str | Path, out: str | Path | None = None, *, sparsity: float, allocation: str = "alpha",
           epsilon: float = 0.3, max_sparsity: float = 0.99, unit: str = "layer", include_first_last: bool = False,
-          min_evals: int = 50, fit: str = DEFAULT_FITS["sparsity"], peak_lower_bound_quirk: bool = False,
+          min_evals: int = MIN_EVALS, fit: str = DEFAULT_FITS["sparsity"], peak_lower_bound_quirk: bool = False,
           allocation_json: str | Path | None = None, key: str | None = None, trust_pickle: bool = False,
           device: str = "auto", overwrite: bool = False) -> PruneResult:
     """Prune a checkpoint's layers by magnitude, each to its allocated sparsity, into a new checkpoint.

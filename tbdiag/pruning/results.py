@@ -14,7 +14,7 @@ from tbdiag.analysis.export import jsonable
 from tbdiag.esd.powerlaw import FITS
 from tbdiag.allocation.allocators import DEFAULT_FITS, SCHEMA
 from tbdiag.allocation.allocators import sparsity as alpha_sparsities
-from tbdiag.allocation.selection import UNITS
+from tbdiag.allocation.selection import MIN_EVALS, TuneOptions, UNITS
 
 ALLOCATIONS = ("alpha", "uniform")
 
@@ -29,7 +29,7 @@ class PruneOptions:
     max_sparsity: float = 0.99
     unit: str = "layer"
     include_first_last: bool = False
-    min_evals: int = 50
+    min_evals: int = MIN_EVALS
     fit: str = DEFAULT_FITS["sparsity"]  # AlphaPruning's peak fit, as recommend --target sparsity
     peak_lower_bound_quirk: bool = False
 
@@ -39,8 +39,7 @@ class PruneOptions:
                                    ("fit", self.fit, tuple(FITS))):
             if value not in known:
                 raise TbdiagError(f"{what} {value!r}: unknown; use one of {', '.join(known)}")
-        if self.min_evals < 2:
-            raise TbdiagError(f"min_evals {self.min_evals}: must be at least 2")
+        TuneOptions(unit=self.unit, min_evals=self.min_evals)  # the selection rule's checks, early
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ from tbdiag.tempbalance.logs import LogMode, log_values
 from tbdiag.allocation.maps import METRIC_FIELDS, multipliers, unit_multipliers
 from tbdiag.tempbalance.optim import (OriginalLayout, adopt_after_split, adopt_scheduler, inner_optimizer, param_groups,
                                       restore_rates, scale_rates, split_by_unit)
-from tbdiag.allocation.selection import (DEFAULT_GROUP, TuneOptions, plan_model, tuned_layers, unit_of_parameters,
-                                      units_in_order, unwrap)
+from tbdiag.allocation.selection import (DEFAULT_GROUP, MIN_EVALS, TuneOptions, plan_model, tuned_layers,
+                                         unit_of_parameters, units_in_order, unwrap)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class TempBalance:
 
     def __init__(self, model: nn.Module, optimizer: Any, *, map: str = "linear", min_ratio: float = 0.5,
                  max_ratio: float = 1.5, metric: str = "alpha", every: int = 1, per: str = "epoch", warmup: int = 0,
-                 unit: str = "layer", include_first_last: bool = False, min_evals: int = 50,
+                 unit: str = "layer", include_first_last: bool = False, min_evals: int = MIN_EVALS,
                  include: Sequence[str] = (), exclude: Sequence[str] = (), split_qkv: bool = False,
                  fit: str = "median", device: str = "auto", initial: Mapping[str, float] | None = None,
                  apply_scale: bool = True, schedulers: Sequence[Any] = (), no_decay: bool = True,
