@@ -12,7 +12,7 @@ Per model and round, interleaved, it times:
                  analyze) on the same matrices, pre-loaded
   (a) tbdiag     analyze() end to end, for each fit (median, ks, peak)
   (b) naive      per-layer torch.linalg.svdvals (float64, like tbdiag) and, for ks/peak, a
-                 Python loop over candidate xmin, written here from the formulas of ARCHITECTURE.md §2
+                 Python loop over candidate xmin, written here from the formulas of docs/design.md ("The method, precisely")
   (s) search     the ks/peak fit alone on the same (pre-computed, float64) spectra: tbdiag's fit
                  against the Python loop of (b)
   (w) ww         WeightWatcher's default analyze(), when the package is installed (pip install -e '.[bench]')

@@ -155,7 +155,7 @@ def test_third_party_safetensors_rows_come_in_natural_name_order(tmp_path):
 
 
 def test_cosine_and_sgdr_schedule_values():
-    """ARCHITECTURE §2: lr(e) = lr₀·½(1 + cos(π·e/E)); SGDR restarts after period, then period·mult …"""
+    """docs/design.md ("The method, precisely"): lr(e) = lr₀·½(1 + cos(π·e/E)); SGDR restarts after period, then period·mult …"""
     assert [cosine(e, 200) for e in (0, 50, 100, 150, 200, 250)] == pytest.approx(
         [1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.5 - 0.5 * math.cos(math.pi / 4), 0.0, 0.0], abs=1e-15)
     # period 10, mult 2: restarts at epochs 10, 30, 70
@@ -204,7 +204,7 @@ def test_recommend_unit_block_and_metric_spectral_norm(tmp_path):
 
 def _plain_fit(ev: torch.Tensor, candidates) -> tuple[int, float, float] | None:
     """(index, alpha, D) of the smallest KS distance over the candidate xmin indices, straight from
-    ARCHITECTURE §2 (a constant tail, whose alpha is infinite, is no candidate)."""
+    docs/design.md ("The method, precisely") (a constant tail, whose alpha is infinite, is no candidate)."""
     best = None
     for i in candidates:
         tail = ev[i:]
@@ -320,7 +320,7 @@ def test_ks_search_scans_only_the_candidates_the_bounds_cannot_discard(monkeypat
 
 
 def test_peak_fit_searches_between_095_and_15_of_the_peak():
-    """ARCHITECTURE §2: KS search over xmin in [0.95·xmin₂, 1.5·xmin₂]; the quirk compares log10(0.95·xmin₂)
+    """docs/design.md ("The method, precisely"): KS search over xmin in [0.95·xmin₂, 1.5·xmin₂]; the quirk compares log10(0.95·xmin₂)
     with raw eigenvalues instead. On this Marchenko–Pastur spectrum the two give different fits."""
     g = torch.Generator().manual_seed(0)
     ev = torch.linalg.svdvals(torch.randn(60, 30, generator=g, dtype=torch.float64)).square().sort().values

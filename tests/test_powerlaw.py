@@ -9,7 +9,7 @@ from tbdiag.esd.spectrum import eigenvalues
 
 @pytest.fixture(scope="module")
 def golden_evals() -> torch.Tensor:
-    """ARCHITECTURE.md §2: W = randn(500, 250)/√250 right after torch.manual_seed(1)."""
+    """docs/design.md ("The method, precisely"): W = randn(500, 250)/√250 right after torch.manual_seed(1)."""
     torch.manual_seed(1)
     w = torch.randn(500, 250) / math.sqrt(250)
     return eigenvalues(w[None])
