@@ -112,7 +112,7 @@ class Planned:
 
 def plan_source(source: Any, options: AnalyzeOptions, *, base: Any = None, view: str | None = None) -> Planned:
     """Open ``source`` (and ``base``) and plan the layers of the chosen view (see `analyze`), reading no weights."""
-    from tbdiag.finetune.lora import adapter_folder
+    from tbdiag.io.checkpoint import adapter_folder
 
     folder = adapter_folder(source)
     view = view or ("delta" if folder is not None or base is not None else "weights")

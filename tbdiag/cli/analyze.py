@@ -107,7 +107,7 @@ def analyze_command(
 def _views(path: Path, base: Path | None, both: bool) -> list[str | None]:
     """The views of one path: its own (weights; ΔW with a base or for an adapter), and with ``both`` the full
     weights too (the fine-tuned W, or W_base + ΔW of an adapter)."""
-    from tbdiag.finetune.lora import adapter_folder
+    from tbdiag.io.checkpoint import adapter_folder
 
     if base is None:
         return [None]

@@ -5,5 +5,5 @@ from tbdiag._lazy import exports
 __all__, __getattr__ = exports(__name__, {
     "diff": "tbdiag.finetune.diff",
     "open_adapter": "tbdiag.finetune.lora",
-    "adapter_folder": "tbdiag.finetune.lora",
+    "adapter_folder": "tbdiag.io.checkpoint",
 })

@@ -35,28 +35,17 @@ import torch
 
 from tbdiag.errors import CheckpointError, TbdiagError
 from tbdiag.esd.layers import LayerSpec, layer_name, plan_layers, selected
-from tbdiag.finetune.lora_config import CONFIG, pattern_value, read_config
+from tbdiag.finetune.lora_config import pattern_value, read_config
+from tbdiag.io.checkpoint import ADAPTER_WEIGHTS
 from tbdiag.io.tensors import Checkpoint, TensorRef
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
 # The one statement of PEFT's factor names: lora_A/lora_B (…weight, the adapter name before it when unsaved),
 # or an embedding's lora_embedding_A/_B (no .weight).
 LORA_KEY = re.compile(rf"^(?:{re.escape(PREFIX)})?(?P<module>.+)\.lora_(?:(?P<part>[AB])(?:\.[^.]+)?\.weight"
                       r"|embedding_(?P<embedding>[AB])(?:\.[^.]+)?)$")
-
-
-def adapter_folder(source: object) -> Path | None:
-    """The adapter folder ``source`` names (the folder, or its ``adapter_model.*`` file), or None."""
-    if not isinstance(source, (str, Path)):
-        return None
-    path = Path(source)
-    folder = path if path.is_dir() else path.parent if path.name in WEIGHTS else None
-    if folder is None or not (folder / CONFIG).is_file():
-        return None
-    return folder if any((folder / w).is_file() for w in WEIGHTS) else None
 
 
 @dataclass(frozen=True)
@@ -127,7 +116,7 @@ def open_adapter(folder: Path) -> Adapter:
     from tbdiag.io.checkpoint import open_checkpoint
 
     config = read_config(folder)
-    weights = next(folder / w for w in WEIGHTS if (folder / w).is_file())
+    weights = next(folder / w for w in ADAPTER_WEIGHTS if (folder / w).is_file())
     parts: dict[tuple[str, bool], dict[str, TensorRef]] = {}
     rest, layers, other = [], [], []
     for ref in open_checkpoint(weights).tensors:

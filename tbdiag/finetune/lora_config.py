@@ -7,9 +7,9 @@ import json
 import re
 from pathlib import Path
 
+from tbdiag.io.checkpoint import ADAPTER_CONFIG as CONFIG
 from tbdiag.errors import CheckpointError
 
-CONFIG = "adapter_config.json"
 
 
 def read_config(folder: Path) -> dict:

@@ -35,6 +35,22 @@ def natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def adapter_folder(source: object) -> Path | None:
+    """The PEFT adapter folder ``source`` names (the folder, or its ``adapter_model.*`` file), or None: the one
+    rule for what is an adapter (its factors are no layers of their own; `tbdiag.finetune.lora` reads it)."""
+    if not isinstance(source, (str, Path)):
+        return None
+    path = Path(source)
+    folder = path if path.is_dir() else path.parent if path.name in ADAPTER_WEIGHTS else None
+    if folder is None or not (folder / ADAPTER_CONFIG).is_file():
+        return None
+    return folder if any((folder / w).is_file() for w in ADAPTER_WEIGHTS) else None
+
+
 def open_checkpoint(source: Any, *, key: str | None = None, trust_pickle: bool = False) -> Checkpoint:
     """Open a path, a state dict or an ``nn.Module`` as a `Checkpoint`.
 
@@ -62,7 +78,7 @@ def open_checkpoint(source: Any, *, key: str | None = None, trust_pickle: bool =
 
 
 def _open_folder(folder: Path, key: str | None, trust_pickle: bool) -> Checkpoint:
-    if (folder / "adapter_config.json").is_file() and any(folder.glob("adapter_model.*")):
+    if adapter_folder(folder) is not None:
         # its lora_A/lora_B factors are no layers of their own: `tbdiag.analysis.core` reads it through `tbdiag.finetune.lora`
         raise CheckpointError(f"{folder}: a PEFT adapter folder, not a model checkpoint; only an analysis reads it "
                               "(each layer's update ΔW = s·B·A, no plan), or pass the base model's checkpoint")
