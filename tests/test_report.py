@@ -1,10 +1,14 @@
+import dataclasses
+import html as html_lib
 import json
 import math
 import re
+import statistics
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -110,28 +114,83 @@ def test_report_bad_inputs(tmp_path, runs):
         assert not out.exists()
 
 
+# Injected into a copy of each page: measures every hoverable figure as laid out at 1280 px, and whether the
+# pointer at the middle of each hover area reaches that area (its <title> is the browser's tooltip).
+MEASURE = """<script>
+(function () {
+  var body = document.body, cs = getComputedStyle(body), out = {figures: []};
+  out.content = body.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);
+  document.querySelectorAll("figure.fig").forEach(function (f) {
+    var img = f.querySelector("img"), hits = [];
+    f.querySelectorAll("svg.hover rect").forEach(function (rect) {
+      window.scrollTo(0, window.scrollY + rect.getBoundingClientRect().top - 200);
+      var b = rect.getBoundingClientRect(), r = img.getBoundingClientRect();
+      var el = document.elementFromPoint(b.left + b.width / 2, b.top + b.height / 2);
+      var inside = b.left >= r.left - 1 && b.right <= r.right + 1 && b.top >= r.top - 1 && b.bottom <= r.bottom + 1;
+      hits.push({title: rect.querySelector("title").textContent, hit: el === rect && inside});
+    });
+    out.figures.push({kind: f.getAttribute("class"), width: img.getBoundingClientRect().width, hits: hits});
+  });
+  var pre = document.createElement("pre");
+  pre.id = "measured";
+  pre.textContent = JSON.stringify(out);
+  body.appendChild(pre);
+})();
+</script>"""
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+
+
+def measure_in_chromium(page: Path, profile: Path) -> tuple[str, dict]:
+    """The page's DOM after load in headless Chromium at 1280 px, and what `MEASURE` found in it."""
+    measured = page.with_name(f"measured-{page.name}")
+    measured.write_text(page.read_text().replace("</body>", MEASURE + "</body>"))
+    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--window-size=1280,2000", "--dump-dom",
+                          measured.as_uri()], capture_output=True, text=True, timeout=300)
+    found = re.search(r'<pre id="measured">(.*?)</pre>', dom.stdout, re.S)
+    assert found, dom.stderr[-2000:]
+    return dom.stdout, json.loads(html_lib.unescape(found.group(1)))
+
+
+def first_lines(titles) -> list[str]:
+    return [t.split("\n")[0].split(" ", 1)[1] for t in titles]
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (.ci/run installs Debian's chromium)")
 def test_reports_load_in_headless_chromium_without_errors(tmp_path, runs, tiny):
-    pages = {"checkpoint": tmp_path / "c.html", "comparison": tmp_path / "m.html", "run": tmp_path / "r.html"}
+    pages = {"checkpoint": tmp_path / "c.html", "comparison": tmp_path / "m.html", "run": tmp_path / "r.html",
+             "llm": tmp_path / "llm.html"}
     write_report([str(SAMPLES / "cnn_trained.safetensors")], pages["checkpoint"])
     write_report([str(SAMPLES / "cnn_untrained.safetensors"), str(SAMPLES / "cnn_trained.safetensors")], pages["comparison"])
     write_report([str(runs["cal"]), str(runs["tb"])], pages["run"])
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+    llm = llama_like()
+    pages["llm"].write_text(checkpoint_report(llm))
     for kind, page in pages.items():
         profile = tmp_path / f"profile-{kind}"
-        dom = subprocess.run([CHROMIUM, *flags, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
-                             capture_output=True, text=True, timeout=120)
-        assert 'data-js-ready="1"' in dom.stdout, (kind, dom.stderr[-2000:])
-        assert 'data-js-errors="0"' in dom.stdout, kind
+        dom, measured = measure_in_chromium(page, profile)
+        assert 'data-js-ready="1"' in dom, kind
+        assert 'data-js-errors="0"' in dom, kind  # console errors, script errors (the measuring script's too)
+        figs = {f["kind"].split()[1]: f for f in measured["figures"]}
+        assert measured["content"] > 1000 and figs, kind
+        for f in measured["figures"]:  # every hoverable figure spans the content column …
+            assert abs(f["width"] - measured["content"]) <= 1, (kind, f["kind"], f["width"], measured["content"])
+            assert f["hits"] and all(h["hit"] for h in f["hits"]), (kind, f["kind"])  # … and each area is reachable
+        if kind in ("checkpoint", "llm"):
+            a = analyze(SAMPLES / "cnn_trained.safetensors") if kind == "checkpoint" else llm
+            names = [r.name for r in a.layers]
+            assert first_lines(h["title"] for h in figs["alpha-figure"]["hits"]) == names  # every layer, model order
+        if kind == "llm":
+            assert sorted(first_lines(h["title"] for h in figs["block-heatmap"]["hits"])) == sorted(names[:-1])
+        if kind == "run":
+            assert len(figs["spread-figure"]["hits"]) == 2 and len(figs["alpha-figure"]["hits"]) == 4
         if kind == "checkpoint":  # the check can fail: a page with a broken script is caught
             broken = tmp_path / "broken.html"
             broken.write_text(page.read_text().replace("</body>", "<script>notDefined();</script></body>"))
-            bad = subprocess.run([CHROMIUM, *flags, f"--user-data-dir={profile}-b", "--dump-dom", broken.as_uri()],
+            bad = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}-b", "--dump-dom", broken.as_uri()],
                                  capture_output=True, text=True, timeout=120)
             assert 'data-js-errors="1"' in bad.stdout
         shot = tmp_path / f"{kind}.png"
-        subprocess.run([CHROMIUM, *flags, f"--user-data-dir={profile}", "--window-size=1280,2000",
+        subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--window-size=1280,2000",
                         f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
         assert shot.is_file() and shot.stat().st_size > 20_000, kind
 
@@ -144,6 +203,170 @@ def test_hundreds_of_layers_stay_usable():
     html = checkpoint_report(analyze(state, keep_spectra=True))
     assert html.count("<details") == 120 and html.count("<details open") == 6  # collapsed beyond the first few
     assert len(html) < 120 * 20_000  # ~13 KB a layer: a few MB for hundreds of layers
+
+
+LLAMA_MATRICES = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                  "mlp.up_proj", "mlp.down_proj"]
+
+
+def llama_like(n_blocks: int = 43, fit: str = "ks"):
+    """A synthetic LLaMA-like analysis (43 blocks × 7 matrices and lm_head: 302 layers), rows built from one
+    measured row with other names and alphas."""
+    import torch
+
+    from tbdiag.analysis.core import Analysis
+    from tbdiag.analysis.options import AnalyzeOptions
+    from tbdiag.esd.metrics import layer_result, summarize
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 64, dtype=torch.float64)
+    base = layer_result("x", "linear", (64, 64), torch.linalg.eigvalsh(w @ w.T))
+    names = [f"model.layers.{b}.{m}" for b in range(n_blocks) for m in LLAMA_MATRICES] + ["lm_head"]
+    rows = tuple(dataclasses.replace(base, name=n, shape=(4096, 4096), alpha=2.0 + 4.0 * ((i * 37) % 101) / 101)
+                 for i, n in enumerate(names))
+    return Analysis("llama-like.safetensors", "safetensors", 7 * 10 ** 9, AnalyzeOptions(fit=fit), rows,
+                    summarize(rows, fit))
+
+
+def figure_titles(page: str, kind: str) -> list[str]:
+    """The hover titles of one figure of a page (``kind``: its class), unescaped, in order."""
+    (fig,) = re.findall(rf'<figure class="fig {kind}".*?</figure>', page, re.S)
+    return [html_lib.unescape(t) for t in re.findall(r"<title>(.*?)</title>", fig, re.S)]
+
+
+def test_a_long_model_gets_block_ticks_and_a_block_by_matrix_heat_map():
+    from matplotlib.figure import Figure
+
+    from tbdiag.report.alphas import draw_alpha
+
+    a = llama_like()
+    names = [r.name for r in a.layers]
+    assert len(names) == 302
+    page = checkpoint_report(a)
+    titles = figure_titles(page, "alpha-figure")
+    assert [t.split("\n")[0] for t in titles] == [f"#{i + 1} {n}" for i, n in enumerate(names)]
+    assert f"alpha {a.layers[5].alpha:.3f} ± " in titles[5] and "4096×4096" in titles[5]
+    cells = figure_titles(page, "block-heatmap")
+    assert sorted(t.split("\n")[0].split(" ", 1)[1] for t in cells) == sorted(names[:-1])  # lm_head: no block
+    assert "<h2>Alpha by block and matrix type</h2>" in page
+    fig = Figure()
+    draw_alpha(fig, [{"name": n, "alpha": r.alpha, "alpha_err": r.alpha_err} for n, r in zip(names, a.layers)], True)
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert 10 <= len(ticks) <= 48 and not set(ticks) & set(names) and ticks[:3] == ["0", "2", "4"]
+    short = checkpoint_report(analyze(SAMPLES / "cnn_trained.safetensors"))
+    assert "block-heatmap" not in short and len(figure_titles(short, "alpha-figure")) == 4
+    assert [t.split("\n")[0] for t in figure_titles(short, "alpha-figure")] == [
+        "#1 features.0", "#2 features.3", "#3 features.6", "#4 fc"]
+
+
+def test_hover_titles_and_tables_escape_names_and_keep_model_order():
+    import torch
+
+    torch.manual_seed(0)
+    names = ["z.first", "<script>alert(1)</script>", "$x$", "a.last"]
+    page = checkpoint_report(analyze({f"{n}.weight": torch.randn(64, 56 + 2 * i) for i, n in enumerate(names)},
+                                     keep_spectra=True))
+    assert "<script>alert(1)" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert [t.split("\n")[0] for t in figure_titles(page, "alpha-figure")] == [f"#{i + 1} {n}" for i, n in enumerate(names)]
+    table = page[page.index('id="layers-a0"'):]
+    rows = re.findall(r'<td class="text" data-v="\d+">\d+</td><td class="text">(.*?)</td>', table)
+    assert [html_lib.unescape(r) for r in rows] == names  # model order, not alphabetical
+
+
+def png_and_rects(fig_html: str):
+    """The figure's PNG as an (H, W, 3) array of 0–255 values, and its hover rects (x, y, w, h, title)."""
+    import base64
+    import io
+
+    from matplotlib.image import imread
+
+    src = re.search(r'src="data:image/png;base64,([^"]+)"', fig_html).group(1)
+    png = (imread(io.BytesIO(base64.b64decode(src)), format="png")[..., :3] * 255).round()
+    rects = [(float(x), float(y), float(w), float(h), html_lib.unescape(t)) for x, y, w, h, t in re.findall(
+        r'<rect x="([^"]+)" y="([^"]+)" width="([^"]+)" height="([^"]+)"[^>]*><title>(.*?)</title>', fig_html, re.S)]
+    return png, rects
+
+
+def test_hover_areas_lie_on_their_points_and_cells():
+    """Each layer's column holds its marker, and each heat-map cell's area lies on that cell's colour."""
+    from matplotlib import colormaps
+
+    from tbdiag.report.alphas import alpha_by_layer
+    from tbdiag.report.hover import heatmap
+
+    alphas = [2.0, 7.5, 3.0, 6.5, 2.5, 5.0]
+    rows = [{"name": f"l{i}", "alpha": a, "alpha_err": 0.0} for i, a in enumerate(alphas)]
+    png, rects = png_and_rects(alpha_by_layer(rows, bands=False))
+    assert [r[4].split("\n")[0] for r in rects] == [f"#{i + 1} l{i}" for i in range(6)]
+    marker = np.all(np.abs(png - [31, 78, 121]) <= 12, axis=2)  # the points' colour, #1f4e79
+    centres = []
+    for x, y, w, h, _ in rects:
+        ys, _ = np.nonzero(marker[:, int(x):int(x + w)])
+        assert len(ys) and y <= ys.min() and ys.max() <= y + h  # the point lies inside its layer's area
+        centres.append(ys.mean())
+    assert np.argsort(centres).tolist() == np.argsort(alphas)[::-1].tolist()  # higher alpha: higher up
+    matrix = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    titles = [[f"r{i}c{j}" for j in range(3)] for i in range(2)]
+    png, rects = png_and_rects(heatmap(matrix, ["r0", "r1"], ["c0", "c1", "c2"], "t", titles, "alt"))
+    assert [r[4] for r in rects] == [t for row in titles for t in row]
+    for x, y, w, h, title in rects:
+        i, j = int(title[1]), int(title[3])
+        colour = np.array(colormaps["viridis"]((matrix[i, j] - 1) / 5)[:3]) * 255
+        assert np.abs(png[int(y + h / 2), int(x + w / 2)] - colour).max() <= 3, title
+
+
+def multiplier_rows(page: str) -> list[tuple[str, float, float]]:
+    table = page[page.index('<table class="sortable" id="multipliers-'):]
+    table = table[:table.index("</table>")]
+    return [(html_lib.unescape(name), float(alpha), float(mult)) for name, alpha, mult in re.findall(
+        r'<td class="text">([^<]*)</td><td data-v="\d+">\d+</td><td data-v="([^"]+)">[^<]*</td>'
+        r'<td class="multiplier" data-v="([^"]+)">', table)]
+
+
+def test_report_multipliers_are_what_tbdiag_recommend_gives(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    path = tmp_path / "m.safetensors"
+    save_file({f"layer{i}.weight": torch.randn(96, 64 + 8 * i) @ torch.diag(torch.rand(64 + 8 * i) ** (i + 1))
+               for i in range(7)}, path)
+    res = runner.invoke(app, ["recommend", str(path), "--out", "-"])
+    assert res.exit_code == 0, res.output
+    expected = [(n, e["alpha"], e["multiplier"]) for n, e in json.loads(res.stdout)["layers"].items()]
+    assert len(expected) == 5
+    out = tmp_path / "r.html"
+    assert runner.invoke(app, ["report", str(path), "--out", str(out)]).exit_code == 0  # a ks analysis
+    page = out.read_text()
+    assert "alpha &lt; 2 (ks fit)" in page and "same-as-recommend" in page
+    assert [n for n, _, _ in multiplier_rows(page)] == [n for n, _, _ in expected]  # model order
+    assert multiplier_rows(page) == [(n, pytest.approx(x), pytest.approx(m)) for n, x, m in expected]
+    for fit, same in (("ks", False), ("median", True)):  # saved analyses keep no eigenvalues to refit
+        saved = tmp_path / f"{fit}.json"
+        assert runner.invoke(app, ["analyze", str(path), "--fit", fit, "-q", "--json", str(saved)]).exit_code == 0
+        assert write_report([str(saved)], tmp_path / f"{fit}.html") == "checkpoint"
+        page = (tmp_path / f"{fit}.html").read_text()
+        assert ("same-as-recommend" in page) == same and ("NOT the numbers tbdiag recommend gives" in page) != same
+        if same:
+            assert multiplier_rows(page) == [(n, pytest.approx(x), pytest.approx(m)) for n, x, m in expected]
+    other = checkpoint_report(analyze(path, keep_spectra=True, xmin_pos=3.0))  # an option recommend does not use
+    assert "differs-from-recommend" in other and "xmin_pos 3.0 (recommend: 2.0)" in other
+
+
+def test_run_report_shows_alpha_spread_over_epochs(runs, tmp_path):
+    out = tmp_path / "run.html"
+    assert write_report([str(runs["tb"])], out) == "run"
+    page = out.read_text()
+    records = [json.loads(line) for line in (runs["tb"] / "metrics.jsonl").read_text().splitlines()]
+    table = page[page.index('<table class="sortable spread"'):]
+    found = re.findall(r'<tr><td data-v="(\d+)">\d+</td><td data-v="(\d+)">\d+</td><td data-v="([^"]+)">', table)
+    assert len(found) == len(records) == 2
+    for (epoch, n, std), r in zip(found, records):
+        alphas = [v["alpha"] for v in r["layers"].values() if v.get("alpha") is not None]
+        assert int(epoch) == r["epoch"] and int(n) == len(alphas) >= 2
+        assert float(std) == pytest.approx(statistics.pstdev(alphas))  # ddof 0, as the analysis summary
+    assert f'<td data-v="{std}">{float(std):.3f}</td></tr>' in page  # the runs table: the last epoch's
+    assert [t.split("\n")[0] for t in figure_titles(page, "spread-figure")] == ["tb, epoch 1", "tb, epoch 2"]
 
 
 def test_comparison_of_same_named_files_keeps_them_apart(tmp_path):

@@ -59,6 +59,27 @@ class Analysis:
             "summary": self.summary, "timing": self.timing,
         }
 
+    # In a notebook (`tbdiag.report.notebook`; pandas and matplotlib are imported only when called).
+    def to_pandas(self) -> Any:
+        """A pandas DataFrame: one row per layer in model order, every field of the row, ``nan`` for JSON nulls."""
+        from tbdiag.report.notebook import analysis_frame
+        return analysis_frame(self)
+
+    def _repr_html_(self) -> str:
+        """A notebook card: source, summary, alpha per layer (hover names each layer), the layer table."""
+        from tbdiag.report.notebook import analysis_card
+        return analysis_card(self)
+
+    def plot(self) -> Any:
+        """Alpha per layer in model order over the HT-SR bands (ks fit only): a matplotlib Figure."""
+        from tbdiag.report.notebook import plot
+        return plot(self)
+
+    def plot_esd(self, name: str) -> Any:
+        """One layer's spectrum with its power-law fit: a matplotlib Figure (needs ``keep_spectra=True``)."""
+        from tbdiag.report.notebook import plot_esd
+        return plot_esd(self, name)
+
 
 def analyze(source: Any, options: AnalyzeOptions | None = None, *, base: Any = None, view: str | None = None,
             progress: Progress | None = None, keep_spectra: bool = False, **overrides: Any) -> Analysis:

@@ -34,6 +34,17 @@ RANDOMIZED = ("rand_distance", "num_traps")  # measured only with randomize
 MATRIX = {"weights": "weights W", "merged": "weights W", "delta": "updates ΔW"}
 
 
+class DiffResult(dict):
+    """The ``tbdiag.diff/v1`` document: a plain dict (JSON, comparisons and indexing as before) that also
+    gives a pandas DataFrame."""
+
+    def to_pandas(self) -> Any:
+        """One row per compared layer, in the document's order: name, kind, shape, both statuses, and per
+        metric ``<m>_a``, ``<m>_b``, ``<m>_delta``; ``nan`` for JSON nulls (`tbdiag.report.notebook.diff_frame`)."""
+        from tbdiag.report.notebook import diff_frame
+        return diff_frame(self)
+
+
 def _value(row: Any, metric: str) -> float:
     v = getattr(row, metric)
     return math.nan if v is None else float(v)
@@ -47,8 +58,9 @@ def _key(entry: dict) -> tuple:
     return (2, 0.0)
 
 
-def diff(a: Analysis, b: Analysis) -> dict:
-    """The ``tbdiag.diff/v1`` document of B against A (module docstring); floats may be ``nan``.
+def diff(a: Analysis, b: Analysis) -> DiffResult:
+    """The ``tbdiag.diff/v1`` document of B against A (module docstring; a dict, with ``to_pandas()``);
+    floats may be ``nan``.
 
     Raises:
         TbdiagError: A and B describe different matrices (updates ΔW against weights W), were measured with
@@ -70,11 +82,11 @@ def diff(a: Analysis, b: Analysis) -> dict:
         log.warning("only %s was analysed with randomize: the changes of %s are missing",
                     a.source if a.options.randomize else b.source, ", ".join(RANDOMIZED))
     layers.sort(key=_key)  # stable: model order among equals
-    return {"schema": SCHEMA, "tbdiag_version": __version__, "metrics": list(COMPARED), "sort": "abs_delta_alpha",
-            "a": _side(a), "b": _side(b), "layers": layers,
-            "only_a": [r.name for r in a.layers if r.name not in rows_b],
-            "only_b": [r.name for r in b.layers if r.name not in names_a],
-            "changed_shape": [{"name": name, "shape_a": sa, "shape_b": sb} for name, sa, sb in changed]}
+    return DiffResult({"schema": SCHEMA, "tbdiag_version": __version__, "metrics": list(COMPARED),
+                       "sort": "abs_delta_alpha", "a": _side(a), "b": _side(b), "layers": layers,
+                       "only_a": [r.name for r in a.layers if r.name not in rows_b],
+                       "only_b": [r.name for r in b.layers if r.name not in names_a],
+                       "changed_shape": [{"name": name, "shape_a": sa, "shape_b": sb} for name, sa, sb in changed]})
 
 
 def _entry(ra: Any, rb: Any) -> dict:

@@ -2,68 +2,41 @@
 
 Inputs are analysis JSON files (``tbdiag analyze --json``), run folders (``tbdiag train --out``) or any
 checkpoint ``analyze`` reads; figures come from `tbdiag.report.figures` as inline PNGs, and the page is
-rendered with Jinja2 from the ``templates/`` folder.
+rendered with Jinja2 from the package's ``templates/`` folder; the figures of layers name each layer on hover
+(`tbdiag.report.hover`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import sys
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup
 
 from tbdiag import __version__
 from tbdiag.analysis.core import Analysis, analyze
 from tbdiag.errors import TbdiagError
-from tbdiag.esd.metrics import BANDS_FIT, band_flags
-from tbdiag.analysis.export import jsonable, read_analyses
+from tbdiag.esd.metrics import BANDS_FIT
+from tbdiag.analysis.export import read_analyses
 from tbdiag.io.outputs import check_outputs, write_outputs
-from tbdiag.report import figures
+from tbdiag.report import alphas, figures, hover
+from tbdiag.report.recommended import multipliers_view
+from tbdiag.report.views import OPEN_FIRST, analysis_view, env, summary_view, templates_dir  # noqa: F401 - re-exported
 from tbdiag.runs.folder import is_run_folder, last_weights, read_config, read_metrics
-
-OPEN_FIRST = 6  # per-layer details open by default in a checkpoint report
-
-
-def templates_dir() -> Path:
-    """``templates/`` beside the package (source checkout, editable install) or under ``sys.prefix``."""
-    for candidate in (Path(__file__).resolve().parents[2] / "templates", Path(sys.prefix) / "share" / "tbdiag" / "templates"):
-        if (candidate / "base.html.j2").is_file():
-            return candidate
-    raise TbdiagError("the report templates are missing; reinstall tbdiag (pip install -e .)")
-
-
-def _env() -> Environment:
-    return Environment(loader=FileSystemLoader(templates_dir()), autoescape=True, undefined=StrictUndefined,
-                       trim_blocks=True, lstrip_blocks=True)
 
 
 def _view(a: Analysis, ident: str, with_esd: bool = True) -> dict:
-    """What the templates show of one analysis (JSON-like, ``None`` for nan)."""
-    from tbdiag.allocation.recommend import recommend
-
-    doc = jsonable(a.to_dict())
-    rows = doc["layers"]
-    view = {"id": ident, "source": a.source, "format": a.format, "n_params": a.n_params, "options": doc["options"],
-            "summary": doc["summary"], "rows": rows, "open_first": OPEN_FIRST, **_bands_view(a),
-            "alpha_figure": figures.alpha_by_layer([r["name"] for r in rows], [r["alpha"] for r in rows],
-                                                   [r["alpha_err"] for r in rows], bands=a.options.fit == BANDS_FIT)}
-    try:
-        view["multipliers"], view["multipliers_note"] = jsonable(recommend(a)), ""
-    except TbdiagError as exc:
-        view["multipliers"], view["multipliers_note"] = None, str(exc)
-    view["esd_figures"] = ({r["name"]: figures.esd(a.spectra[r["name"]], r, a.rand_spectra.get(r["name"]))
-                            for r in rows if r["name"] in a.spectra} if with_esd and a.spectra else {})
-    view["randomize"], view["view"], view["base"] = a.options.randomize, a.view, a.base
-    return view
+    """What the templates show of one analysis, with the multipliers ``tbdiag recommend`` gives."""
+    return {**analysis_view(a, ident, with_esd), **multipliers_view(a)}
 
 
 def checkpoint_report(a: Analysis) -> str:
     """The HTML report of one analysis."""
-    return _env().get_template("checkpoint.html.j2").render(a=_view(a, "a0"), version=__version__)
+    return env().get_template("checkpoint.html.j2").render(a=_view(a, "a0"), version=__version__)
 
 
 def comparison_report(items: Sequence[tuple[str, Analysis]]) -> str:
@@ -87,28 +60,45 @@ def comparison_report(items: Sequence[tuple[str, Analysis]]) -> str:
         spectra = [(label, a.spectra[n]) for label, a in items if n in a.spectra]
         if len(spectra) >= 2:
             overlays[n] = figures.esd_overlay(spectra)
-    views = [dict(_summary_view(a), label=label) for label, a in items]
-    return _env().get_template("compare.html.j2").render(
+    views = [dict(summary_view(a), label=label) for label, a in items]
+    labels = [label for label, _ in items]
+    titles = [[f"{n}\n{label}: alpha {hover.fmt(float(matrix[i, j]))}" if n in table[label] else ""
+               for j, label in enumerate(labels)] for i, n in enumerate(names)]
+    return env().get_template("compare.html.j2").render(
         items=views, bands_fit=BANDS_FIT,
-        grouped_figure=figures.grouped_alphas(names, [(label, list(matrix[:, j])) for j, (label, _) in enumerate(items)],
-                                              bands=all(v["bands"] for v in views)),
-        heatmap_figure=figures.heatmap(matrix, names, [label for label, _ in items], f"alpha, {first} → {last}"),
+        grouped_figure=Markup(alphas.grouped_alphas(names, [(label, list(matrix[:, j])) for j, label in enumerate(labels)],
+                                                    bands=all(v["bands"] for v in views))),
+        heatmap_figure=Markup(hover.heatmap(matrix, names, labels, f"alpha, {first} → {last}", titles, "alpha heat map")),
         changes=changes[:25], only_some=only_some, overlays=overlays, version=__version__)
 
 
-def _summary_view(a: Analysis) -> dict:
-    return {"source": a.source, "summary": jsonable(a.summary), **_bands_view(a)}
-
-
-def _bands_view(a: Analysis) -> dict:
-    """What the templates need to show the HT-SR bands: the fit, whether the bands apply to it, the flags."""
-    flags = band_flags(a.summary, a.options.fit)
-    return {"fit": a.options.fit, "bands_fit": BANDS_FIT, "bands": flags is not None,
-            "over_trained": flags[0] if flags else [], "under_trained": flags[1] if flags else []}
+def _alpha_history(label: str, history: list[dict]) -> dict:
+    """Alpha of each tuned layer per epoch from metrics.jsonl: the layer × epoch heat map, and alpha_std
+    (ddof 0, over the layers with an alpha) and the mean alpha per epoch with their figure; Nones without
+    alphas (a method that records none)."""
+    layers = list(history[-1].get("layers", {}))
+    if not layers or not any(r["layers"].get(n, {}).get("alpha") is not None for r in history for n in layers):
+        return {"alpha_heatmap": None, "spread_figure": None, "spread": []}
+    matrix = np.array([[(r["layers"].get(n, {}).get("alpha") or math.nan) for r in history] for n in layers])
+    epochs = [r["epoch"] for r in history]
+    titles = [[f"{n}\nepoch {e}: alpha {hover.fmt(float(matrix[i, j]))}" for j, e in enumerate(epochs)]
+              for i, n in enumerate(layers)]
+    spread = []
+    for j, e in enumerate(epochs):
+        col = [float(v) for v in matrix[:, j] if np.isfinite(v)]
+        spread.append({"epoch": e, "n": len(col), "alpha_std": statistics.pstdev(col) if col else math.nan,
+                       "alpha_mean": statistics.fmean(col) if col else math.nan})
+    return {"alpha_heatmap": Markup(hover.heatmap(matrix, layers, [str(e) for e in epochs], f"{label}: alpha per epoch",
+                                                  titles, f"alpha heat map of {label}")),
+            "spread_figure": Markup(alphas.spread_over_epochs(epochs, [s["alpha_std"] for s in spread],
+                                                              [s["alpha_mean"] for s in spread], label)),
+            "spread": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in s.items()}
+                       for s in spread]}
 
 
 def run_report(folders: Sequence[Path]) -> str:
-    """Training runs: curves, learning rates, alpha per layer over epochs, and the last checkpoint's spectra."""
+    """Training runs: curves, learning rates, alpha per layer and its spread over epochs, and the last
+    checkpoint's spectra."""
     runs = []
     for i, folder in enumerate(folders):
         config = read_config(folder)
@@ -116,17 +106,13 @@ def run_report(folders: Sequence[Path]) -> str:
         if not history:
             raise TbdiagError(f"{folder}: the run has no completed epoch yet (empty metrics.jsonl); report it later")
         label = folder.name if len({f.name for f in folders}) == len(folders) else str(folder)
-        layers = list(history[-1].get("layers", {}))
-        heat = None
-        if layers and any(r["layers"].get(n, {}).get("alpha") is not None for r in history for n in layers):
-            matrix = np.array([[(r["layers"].get(n, {}).get("alpha") or math.nan) for r in history] for n in layers])
-            heat = figures.heatmap(matrix, layers, [str(r["epoch"]) for r in history], f"{label}: alpha per epoch")
         weights = last_weights(folder)
         analysis = _view(analyze(str(weights), device="cpu", keep_spectra=True), f"r{i}") if weights else None
         runs.append({"label": label, "config": dataclasses.asdict(config), "history": history,
                      "final": history[-1], "best_acc": max(r["test_acc"] for r in history),
-                     "lr_figure": figures.learning_rates(history), "alpha_heatmap": heat, "analysis": analysis})
-    return _env().get_template("run.html.j2").render(
+                     "lr_figure": figures.learning_rates(history), "analysis": analysis,
+                     **_alpha_history(label, history)})
+    return env().get_template("run.html.j2").render(
         runs=runs, curves_figure=figures.curves([(r["label"], r["history"]) for r in runs]), version=__version__)
 
 

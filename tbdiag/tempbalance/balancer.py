@@ -79,6 +79,7 @@ class TempBalance:
             layer to tune, a rate that is not a finite number (``lr=None``, Adafactor's ``relative_step=True``), a
             scheduler built over the optimizer and not passed as ``schedulers``.
     """
+    from tbdiag.report.notebook import tempbalance_frame as to_pandas  # DataFrame: unit, alpha, multiplier, lr
 
     def __init__(self, model: nn.Module, optimizer: Any, *, map: str = "linear", min_ratio: float = 0.5,
                  max_ratio: float = 1.5, metric: str = "alpha", every: int = 1, per: str = "epoch", warmup: int = 0,
