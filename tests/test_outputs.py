@@ -338,3 +338,14 @@ def test_train_report_is_checked_like_every_output(tmp_path):
     res = run("train", "--out", tmp_path / "run", "--report", victim, "--epochs", "1")
     assert_refused(res, "named like a checkpoint")
     assert victim.read_bytes() == before and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", ["model.gguf", "weights.h5", "model.onnx", "flax_model.msgpack", "arrays.npz", "A.PT",
+                                  "B.SafeTensors"])
+def test_weights_of_any_format_and_any_case_are_never_replaced(ckpt, tmp_path, no_work, name):
+    """Formats tbdiag does not read are still model weights; suffixes compare in lower case."""
+    victim = tmp_path / name
+    victim.write_bytes(b"GGUF\x03\x00 opaque weights")
+    res = run("analyze", ckpt, "--json", victim)
+    assert_refused(res, "named like a checkpoint")
+    assert victim.read_bytes() == b"GGUF\x03\x00 opaque weights"

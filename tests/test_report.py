@@ -522,6 +522,21 @@ def test_report_of_a_run_with_missing_values_renders_them_as_missing(runs, tmp_p
     assert first["layers"] and first["train_loss"] == records[0]["train_loss"]
 
 
+def test_best_accuracy_skips_a_missing_first_epoch(runs, tmp_path):
+    """max() keeps a leading nan: the best accuracy must be the best of what is there, whatever epoch lacks it."""
+    records = [json.loads(line) for line in (runs["tb"] / "metrics.jsonl").read_text().splitlines()]
+
+    def edit(lines):
+        first = json.loads(lines[0])
+        del first["test_acc"]
+        return "\n".join([json.dumps(first), *lines[1:]]) + "\n"
+
+    folder, out = _run_copy(runs, tmp_path, edit), tmp_path / "r.html"
+    assert runner.invoke(app, ["report", str(folder), "--out", str(out)]).exit_code == 0
+    best = max(r["test_acc"] for r in records[1:])
+    assert f">{best:.4f}</td>" in out.read_text()
+
+
 def test_report_of_a_run_with_malformed_lines(runs, tmp_path):
     """A last line cut short is skipped (a copy stopped mid-write); a broken line before it is one line, exit 2."""
     out = tmp_path / "r.html"

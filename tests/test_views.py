@@ -266,3 +266,31 @@ def test_diff_sides_carry_the_alpha_spread(sides):
         alphas = [r.alpha for r in analysis.layers if r.status == "ok"]
         assert doc[side]["alpha_std"] == pytest.approx(statistics.pstdev(alphas), rel=1e-12)
     assert doc["a"]["alpha_std"] != doc["b"]["alpha_std"]  # the two sides hold different layers
+
+
+class _Marker:
+    """Unpickling this object writes a file: proof that code from a checkpoint ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_a_saved_analysis_never_grants_trust_pickle(tmp_path):
+    """A document's options carry measurement settings only: trust_pickle (and device) in a JSON are ignored,
+    so diff never unpickles a checkpoint beside it that needs code."""
+    torch.manual_seed(0)
+    good = tmp_path / "a.safetensors"
+    save_file({"fc.weight": torch.randn(64, 32)}, good)
+    saved = tmp_path / "a.json"
+    assert run("analyze", good, "--json", saved, "-q").exit_code == 0
+    doc = json.loads(saved.read_text())
+    doc["options"].update(trust_pickle=True, device="cuda:7")
+    saved.write_text(json.dumps(doc))
+    marker = tmp_path / "PWNED"
+    evil = tmp_path / "b.pt"
+    torch.save({"fc.weight": torch.randn(64, 32), "x": _Marker(str(marker))}, evil)
+    res = run("diff", saved, evil)
+    assert res.exit_code == 2 and "--trust-pickle" in res.stderr and not marker.exists(), res.output

@@ -188,15 +188,15 @@ def _traps(check: _Fields, value: Any, what: str) -> tuple:
 
 def _options(check: _Fields, raw: dict) -> Any:
     """`AnalyzeOptions` from a document's ``options``, each known field type-checked; ``fit`` required."""
-    from tbdiag.analysis.options import AnalyzeOptions
+    from tbdiag.analysis.options import USER_ONLY, AnalyzeOptions
     from tbdiag.esd.powerlaw import FITS
 
     if check.text(raw.get("fit", _MISSING), "options.fit") not in FITS:
         raise check.bad("options.fit", raw["fit"], f"one of {', '.join(FITS)}")
     values: dict[str, Any] = {}
     for name, field in AnalyzeOptions.__dataclass_fields__.items():
-        if name not in raw:
-            continue  # older documents: the default
+        if name not in raw or name in USER_ONLY:
+            continue  # older documents: the default; a permission or a device is never taken from a file
         value, here = raw[name], f"options.{name}"
         kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
         if kind == "float":

@@ -13,6 +13,9 @@ from tbdiag.errors import TbdiagError
 from tbdiag.esd.powerlaw import FITS
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+# Options that are the user's, never a document's: a permission to run code from checkpoints, and where to
+# compute. A saved analysis never carries them into another run (`tbdiag.analysis.export`).
+USER_ONLY = ("trust_pickle", "device")
 
 
 @dataclass(frozen=True)

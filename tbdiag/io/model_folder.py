@@ -10,10 +10,9 @@ from pathlib import Path
 
 from tbdiag.io.checkpoint import ST_INDEX, TORCH_INDEX
 from tbdiag.errors import TbdiagError
-from tbdiag.io.outputs import FOLDER_DEPTH
+from tbdiag.io.outputs import CHECKPOINT_SUFFIXES, FOLDER_DEPTH
 
-WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".th", ".pkl", ".tar", ".h5", ".msgpack",
-                             ".onnx", ".ot", ".gguf", ".tflite", ".pb", ".npz"})
+WEIGHT_SUFFIXES = CHECKPOINT_SUFFIXES  # weights in any format: the output rule's list
 
 
 def companions(folder: Path, own: Sequence[Path]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
@@ -46,7 +45,7 @@ def companions(folder: Path, own: Sequence[Path]) -> tuple[tuple[str, ...], tupl
                     left_out.append((rel, "a link to a folder"))
                 elif entry.is_dir():
                     below.append(entry)
-                elif entry.suffix in WEIGHT_SUFFIXES:
+                elif entry.suffix.lower() in WEIGHT_SUFFIXES:
                     left_out.append((rel, "weights in another format, not pruned"))
                 elif entry.is_file():
                     if not os.access(entry, os.R_OK):

@@ -13,10 +13,12 @@ from pathlib import Path
 
 from tbdiag.errors import TbdiagError
 
-# Names of checkpoint files: a text output (JSON, CSV, HTML) is never given one.
-CHECKPOINT_SUFFIXES = frozenset({".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".th", ".pkl", ".tar"})
-# Files a reader of an input folder opens or may open: checkpoints, shard indexes, configs, run state.
-READ_SUFFIXES = CHECKPOINT_SUFFIXES | {".json", ".jsonl"}
+# Model weights in any format (compared in lower case): never replaced unasked, and a text output (JSON, CSV,
+# HTML) is never named like one.
+CHECKPOINT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".th", ".pkl", ".tar", ".h5",
+                                 ".msgpack", ".onnx", ".ot", ".gguf", ".tflite", ".pb", ".npz"})
+# Files a reader of an input folder opens or may open: checkpoints tbdiag reads, shard indexes, configs, run state.
+READ_SUFFIXES = frozenset({".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".th", ".pkl", ".tar", ".json", ".jsonl"})
 FOLDER_DEPTH = 3  # input folders are searched this deep for files an output must not replace
 
 
@@ -52,7 +54,7 @@ def check_outputs(targets: Sequence[str | Path], inputs: Sequence[str | Path] = 
             raise TbdiagError(f"{target}: names the same file as {seen[path]}; give each output its own file")
         seen[path] = str(target)
         _refuse_inputs(str(target), path, inputs)
-        if target not in weights and path.suffix in CHECKPOINT_SUFFIXES:
+        if target not in weights and path.suffix.lower() in CHECKPOINT_SUFFIXES:
             raise TbdiagError(f"{target}: is named like a checkpoint ({path.suffix}) but would hold text; "
                               "give it a .json, .csv or .html name")
         if not overwrite:
@@ -67,7 +69,7 @@ def refuse_checkpoint(target: str, path: Path) -> None:
 
     if not path.is_file():
         return
-    if path.suffix in CHECKPOINT_SUFFIXES:
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
         is_checkpoint = True
     else:
         try:
@@ -108,7 +110,7 @@ def _refuse_inputs(target: str, path: Path, inputs: Sequence[str | Path]) -> Non
                 if _identity(held) == ident:
                     raise TbdiagError(f"{target}: is the same file as {held}, part of the input {source}; "
                                       "write the output to another file")
-        if path.is_relative_to(folder) and path.suffix in READ_SUFFIXES:
+        if path.is_relative_to(folder) and path.suffix.lower() in READ_SUFFIXES:
             raise TbdiagError(f"{target}: is inside the input folder {source}, which reads files like it; "
                               "write the output outside that folder")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -109,11 +109,17 @@ def run_report(folders: Sequence[Path]) -> str:
         weights = last_weights(folder)
         analysis = _view(analyze(str(weights), device="cpu", keep_spectra=True), f"r{i}") if weights else None
         runs.append({"label": label, "config": dataclasses.asdict(config), "history": history,
-                     "final": history[-1], "best_acc": max(r["test_acc"] for r in history),
+                     "final": history[-1], "best_acc": _best(r["test_acc"] for r in history),
                      "lr_figure": figures.learning_rates(history), "analysis": analysis,
                      **_alpha_history(label, history)})
     return env().get_template("run.html.j2").render(
         runs=runs, curves_figure=figures.curves([(r["label"], r["history"]) for r in runs]), version=__version__)
+
+
+def _best(values: Iterable[float]) -> float:
+    """The largest finite value (a missing epoch's nan is skipped, not propagated: max() keeps a leading nan)."""
+    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return max(finite) if finite else math.nan
 
 
 def load_inputs(paths: Sequence[str], **analyze_options) -> tuple[str, list]:
