@@ -90,7 +90,7 @@ def make_bad_inputs(tmp: Path) -> dict[str, tuple[list, str]]:
         "no peak bins": ([good, "--fit", "peak", "--peak-bins", "0"], "--peak-bins 0: needs at least 1 bin"),
         "inf conv norm": ([good, "--conv-norm", "inf"], "--conv-norm inf: must be a finite"),
         "zero conv norm": ([good, "--conv-norm", "0"], "--conv-norm 0.0: must be positive"),
-        "min evals": ([good, "--min-evals", "1"], "--min-evals 1: a fit needs at least 2"),
+        "min evals": ([good, "--min-evals", "1"], "--min-evals 1: must be at least 2 (a fit needs 2 eigenvalues)"),
         "farms windows": ([good, "--estimator", "farms", "--farms-windows", "0"], "--farms-windows 0"),
         "farms ratio": ([good, "--estimator", "farms", "--farms-ratio", "inf"], "--farms-ratio inf"),
         "farms window": ([good, "--estimator", "farms", "--farms-window", "-1"], "--farms-window -1"),

@@ -333,10 +333,10 @@ def test_library_error_names_the_parameter_not_the_flag(tmp_path):
 
 
 def test_train_report_is_checked_like_every_output(tmp_path):
-    victim = other_checkpoint(tmp_path, "victim.pt")
+    victim = other_checkpoint(tmp_path, "victim.html")  # a checkpoint by its content, whatever its name
     before = victim.read_bytes()
     res = run("train", "--out", tmp_path / "run", "--report", victim, "--epochs", "1")
-    assert_refused(res, "named like a checkpoint")
+    assert_refused(res, "is an existing checkpoint")
     assert victim.read_bytes() == before and not (tmp_path / "run").exists()
 
 
@@ -349,3 +349,14 @@ def test_weights_of_any_format_and_any_case_are_never_replaced(ckpt, tmp_path, n
     res = run("analyze", ckpt, "--json", victim)
     assert_refused(res, "named like a checkpoint")
     assert victim.read_bytes() == b"GGUF\x03\x00 opaque weights"
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "config.json", "-", "report.txt"])
+def test_train_report_is_refused_before_any_epoch_when_it_would_be_a_run_file(tmp_path, name):
+    """--report names an HTML file; inside the run folder it must not be one of the run's own files."""
+    out = tmp_path / "run"
+    out.mkdir()
+    report = name if name == "-" else out / name
+    res = run("train", "--model", "mlp", "--data", "synthetic", "--epochs", "1", "--out", out, "--report", report)
+    assert_refused(res, "the run report is an HTML file")
+    assert list(out.iterdir()) == []  # nothing trained, nothing written

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import tbdiag
@@ -249,11 +249,14 @@ def test_empty_paths_are_refused_before_anything_is_read(tmp_path, monkeypatch):
 @pytest.mark.parametrize("sample, recommend_flags, prune_flags", [
     ("mlp_sharded", ["--include-first-last", "--min-evals", "10"], ["--include-first-last", "--min-evals", "10"]),
     ("cnn_trained.safetensors", [], []),
+    ("moe", ["--include-first-last", "--min-evals", "10"], ["--include-first-last", "--min-evals", "10"]),
 ])
 def test_recommend_sparsity_and_prune_agree_by_default(tmp_path, sample, recommend_flags, prune_flags):
     from tests.test_allocate import run
 
-    source = SAMPLES / sample
+    source = SAMPLES / sample if sample != "moe" else tmp_path / "moe.safetensors"
+    if sample == "moe":  # stacked experts: one unit each, in both
+        save_file(moe_state(), source)
     assert run("recommend", source, "--target", "sparsity", "--sparsity", "0.6", *recommend_flags,
                "-o", tmp_path / "r.json").exit_code == 0
     assert cli(source, "--sparsity", "0.6", *prune_flags, "--allocation-json", tmp_path / "p.json").exit_code == 0
@@ -333,3 +336,20 @@ def test_a_resnet_shortcut_and_per_expert_modules_stay_in_their_block(tmp_path, 
                for b in range(2) for e in range(3)}
     res = prune(saved(tmp_path, mixtral, "moe.safetensors"), sparsity=0.5, unit="block", allocation="uniform")
     assert {x.unit for x in res.layers} == {"model.layers.0", "model.layers.1"}
+
+
+def test_a_low_eigenvalue_minimum_fits_the_layers_it_selects(tmp_path):
+    """--min-evals 8 selects 8-eigenvalue layers: recommend and prune fit them (analyze's own minimum is 10)."""
+    from tests.test_allocate import run
+
+    torch.manual_seed(0)
+    path = tmp_path / "small.safetensors"
+    save_file({f"layers.{i}.fc.weight": torch.randn(8, 64) * (1 + i) ** 2 for i in range(4)}, path)
+    res = run("recommend", path, "--min-evals", "8", "--include-first-last", "--out", "-")
+    assert res.exit_code == 0, res.output
+    mult = [g["multiplier"] for g in json.loads(res.stdout)["layers"].values()]
+    assert len(mult) == 4 and max(mult) - min(mult) > 0.5  # fitted alphas spread the multipliers
+    assert cli(path, "--sparsity", "0.5", "--min-evals", "8", "--include-first-last",
+               "--allocation-json", tmp_path / "a.json").exit_code == 0
+    doc = json.loads((tmp_path / "a.json").read_text())
+    assert doc["fallbacks"] == [] and all(e["alpha"] is not None for e in doc["layers"].values())

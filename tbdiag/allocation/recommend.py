@@ -11,7 +11,7 @@ from tbdiag.errors import TbdiagError
 from tbdiag.allocation.maps import METRIC_FIELDS, unit_means, unit_multipliers
 from tbdiag.allocation import allocators as allocate
 from tbdiag.allocation.allocators import DEFAULT_FITS  # noqa: F401 - re-exported for the CLI
-from tbdiag.allocation.selection import MIN_EVALS, TuneOptions, tuned_layers
+from tbdiag.allocation.selection import MIN_EVALS, TuneOptions, sparsity_units, tuned_layers
 
 SCHEMA = "tbdiag.multipliers/v1"
 TARGETS = ("lr", "weight_decay", "sparsity", "lora_rank")
@@ -80,9 +80,11 @@ def allocation(analysis: Analysis, target: str, *, unit: str = "layer", include_
     if not tuned:
         raise _none_tuned(analysis, tune, "allocate to")
     rows = {r.name: r for r in analysis.layers}
-    alphas = unit_means([t.unit for t in tuned], [rows[t.name].alpha for t in tuned])
-    groups = {u: {"alpha": _or_none(a), "layers": [t.name for t in tuned if t.unit == u],
-                  "n_params": sum(_numel(rows[t.name].shape) for t in tuned if t.unit == u)} for u, a in alphas.items()}
+    units = sparsity_units(tuned, unit) if target == "sparsity" else [t.unit for t in tuned]  # as prune allocates
+    alphas = unit_means(units, [rows[t.name].alpha for t in tuned])
+    groups = {u: {"alpha": _or_none(a), "layers": [t.name for t, v in zip(tuned, units) if v == u],
+                  "n_params": sum(_numel(rows[t.name].shape) for t, v in zip(tuned, units) if v == u)}
+              for u, a in alphas.items()}
     values = list(alphas.values())
     doc = {"schema": ALLOCATION_SCHEMA, "source": analysis.source, "target": target, "unit": unit,
            "fit": analysis.options.fit, "parameters": dict(parameters), "layers": groups}

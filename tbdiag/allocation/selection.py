@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from tbdiag.analysis.options import FEWEST_EVALS, FEWEST_EVALS_RULE
 from tbdiag.errors import TbdiagError
 from tbdiag.esd.layers import LayerSpec, layer_name, selected
 
@@ -52,9 +53,8 @@ class TuneOptions:
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
             raise TbdiagError(f"unit {self.unit!r}: use one of {', '.join(UNITS)}")
-        if self.min_evals < 2:
-            raise TbdiagError(f"min_evals {self.min_evals}: must be at least 2 (a fit needs 2 eigenvalues)",
-                              cli={"min_evals ": "--min-evals "})
+        if self.min_evals < FEWEST_EVALS:
+            raise TbdiagError(f"min_evals {self.min_evals}: {FEWEST_EVALS_RULE}", cli={"min_evals ": "--min-evals "})
 
 
 @dataclass(frozen=True)
@@ -177,3 +177,10 @@ def unit_of_parameters(model: nn.Module, tuned: Sequence[Tuned], specs: Sequence
             if block in set(tensor_unit.values()):
                 out.update({n: out.get(n, block) for n in own})
     return {named[n]: u for n, u in out.items()}
+
+
+def sparsity_units(tuned: Sequence[Tuned], unit: str) -> list[str]:
+    """The units sparsity is allocated over: each block with ``block``; otherwise each layer as `analyze` names
+    it, so an expert of a stacked (E, out, in) tensor is a unit of its own (TempBalance's units keep a stack's
+    experts together: they share one tensor, so one param group)."""
+    return [t.unit if unit == "block" else t.name for t in tuned]

@@ -70,7 +70,8 @@ def recommend_command(
             require(budget > 0, "--budget", budget, "lora_rank needs a rank budget; e.g. --budget 256")
         outputs = Outputs.check({"--out": out}, [path], overwrite=overwrite)
         chosen_fit = fit.value if fit is not None else DEFAULT_FITS[target.value]
-        analysis = analyze(str(path), fit=chosen_fit, key=key, trust_pickle=trust_pickle, device=device)
+        analysis = analyze(str(path), fit=chosen_fit, key=key, trust_pickle=trust_pickle, device=device,
+                           min_evals=min_evals)  # every selected layer is fitted, as TempBalance and prune fit them
         rule = dict(unit=unit.value, include_first_last=include_first_last, min_evals=min_evals,
                     include=tuple(include or ()), exclude=tuple(exclude or ()))
         if target != Target.lr:

@@ -66,9 +66,12 @@ def train_command(
     with user_errors(), _options_named():
         config, folder = _config(given, out, resume)
         if report is not None:
+            from tbdiag.errors import TbdiagError
             from tbdiag.io.outputs import check_outputs
 
-            read = [p for p in (config.init_from, config.multipliers, folder if resume is not None else None) if p]
+            if report.suffix.lower() not in (".html", ".htm") or str(report) == "-":
+                raise TbdiagError(f"--report {report}: the run report is an HTML file; name it e.g. report.html")
+            read = [p for p in (config.init_from, config.multipliers, folder) if p]  # the run's own files too
             (report,) = check_outputs([report], read, overwrite=overwrite)
         history = _train_with_progress(config, folder, device, resume is not None, report)
         if history:

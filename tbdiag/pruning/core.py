@@ -57,7 +57,7 @@ from tbdiag.pruning.files import Target, Written, check_dtypes, check_targets, c
 from tbdiag.allocation.allocators import DEFAULT_FITS
 from tbdiag.allocation.allocators import sparsity as alpha_sparsities
 from tbdiag.allocation.maps import unit_means
-from tbdiag.allocation.selection import MIN_EVALS, TuneOptions, Tuned, tuned_layers
+from tbdiag.allocation.selection import MIN_EVALS, TuneOptions, Tuned, sparsity_units, tuned_layers
 from tbdiag.io.tensors import Checkpoint, TensorRef, numel
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def allocate(ckpt: Checkpoint, options: PruneOptions, *, device: str = "auto") -
     by_name = {s.name: s for s in specs}
     chosen = [by_name[t.name] for t in tuned]
     fits = _alphas(chosen, options, device)
-    units = [t.unit if options.unit == "block" else t.name for t in tuned]  # an expert is a unit of its own
+    units = sparsity_units(tuned, options.unit)
     alphas = [fits[t.name][0] if t.name in fits else math.nan for t in tuned]
     unit_alpha = unit_means(units, alphas)
     sizes = dict.fromkeys(unit_alpha, 0)
@@ -175,7 +175,8 @@ def _alphas(specs: list[LayerSpec], options: PruneOptions, device: str) -> dict[
     is read). A nan alpha with status ``ok`` (a fit that gave no number) gets status ``not_finite``."""
     if options.allocation != "alpha":
         return {}
-    analysis = AnalyzeOptions(fit=options.fit, peak_lower_bound_quirk=options.peak_lower_bound_quirk, device=device)
+    analysis = AnalyzeOptions(fit=options.fit, peak_lower_bound_quirk=options.peak_lower_bound_quirk, device=device,
+                              min_evals=options.min_evals)  # every selected layer is fitted, whatever the threshold
     return {row.name: (row.alpha, row.status if row.status != "ok" or math.isfinite(row.alpha) else "not_finite")
             for row in measure_layers(specs, analysis)}
 
