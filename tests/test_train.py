@@ -1,4 +1,5 @@
 import json
+import math
 import logging
 import os
 import shutil
@@ -387,3 +388,16 @@ def test_choices_match_what_the_trainer_implements():
     assert set(CHOICES["tb_map"]) == set(MAPS) and set(CHOICES["tb_fit"]) == set(FITS)
     assert set(CHOICES["tb_metric"]) == set(METRIC_FIELDS)
     assert CHOICES["data"] == DATASETS and CHOICES["method"] == METHODS
+
+
+@pytest.mark.parametrize("method", ["cal", "tb"])
+def test_extending_a_finished_run_follows_the_longer_schedule(tmp_path, method):
+    """--resume with more --epochs: the next epoch's rate comes from the cosine over the new total (it was the
+    old schedule's end, 0: the extension trained at rate 0)."""
+    out = tmp_path / "run"
+    assert run("train", *SMALL, "--epochs", "2", "--method", method, "--out", out).exit_code == 0
+    assert run("train", "--resume", out, "--epochs", "4").exit_code == 0
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lr0 = 0.05
+    assert lrs[:2] == pytest.approx([lr0, lr0 * 0.5])  # the first two epochs, planned over 2
+    assert lrs[2:] == pytest.approx([lr0 * 0.5 * (1 + math.cos(math.pi * e / 4)) for e in (2, 3)])

@@ -199,6 +199,9 @@ def _restore(parts: Parts, saved: SavedEpoch) -> list[dict]:
     parts.model.load_state_dict(saved.weights)
     parts.optimizer.load_state_dict(saved.state["optimizer"])
     parts.scheduler.load_state_dict(saved.state["scheduler"])
+    schedule = parts.scheduler  # the rate of the next epoch from this run's schedule (--epochs may have grown)
+    for group, base, factor in zip(parts.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+        group["lr"] = base * factor(schedule.last_epoch)
     if parts.tb is not None:
         parts.tb.load_state_dict(saved.state["tempbalance"])
     if parts.snr is not None:
