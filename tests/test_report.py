@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from tbdiag import analyze
@@ -563,3 +565,24 @@ def test_an_epoch_record_needs_a_whole_epoch(raw):
 
     with pytest.raises(ValueError, match="not an epoch record"):
         epoch_record(raw)
+
+
+def test_comparison_shows_no_changes_of_alpha_between_incomparable_analyses(tmp_path):
+    """The diff rule: a ΔW analysis beside a W analysis (or two fits) are shown side by side, never differenced."""
+    torch.manual_seed(0)
+    base, ft = tmp_path / "base.safetensors", tmp_path / "ft.safetensors"
+    w = {f"l{i}.weight": torch.randn(64, 48) for i in range(3)}
+    save_file(w, base)
+    save_file({k: v + 0.1 * torch.randn_like(v) for k, v in w.items()}, ft)
+    for args, name in (([ft, "--base", base, "--fit", "median"], "delta.json"), ([ft, "--fit", "median"], "w.json"),
+                       ([ft, "--fit", "ks"], "ks.json")):
+        assert runner.invoke(app, ["analyze", *map(str, args), "--json", str(tmp_path / name), "-q"]).exit_code == 0
+    for pair, why in ((("delta.json", "w.json"), "their metrics are not comparable"),
+                      (("w.json", "ks.json"), "analysed with fit median")):
+        out = tmp_path / "r.html"
+        res = runner.invoke(app, ["report", *(str(tmp_path / f) for f in pair), "--out", str(out), "--overwrite"])
+        assert res.exit_code == 0, res.output
+        html = out.read_text()
+        assert 'class="note not-comparable">Not shown:' in html and why in html and "change</th>" not in html
+    res = runner.invoke(app, ["report", str(tmp_path / "w.json"), str(tmp_path / "w.json"), "--out", str(out)])
+    assert "not-comparable" not in out.read_text()

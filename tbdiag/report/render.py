@@ -54,6 +54,7 @@ def comparison_report(items: Sequence[tuple[str, Analysis]]) -> str:
             changes.append({"name": n, "alphas": [None if not np.isfinite(v) else float(v) for v in matrix[i]],
                             "delta": float(matrix[i, present[-1]] - matrix[i, present[0]])})
     changes.sort(key=lambda c: -abs(c["delta"]))
+    not_comparable = _incomparable([a for _, a in items])
     only_some = [n for n in names if sum(n in table[label] for label, _ in items) < len(items)]
     overlays = {}
     for n in names:
@@ -69,7 +70,21 @@ def comparison_report(items: Sequence[tuple[str, Analysis]]) -> str:
         grouped_figure=Markup(alphas.grouped_alphas(names, [(label, list(matrix[:, j])) for j, label in enumerate(labels)],
                                                     bands=all(v["bands"] for v in views))),
         heatmap_figure=Markup(hover.heatmap(matrix, names, labels, f"alpha, {first} → {last}", titles, "alpha heat map")),
-        changes=changes[:25], only_some=only_some, overlays=overlays, version=__version__)
+        changes=[] if not_comparable else changes[:25], not_comparable=not_comparable, only_some=only_some,
+        overlays=overlays, version=__version__)
+
+
+def _incomparable(analyses: Sequence[Analysis]) -> str | None:
+    """Why the analyses' alphas cannot be differenced (`tbdiag.finetune.diff.check_comparable`, the rule of
+    ``tbdiag diff``), or None. Side by side they may still be shown: ΔW beside W (``analyze --both``)."""
+    from tbdiag.finetune.diff import check_comparable
+
+    for other in analyses[1:]:
+        try:
+            check_comparable(analyses[0], other)
+        except TbdiagError as exc:
+            return str(exc)
+    return None
 
 
 def _alpha_history(label: str, history: list[dict]) -> dict:
