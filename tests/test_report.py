@@ -586,3 +586,26 @@ def test_comparison_shows_no_changes_of_alpha_between_incomparable_analyses(tmp_
         assert 'class="note not-comparable">Not shown:' in html and why in html and "change</th>" not in html
     res = runner.invoke(app, ["report", str(tmp_path / "w.json"), str(tmp_path / "w.json"), "--out", str(out)])
     assert "not-comparable" not in out.read_text()
+
+
+def test_numbers_beyond_float_range_are_damage_not_tracebacks(runs, tmp_path):
+    """10**400 is valid JSON but no float: a run's metrics show it as missing; an analysis names the field."""
+    def edit(lines):
+        first = json.loads(lines[0])
+        first["test_acc"] = 10 ** 400
+        first["layers"] = {name: {"alpha": 10 ** 400, "lr": v["lr"]} for name, v in first["layers"].items()}
+        return "\n".join([json.dumps(first), *lines[1:]]) + "\n"
+
+    folder, out = _run_copy(runs, tmp_path, edit), tmp_path / "r.html"
+    res = runner.invoke(app, ["report", str(folder), "--out", str(out)])
+    assert res.exit_code == 0 and "test_acc missing or not a number in epoch 1" in res.stderr, res.output
+    torch.manual_seed(0)
+    save_file({"fc.weight": torch.randn(64, 32)}, tmp_path / "m.safetensors")
+    saved = tmp_path / "a.json"
+    assert runner.invoke(app, ["analyze", str(tmp_path / "m.safetensors"), "--json", str(saved), "-q"]).exit_code == 0
+    doc = json.loads(saved.read_text())
+    doc["layers"][0]["alpha"] = 10 ** 400
+    saved.write_text(json.dumps(doc))
+    res = runner.invoke(app, ["report", str(saved), "--out", str(tmp_path / "b.html")])
+    assert res.exit_code == 2 and "layers[0].alpha is 1000000" in res.stderr and "within float range" in res.stderr
+    assert "Traceback" not in res.output

@@ -110,7 +110,11 @@ class _Fields:
             return math.nan
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.bad(what, value, "a number or null" if null else "a number")
-        return float(value) if math.isfinite(value) else math.nan
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float range: no number tbdiag writes
+            raise self.bad(what, value, "a number within float range") from None
+        return number if math.isfinite(number) else math.nan
 
     def count(self, value: Any, what: str, null: int | None = None) -> int:
         if value is None and null is not None:

@@ -38,7 +38,7 @@ def _whole(lo: int, hi: float = math.inf) -> Callable[[Any], bool]:
 
 
 def _real(ok: Callable[[float], bool]) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v)
+    return lambda v: _number(v) and math.isfinite(v) and ok(v)
 
 
 # (field, test, what the value must be); None is allowed where the field's default is None.
@@ -125,7 +125,14 @@ EPOCH_NUMBERS = ("train_loss", "train_acc", "test_loss", "test_acc", "lr")
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A JSON number a float can hold (an integer like 10**400 cannot: it is no number a run writes)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def epoch_record(raw: Any) -> tuple[dict, list[str]]:
@@ -139,7 +146,7 @@ def epoch_record(raw: Any) -> tuple[dict, list[str]]:
     Raises:
         ValueError: not a JSON object with a whole epoch ≥ 1.
     """
-    if not isinstance(raw, dict) or not _whole(1)(raw.get("epoch")):
+    if not isinstance(raw, dict) or not _whole(1, 2 ** 53)(raw.get("epoch")):
         raise ValueError("not an epoch record (an object with a whole epoch ≥ 1)")
     record, filled = dict(raw), []
     for key in EPOCH_NUMBERS:
