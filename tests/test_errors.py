@@ -31,3 +31,21 @@ def test_library_words_and_cli_words(call, words, flag, tmp_path):
     message = str(info.value)
     assert words in message and "--" not in message
     assert flag in info.value.cli_message() and "\n" not in message
+
+
+def test_a_pipe_is_refused_not_waited_on(tmp_path):
+    """A FIFO given as a multipliers file or an .npz data set would block forever: refused in one line."""
+    import os
+
+    from typer.testing import CliRunner
+
+    from tbdiag import load_multipliers
+    from tbdiag.cli import app
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(TbdiagError, match="not a regular file"):
+        load_multipliers(fifo)
+    res = CliRunner().invoke(app, ["train", "--model", "mlp", "--data", "npz", "--data-dir", str(fifo), "--epochs", "1",
+                                   "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "not a regular file" in res.stderr, res.output

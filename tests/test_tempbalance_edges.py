@@ -248,3 +248,15 @@ def test_per_update_with_only_epoch_steps_says_so_once(caplog):
     caplog.clear()
     tb.step_update(1)
     assert tb.n_balances == 1 and not caplog.records
+
+
+@pytest.mark.parametrize("device", ["bogus", "tpu", *([] if torch.cuda.is_available() else ["cuda"])])
+def test_a_bad_device_is_refused_before_the_optimizer_changes(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(64, 64) for _ in range(4)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [dict(g) for g in opt.param_groups]
+    with pytest.raises(TbdiagError, match="device"):
+        TempBalance(model, opt, device=device)
+    assert len(opt.param_groups) == len(before) and opt.param_groups[0]["lr"] == 0.1
+    TempBalance(model, opt, device="cpu")  # a retry with a good device works: nothing was split

@@ -225,7 +225,10 @@ def _options(check: _Fields, raw: dict) -> Any:
 
 
 def read_json(path: str | Path, hint: str) -> Any:
-    """A JSON document, or a one-line `TbdiagError` ending with ``hint`` (what to do)."""
+    """A JSON document, or a one-line `TbdiagError` ending with ``hint`` (what to do). Only a regular file is
+    opened: a pipe or a device would wait forever."""
+    if Path(path).exists() and not Path(path).is_file():
+        raise TbdiagError(f"{path}: not a regular file; {hint}")
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:

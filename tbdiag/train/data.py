@@ -214,6 +214,8 @@ def stratified_subset(y: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 
 def _npz(path: Path) -> tuple:
+    if not path.is_file():  # a pipe or a device would wait forever
+        raise TbdiagError(f"{path}: not a regular file; pass a numpy .npz file")
     try:
         with np.load(path, allow_pickle=False) as z:
             return tuple(z[k] for k in ("x_train", "y_train", "x_test", "y_test"))
