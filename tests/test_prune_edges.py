@@ -353,3 +353,17 @@ def test_a_low_eigenvalue_minimum_fits_the_layers_it_selects(tmp_path):
                "--allocation-json", tmp_path / "a.json").exit_code == 0
     doc = json.loads((tmp_path / "a.json").read_text())
     assert doc["fallbacks"] == [] and all(e["alpha"] is not None for e in doc["layers"].values())
+
+
+def test_an_adapters_weights_file_is_no_model_to_prune(tmp_path):
+    """The adapter rule holds for its adapter_model.* file too: its lora_A/lora_B factors are not layers."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    g = torch.Generator().manual_seed(0)
+    save_file({"base_model.model.fc.lora_A.weight": torch.randn(4, 64, generator=g),
+               "base_model.model.fc.lora_B.weight": torch.randn(64, 4, generator=g)}, folder / "adapter_model.safetensors")
+    for source in (folder, folder / "adapter_model.safetensors"):
+        res = cli(source, "--sparsity", "0.5", "--min-evals", "2", "--include-first-last", "--out", tmp_path / "x.safetensors")
+        assert res.exit_code == 2 and "a PEFT adapter, not a model checkpoint" in res.stderr, res.output
+    assert not (tmp_path / "x.safetensors").exists()

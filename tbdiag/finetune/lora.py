@@ -113,13 +113,13 @@ def open_adapter(folder: Path) -> Adapter:
         CheckpointError: a bad config, an unpaired or misshapen lora_A/lora_B, a rank that is not the
             config's, or neither a LoRA layer nor a module_to_save.
     """
-    from tbdiag.io.checkpoint import open_checkpoint
+    from tbdiag.io.checkpoint import open_file
 
     config = read_config(folder)
     weights = next(folder / w for w in ADAPTER_WEIGHTS if (folder / w).is_file())
     parts: dict[tuple[str, bool], dict[str, TensorRef]] = {}
     rest, layers, other = [], [], []
-    for ref in open_checkpoint(weights).tensors:
+    for ref in open_file(weights).tensors:
         found = LORA_KEY.match(ref.name)
         if found is None:
             rest.append(ref)

@@ -72,28 +72,27 @@ def open_checkpoint(source: Any, *, key: str | None = None, trust_pickle: bool =
         if path.is_symlink():
             raise CheckpointError(f"{path}: a broken or looping symbolic link; point it at the checkpoint")
         raise CheckpointError(f"{path}: no such file or folder; check the path")
+    if adapter_folder(path) is not None:  # the folder, or its adapter_model.* file
+        raise CheckpointError(f"{path}: a PEFT adapter, not a model checkpoint; only an analysis reads it (each "
+                              "layer's update ΔW = s·B·A, no plan), or pass the base model's checkpoint")
     if path.is_dir():
         return _open_folder(path, key, trust_pickle)
-    return _open_file(path, key, trust_pickle)
+    return open_file(path, key, trust_pickle)
 
 
 def _open_folder(folder: Path, key: str | None, trust_pickle: bool) -> Checkpoint:
-    if adapter_folder(folder) is not None:
-        # its lora_A/lora_B factors are no layers of their own: `tbdiag.analysis.core` reads it through `tbdiag.finetune.lora`
-        raise CheckpointError(f"{folder}: a PEFT adapter folder, not a model checkpoint; only an analysis reads it "
-                              "(each layer's update ΔW = s·B·A, no plan), or pass the base model's checkpoint")
     for index_name, fmt in ((ST_INDEX, "safetensors-sharded"), (TORCH_INDEX, "torch-sharded")):
         index = folder / index_name
         if index.is_file():
             files = _index_shards(folder, index)
-            return _merge(str(folder), fmt, [_open_file(f, key, trust_pickle) for f in files])
+            return _merge(str(folder), fmt, [open_file(f, key, trust_pickle) for f in files])
     try:
         shards, fmt = _folder_shards(folder)
     except OSError as exc:
         raise unreadable(folder, exc) from None
     if len(shards) == 1:
-        return _open_file(shards[0], key, trust_pickle)
-    return _merge(str(folder), fmt, [_open_file(f, key, trust_pickle) for f in shards])
+        return open_file(shards[0], key, trust_pickle)
+    return _merge(str(folder), fmt, [open_file(f, key, trust_pickle) for f in shards])
 
 
 def _index_shards(folder: Path, index: Path) -> list[Path]:
@@ -205,7 +204,9 @@ def sniff(path: Path) -> str:
                           "pass a .safetensors, .pt or .bin file")
 
 
-def _open_file(path: Path, key: str | None, trust_pickle: bool) -> Checkpoint:
+def open_file(path: Path, key: str | None = None, trust_pickle: bool = False) -> Checkpoint:
+    """One checkpoint file read as it is, by its content (no folder or adapter rules: `open_checkpoint` applies
+    those); for readers that know what the file is, such as an adapter's factors."""
     fmt = sniff(path)
     if fmt == "safetensors":
         return Checkpoint(str(path), fmt, tuple(_safetensors_refs(path)))
