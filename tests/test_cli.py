@@ -329,3 +329,29 @@ def test_min_evals_has_one_rule_reported_with_the_flag(command):
     res = run(command[0], SAMPLES / "mlp_sharded", *command[1:], "--min-evals", "1")
     assert res.exit_code == 2 and res.stderr.strip() == (
         "error: --min-evals 1: must be at least 2 (a fit needs 2 eigenvalues)"), res.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["analyze", ""], "the checkpoint path is empty"),
+    (["recommend", ""], "the checkpoint path is empty"),
+    (["diff", "", str(SAMPLES / "mlp_sharded")], "the checkpoint path is empty"),
+    (["report", "", "--out", "r.html"], "the checkpoint path is empty"),
+    (["analyze", str(SAMPLES / "mlp_sharded"), "--json", ""], "an output path is empty"),
+    (["train", "--out", "", "--epochs", "1"], "--out is empty"),
+])
+def test_an_empty_path_names_no_file(args, message, tmp_path, monkeypatch):
+    """Path("") is the working folder: an empty path is refused, never read or written as that folder."""
+    monkeypatch.chdir(tmp_path)
+    res = run(*args)
+    assert res.exit_code == 2 and res.stderr.startswith("error: ") and message in res.stderr, res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_recommend_sparsity_takes_prunes_max_sparsity():
+    """The allocator's bound is an option of recommend too (its message names --max-sparsity)."""
+    res = run("recommend", SAMPLES / "mlp_sharded", "--target", "sparsity", "--sparsity", "0.5", "--max-sparsity", "0.52",
+              "--include-first-last", "--min-evals", "10", "--out", "-")
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["parameters"]["max_sparsity"] == 0.52
+    assert max(g["sparsity"] for g in doc["layers"].values()) == pytest.approx(0.52)

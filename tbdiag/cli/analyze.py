@@ -16,7 +16,7 @@ COMPARE = "Randomise and compare"
 
 
 def analyze_command(
-    paths: Annotated[list[Path], typer.Argument(metavar="PATH", help="Checkpoint files or folders (safetensors, HF folders, .pt/.bin/.ckpt …).", show_default=False)],
+    paths: Annotated[list[str], typer.Argument(metavar="PATH", help="Checkpoint files or folders (safetensors, HF folders, .pt/.bin/.ckpt …).", show_default=False)],
     fit: Annotated[Fit, typer.Option(metavar=choices(Fit), help="Estimator: ks (Clauset et al.; the HT-SR bands are calibrated on it), median (TempBalance's) or peak.", rich_help_panel=FIT)] = Fit.ks,
     xmin_pos: Annotated[float, typer.Option(metavar="X", help="median: xmin is the eigenvalue at index ⌊N / X⌋ (X ≥ 1).", rich_help_panel=FIT)] = 2.0,
     conv_norm: Annotated[float, typer.Option(metavar="X", help="Scale of conv kernel slices (eigenvalues × X, X > 0).", rich_help_panel=FIT)] = 0.5,

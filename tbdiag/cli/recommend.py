@@ -25,7 +25,7 @@ class Target(str, Enum):
 
 
 def recommend_command(
-    path: Annotated[Path, typer.Argument(metavar="PATH", help="Checkpoint file or folder.", show_default=False)],
+    path: Annotated[str, typer.Argument(metavar="PATH", help="Checkpoint file or folder.", show_default=False)],
     map: Annotated[MapName, typer.Option(metavar=choices(MapName), help="How alphas become multipliers (sqrt and log2 ignore the ratios).", rich_help_panel=MAP)] = MapName.linear,
     min_ratio: Annotated[float, typer.Option(metavar="X", help="Smallest multiplier (finite, > 0).", rich_help_panel=MAP)] = 0.5,
     max_ratio: Annotated[float, typer.Option(metavar="X", help="Largest multiplier (finite, ≥ --min-ratio).", rich_help_panel=MAP)] = 1.5,
@@ -44,6 +44,7 @@ def recommend_command(
     weight_decay: Annotated[Optional[float], typer.Option(metavar="WD", help="weight_decay: the base weight decay, to show each layer's.", rich_help_panel=ALLOC)] = None,
     sparsity: Annotated[float, typer.Option(metavar="S", help="sparsity: mean sparsity over the layers, 0 ≤ S < 1.", rich_help_panel=ALLOC)] = 0.5,
     epsilon: Annotated[float, typer.Option(metavar="E", help="sparsity: spread of the layer ratios, 0 ≤ E < 1.", rich_help_panel=ALLOC)] = 0.3,
+    max_sparsity: Annotated[float, typer.Option(metavar="X", help="sparsity: no layer beyond X (S ≤ X < 1), as prune.", rich_help_panel=ALLOC)] = 0.99,
     budget: Annotated[int, typer.Option(metavar="N", help="lora_rank: the sum of the ranks.", rich_help_panel=ALLOC)] = 0,
     beta: Annotated[float, typer.Option(metavar="B", help="lora_rank: rank ∝ alpha^B.", rich_help_panel=ALLOC)] = 1.0,
     r_min: Annotated[int, typer.Option(metavar="R", help="lora_rank: smallest rank.", rich_help_panel=ALLOC)] = 1,
@@ -76,7 +77,7 @@ def recommend_command(
                     include=tuple(include or ()), exclude=tuple(exclude or ()))
         if target != Target.lr:
             _allocate(analysis, target, rule, outputs, out, weight_decay=weight_decay, sparsity=sparsity,
-                      epsilon=epsilon, budget=budget, beta=beta, r_min=r_min, r_max=r_max, lora_alpha=lora_alpha,
+                      epsilon=epsilon, max_sparsity=max_sparsity, budget=budget, beta=beta, r_min=r_min, r_max=r_max, lora_alpha=lora_alpha,
                       map=map.value, min_ratio=min_ratio, max_ratio=max_ratio)
             return
         doc = recommend(analysis, map=map.value, min_ratio=min_ratio, max_ratio=max_ratio, metric=metric.value, lr=lr,
@@ -129,7 +130,7 @@ def _allocate(analysis, target: Target, rule: dict, outputs: Outputs, out: str |
         if p["weight_decay"] is not None:
             params["weight_decay"] = p["weight_decay"]
     elif target == Target.sparsity:
-        params = {"sparsity": p["sparsity"], "epsilon": p["epsilon"]}
+        params = {"sparsity": p["sparsity"], "epsilon": p["epsilon"], "max_sparsity": p["max_sparsity"]}
     else:
         params = {k: p[k] for k in ("budget", "beta", "r_min", "r_max", "lora_alpha") if p[k] is not None}
     doc = allocation(analysis, target.value, **rule, **params)

@@ -28,8 +28,8 @@ TbMap, TbFit, TbMetric = _choices("TbMap", "tb_map"), _choices("TbFit", "tb_fit"
 
 
 def train_command(
-    out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", help="Run folder to create (config, metrics.jsonl, checkpoints); must be new or empty.", rich_help_panel=RUN)] = None,
-    resume: Annotated[Optional[Path], typer.Option(metavar="DIR", help="Continue the run in this folder from its newest readable checkpoint.", rich_help_panel=RUN)] = None,
+    out: Annotated[Optional[str], typer.Option("--out", metavar="DIR", help="Run folder to create (config, metrics.jsonl, checkpoints); must be new or empty.", rich_help_panel=RUN)] = None,
+    resume: Annotated[Optional[str], typer.Option(metavar="DIR", help="Continue the run in this folder from its newest readable checkpoint.", rich_help_panel=RUN)] = None,
     model: Annotated[Optional[Model], typer.Option(help="Model (default resnet18).", rich_help_panel=RUN)] = None,
     method: Annotated[Optional[Method], typer.Option(help="TempBalance or a baseline (default tb).", rich_help_panel=RUN)] = None,
     init_from: Annotated[Optional[str], typer.Option(metavar="FILE", help="Start from the weights of this checkpoint (names must match).", rich_help_panel=RUN)] = None,
@@ -64,9 +64,13 @@ def train_command(
     given = {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in locals().items()
              if k in TrainConfig.__dataclass_fields__ and v is not None}
     with user_errors(), _options_named():
-        config, folder = _config(given, out, resume)
+        from tbdiag.errors import TbdiagError
+
+        for option, value in (("--out", out), ("--resume", resume)):
+            if value is not None and not value.strip():  # Path("") would be the working folder
+                raise TbdiagError(f"{option} is empty; name the run folder")
+        config, folder = _config(given, None if out is None else Path(out), None if resume is None else Path(resume))
         if report is not None:
-            from tbdiag.errors import TbdiagError
             from tbdiag.io.outputs import check_outputs
 
             if report.suffix.lower() not in (".html", ".htm") or str(report) == "-":

@@ -67,6 +67,8 @@ def open_checkpoint(source: Any, *, key: str | None = None, trust_pickle: bool =
         return Checkpoint(type(source).__name__, "module", tuple(module_refs(source)))
     if isinstance(source, Mapping):
         return Checkpoint("<state dict>", "state-dict", tuple(mapping_refs(source, key, "<state dict>")))
+    if not str(source).strip():  # Path("") would be the working folder
+        raise CheckpointError("the checkpoint path is empty; name a checkpoint file or folder")
     path = Path(source)
     if not path.exists():
         if path.is_symlink():

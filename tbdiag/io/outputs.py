@@ -41,6 +41,8 @@ def check_outputs(targets: Sequence[str | Path], inputs: Sequence[str | Path] = 
     resolved: list[Path] = []
     seen: dict[Path, str] = {}
     for target in targets:
+        if not str(target).strip():  # Path("") would be the working folder
+            raise TbdiagError("an output path is empty; name a file")
         path = Path(target).resolve()
         if path.is_dir():
             raise TbdiagError(f"{target}: is a folder; name a file (e.g. {Path(target) / 'out'})")

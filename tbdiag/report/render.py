@@ -145,6 +145,8 @@ def load_inputs(paths: Sequence[str], **analyze_options) -> tuple[str, list]:
     """
     runs, analyses = [], []
     for p in paths:
+        if not str(p).strip():  # Path("") would be the working folder
+            raise TbdiagError("the checkpoint path is empty; name a run folder, a checkpoint or an analysis JSON")
         path = Path(p)
         if is_run_folder(path):
             runs.append(path)
