@@ -76,7 +76,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--per-class", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning rate (bench_finetune's choice at 64/class)")
+    p.add_argument("--lr", type=float, default=3e-5, help="fine-tuning rate (bench_finetune's choice at 64/class)")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     p.add_argument("--data", type=Path, default=DATA)
     a = p.parse_args()

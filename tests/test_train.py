@@ -324,7 +324,8 @@ def test_every_rank_gets_the_same_number_of_images(n, size):
 
 
 BAD_OPTIONS = [
-    ("--lr", "0"), ("--lr", "-0.1"), ("--lr", "nan"), ("--lr", "inf"), ("--momentum", "1"), ("--momentum", "-0.5"),
+    ("--lr", "0"), ("--lr", "-0.1"), ("--lr", "nan"), ("--lr", "inf"), ("--lr", "1e300"), ("--weight-decay", "1e39"),
+    ("--momentum", "1"), ("--momentum", "-0.5"),
     ("--weight-decay", "-1e-4"), ("--epochs", "0"), ("--batch-size", "0"), ("--width", "0"), ("--width", "0.01"),
     ("--synthetic-size", "0"), ("--synthetic-size", "5"), ("--train-subset", "-1"), ("--train-subset", "300"),
     ("--tb-min-ratio", "0"), ("--tb-min-ratio", "2"), ("--tb-max-ratio", "inf"), ("--tb-every", "-1"),

@@ -134,8 +134,10 @@ def allocate(ckpt: Checkpoint, options: PruneOptions, *, device: str = "auto") -
                                             min_evals=options.min_evals))
     if not tuned:
         raise TbdiagError(f"{ckpt.source}: no layer to prune (Linear/Conv weights with ≥ {options.min_evals} "
-                          "eigenvalues, input and output layers left dense); prune the first and last layers "
-                          "too, lower the eigenvalue minimum, or pass a model checkpoint")
+                          "eigenvalues, input and output layers left dense); include the first and last layers, "
+                          "lower the eigenvalue minimum, or pass a model checkpoint",
+                          cli={"include the first and last layers": "--include-first-last",
+                               "lower the eigenvalue minimum": "lower --min-evals"})
     refs = {r.name: r for r in ckpt.tensors}
     _refuse_fp8(ckpt.source, tuned, refs)
     by_name = {s.name: s for s in specs}

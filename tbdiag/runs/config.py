@@ -41,6 +41,7 @@ def _real(ok: Callable[[float], bool]) -> Callable[[Any], bool]:
     return lambda v: _number(v) and math.isfinite(v) and ok(v)
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # a rate beyond it overflows the float32 optimizer arithmetic at once
 # (field, test, what the value must be); None is allowed where the field's default is None.
 _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("epochs", _whole(1), "a whole number ≥ 1"),
@@ -51,9 +52,9 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("tb_every", _whole(0), "a whole number ≥ 0 (0: never rebalance)"),
     ("sgdr_period", _whole(1), "a whole number of epochs ≥ 1"),
     ("sgdr_mult", _whole(1), "a whole number ≥ 1"),
-    ("lr", _real(lambda v: v > 0), "a finite number > 0"),
+    ("lr", _real(lambda v: 0 < v <= FLOAT32_MAX), "a number > 0 that float32 weights can hold"),
     ("momentum", _real(lambda v: 0 <= v < 1), "a number in [0, 1)"),
-    ("weight_decay", _real(lambda v: v >= 0), "a finite number ≥ 0"),
+    ("weight_decay", _real(lambda v: 0 <= v <= FLOAT32_MAX), "a number ≥ 0 that float32 weights can hold"),
     ("width", _real(lambda v: v > 0), "a finite number > 0"),
     ("tb_min_ratio", _real(lambda v: v > 0), "a finite number > 0"),
     ("tb_max_ratio", _real(lambda v: v > 0), "a finite number > 0"),
