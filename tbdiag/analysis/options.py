@@ -11,6 +11,7 @@ import torch
 
 from tbdiag.errors import TbdiagError
 from tbdiag.esd.powerlaw import FITS
+from tbdiag.esd.spectrum import resolve_device
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 # Options that are the user's, never a document's: a permission to run code from checkpoints, and where to
@@ -86,6 +87,7 @@ class AnalyzeOptions:
             ("farms_ratio", finite["farms_ratio"] and self.farms_ratio > 0,
              "must be a finite positive number (1: square windows)"),
         ]
+        resolve_device(self.device)  # an unknown or absent device is refused before any work
         for name, ok, why in checks:
             if not ok:
                 flag = {"farms_per_dim": "--farms-windows"}.get(name, "--" + name.replace("_", "-"))

@@ -26,7 +26,6 @@ from torch import nn
 from tbdiag.analysis.measure import measure_shared
 from tbdiag.analysis.options import AnalyzeOptions
 from tbdiag.errors import TbdiagError
-from tbdiag.esd.spectrum import resolve_device
 from tbdiag.tempbalance.guards import (check_materialised, check_multipliers, check_scalable, check_schedulers,
                                       held_elsewhere, warn_counter_unused)
 from tbdiag.tempbalance.logs import LogMode, log_values
@@ -102,8 +101,7 @@ class TempBalance:
         self.every, self.per, self.warmup, self.apply_scale, self.target = every, per, warmup, apply_scale, target
         self.tune = TuneOptions(unit=unit, include_first_last=include_first_last, min_evals=min_evals,
                                 include=tuple(include), exclude=tuple(exclude), split_qkv=split_qkv)
-        self.options = AnalyzeOptions(fit=fit, device=device, min_evals=2)
-        resolve_device(device)  # an unknown or absent device is refused before the optimizer is touched
+        self.options = AnalyzeOptions(fit=fit, device=device, min_evals=2)  # checks the device, before any change
         check_materialised(unwrap(model))
         specs = plan_model(model, self.tune)
         theirs = held_elsewhere(unwrap(model), None if is_factory(optimizer) else optimizer, others)
