@@ -12,20 +12,10 @@ from typing import Any
 
 from tbdiag.analysis.core import Analysis
 from tbdiag.errors import TbdiagError
+from tbdiag.io.outputs import jsonable  # noqa: F401 - the JSON form of every document, re-exported
 from tbdiag.esd.metrics import LayerResult, summarize
 
 CSV_COLUMNS = ["source", *(f for f in LayerResult.__dataclass_fields__ if f != "traps")]  # traps: a list, JSON only
-
-
-def jsonable(obj: Any) -> Any:
-    """Replace non-finite floats with ``None`` (JSON ``null``), recursively; tuples become lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return obj
 
 
 def _dump(doc: dict) -> str:

@@ -4,12 +4,14 @@ none (`write_outputs`; `temporary_beside`, `fill` and `replace_all` for writers 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from tbdiag.errors import TbdiagError
 
@@ -20,6 +22,17 @@ CHECKPOINT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt",
 # Files a reader of an input folder opens or may open: checkpoints tbdiag reads, shard indexes, configs, run state.
 READ_SUFFIXES = frozenset({".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".th", ".pkl", ".tar", ".json", ".jsonl"})
 FOLDER_DEPTH = 3  # input folders are searched this deep for files an output must not replace
+
+
+def jsonable(obj: Any) -> Any:
+    """Replace non-finite floats with ``None`` (JSON ``null``), recursively; tuples become lists."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
 
 
 def check_outputs(targets: Sequence[str | Path], inputs: Sequence[str | Path] = (), *, overwrite: bool = False,

@@ -55,6 +55,17 @@ def _block_ticks(ax, names: Sequence[str]) -> None:  # noqa: ANN001 - a matplotl
     ax.set_xlabel(f"block (model order, {len(names)} layers; hover a column for its layer)", fontsize=10)
 
 
+def _name_axis(ax, names: Sequence[str]) -> None:  # noqa: ANN001 - a matplotlib Axes
+    """The alpha axis label and the layer axis: every name up to `LONG` layers, block ticks beyond."""
+    ax.set_ylabel("alpha", fontsize=10)
+    ax.tick_params(labelsize=9)
+    if len(names) <= LONG:
+        ax.set_xticks(np.arange(len(names)), [plain(n) for n in names], rotation=90,
+                      fontsize=9 if len(names) <= 30 else 8)
+    else:
+        _block_ticks(ax, names)
+
+
 def draw_alpha(fig: Figure, rows: Sequence[dict], bands: bool) -> list[Spot]:
     """Alpha per layer in model order with ±alpha_err bars, over the HT-SR bands when ``bands`` (they are
     calibrated on the ks fit); returns one full-height hover column per layer."""
@@ -70,12 +81,7 @@ def draw_alpha(fig: Figure, rows: Sequence[dict], bands: bool) -> list[Spot]:
                 ecolor="#7f9fbf", capsize=2 if len(names) <= LONG else 0, lw=1)
     ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_ylim(min(1.0, float(np.nanmin(a)) - 0.2) if finite.any() else 1.0, top)
-    ax.set_ylabel("alpha", fontsize=10)
-    ax.tick_params(labelsize=9)
-    if len(names) <= LONG:
-        ax.set_xticks(x, [plain(n) for n in names], rotation=90, fontsize=9 if len(names) <= 30 else 8)
-    else:
-        _block_ticks(ax, names)
+    _name_axis(ax, names)
     if bands:
         ax.legend(loc="upper right", fontsize=9, ncols=3)
     return [Spot(ax, i - 0.5, i + 0.5, 0, 1, layer_title(i, r), full_height=True) for i, r in enumerate(rows)]
@@ -141,12 +147,7 @@ def grouped_alphas(names: Sequence[str], series: Sequence[tuple[str, Sequence]],
         ax.axhspan(lo, min(hi, top), color=color, alpha=0.35, lw=0)
     ax.set_xlim(-0.5, len(names) - 0.5)
     ax.set_ylim(min(1.0, float(finite.min()) - 0.2) if len(finite) else 1.0, top)
-    ax.set_ylabel("alpha", fontsize=10)
-    ax.tick_params(labelsize=9)
-    if len(names) <= LONG:
-        ax.set_xticks(x, [plain(n) for n in names], rotation=90, fontsize=9 if len(names) <= 30 else 8)
-    else:
-        _block_ticks(ax, names)
+    _name_axis(ax, names)
     ax.legend(fontsize=9)
     spots = [Spot(ax, i - 0.5, i + 0.5, 0, 1, f"#{i + 1} {n}\n" + "\n".join(
         f"{label}: alpha {fmt(float(a[i]))}" for (label, _), a in zip(series, values)), full_height=True)

@@ -94,9 +94,10 @@ def plot(a: Any) -> Any:
     calibrated on): a matplotlib `Figure` (shown inline in a notebook; ``fig.savefig(...)`` to keep it)."""
     from tbdiag.report.alphas import label_height, draw_alpha
     from tbdiag.report.figures import WIDE_DPI, WIDE_IN, NotebookFigure
-    from tbdiag.report.views import bands_view, nulls
+    from tbdiag.io.outputs import jsonable
+    from tbdiag.report.views import bands_view
 
-    rows = nulls(a.to_dict())["layers"]
+    rows = jsonable(a.to_dict())["layers"]
     fig = NotebookFigure(figsize=(WIDE_IN, 3.6 + label_height([r["name"] for r in rows])), dpi=WIDE_DPI,
                          layout="constrained")
     draw_alpha(fig, rows, bands_view(a)["bands"])
@@ -111,9 +112,9 @@ def plot_esd(a: Any, name: str) -> Any:
         TbdiagError: no layer of that name, or an analysis made without ``keep_spectra=True``.
     """
     from tbdiag.report.figures import NotebookFigure, draw_esd, plain
-    from tbdiag.report.views import nulls
+    from tbdiag.io.outputs import jsonable
 
-    rows = {r["name"]: r for r in nulls(a.to_dict())["layers"]}
+    rows = {r["name"]: r for r in jsonable(a.to_dict())["layers"]}
     if name not in rows:
         close = difflib.get_close_matches(name, list(rows), n=3)
         hint = f"did you mean {', '.join(close)}?" if close else f"its layers are {', '.join(list(rows)[:5])} …"

@@ -6,13 +6,13 @@ attributes and ``to_dict()``.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
+from tbdiag.io.outputs import jsonable
 from tbdiag.errors import TbdiagError
 from tbdiag.esd.metrics import BANDS_FIT, band_flags
 from tbdiag.report import alphas, figures
@@ -34,17 +34,6 @@ def env() -> Environment:
                        trim_blocks=True, lstrip_blocks=True)
 
 
-def nulls(obj: Any) -> Any:
-    """Non-finite floats as ``None``, recursively; tuples as lists (what the templates and JSON expect)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: nulls(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [nulls(v) for v in obj]
-    return obj
-
-
 def bands_view(a: Any) -> dict:
     """What the templates need to show the HT-SR bands: the fit, whether the bands apply to it, the flags."""
     flags = band_flags(a.summary, a.options.fit)
@@ -53,12 +42,12 @@ def bands_view(a: Any) -> dict:
 
 
 def summary_view(a: Any) -> dict:
-    return {"source": a.source, "summary": nulls(a.summary), **bands_view(a)}
+    return {"source": a.source, "summary": jsonable(a.summary), **bands_view(a)}
 
 
 def analysis_view(a: Any, ident: str, with_esd: bool = True) -> dict:
     """What the templates show of one analysis (JSON-like, ``None`` for nan), its figures as HTML."""
-    doc = nulls(a.to_dict())
+    doc = jsonable(a.to_dict())
     rows = doc["layers"]
     view = {"id": ident, "source": a.source, "format": a.format, "n_params": a.n_params, "options": doc["options"],
             "summary": doc["summary"], "rows": rows, "open_first": OPEN_FIRST, **bands_view(a),
