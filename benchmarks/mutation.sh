@@ -44,8 +44,9 @@ declare -A MODULE=(
     [lightning]=tbdiag.integrations.lightning
     [export]=tbdiag.analysis.export
     [outputs]=tbdiag.io.outputs
+    [recommended]=tbdiag.report.recommended
 )
-ORDER=(maps powerlaw metrics selection spectrum layers allocators optim mp randomize delta lora lora_config diff magnitude prune prune_results prune_files prune_tensors recommend balancer guards logs hf lightning export outputs)
+ORDER=(maps powerlaw metrics selection spectrum layers allocators optim mp randomize delta lora lora_config diff magnitude prune prune_results prune_files prune_tensors recommend balancer guards logs hf lightning export outputs recommended)
 selected=("$@")
 [ ${#selected[@]} -eq 0 ] && selected=("${ORDER[@]}")
 for m in "${selected[@]}"; do

@@ -41,6 +41,7 @@ RELEVANT = {
     "tbdiag.integrations.lightning": ("tests/test_lightning.py", "tests/test_tempbalance_edges.py", GAPS),
     "tbdiag.analysis.export": ("tests/test_cli.py", "tests/test_report.py", "tests/test_errors.py", GAPS),
     "tbdiag.io.outputs": ("tests/test_outputs.py", GAPS),
+    "tbdiag.report.recommended": ("tests/test_report.py", GAPS),
 }
 SLOW = {  # ≥ 1.5 s each on a 2-core machine: what they check of the math core is covered by faster tests
     "tests/test_tuned.py::test_recommend_on_checkpoint_equals_tempbalance_on_model[gpt2-layer]",
