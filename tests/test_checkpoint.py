@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from tbdiag import analyze
-from tbdiag.io.checkpoint import clean_name, open_checkpoint, sniff
+from tbdiag.io.checkpoint import open_checkpoint, sniff
+from tbdiag.io.tensors import clean_name
 from tbdiag.errors import CheckpointError, TbdiagError
 
 from tests.conftest import write_sharded_safetensors
@@ -66,6 +67,18 @@ def test_key_selects_an_entry(all_forms, tmp_path, tiny_state):
     with pytest.raises(TbdiagError, match="no entry 'nope'"):
         analyze(p, key="nope")
 
+
+
+def test_key_selects_a_prefix_of_a_safetensors_file(tmp_path, tiny_state):
+    p = tmp_path / "two.safetensors"
+    flat = {**{f"model.{k}": v for k, v in tiny_state.items()}, **{f"ema.{k}": 2 * v for k, v in tiny_state.items()}}
+    save_file({k: v.contiguous() for k, v in flat.items()}, p)
+    every, ema = analyze(p), analyze(p, key="ema")
+    assert {r.name for r in ema.layers} == {r.name for r in analyze(tiny_state).layers}  # read without the prefix
+    assert len(every.layers) == 2 * len(ema.layers)
+    assert rows_by_name(ema)["fc1"].lambda_max == pytest.approx(4 * rows_by_name(every)["model.fc1"].lambda_max)
+    with pytest.raises(TbdiagError, match="no tensor named 'mod.…'"):
+        analyze(p, key="mod")  # a prefix of names, not of characters
 
 def test_clean_name():
     assert clean_name("module.layer1.0.conv1.weight") == "layer1.0.conv1.weight"

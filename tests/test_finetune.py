@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -249,6 +250,18 @@ def test_lora_merged_view_and_cli(lora, tmp_path):
     assert f"mergedinto{base}" in "".join(res.stdout.split())  # the title wraps at the table's width
     assert run("analyze", adapter, "--plan").exit_code == 0
 
+
+def test_adapter_delta_with_a_base_records_and_checks_it(lora):
+    adapter, base, _ = lora
+    alone = analyze(adapter, keep_spectra=True)
+    checked = analyze(adapter, base=base, keep_spectra=True)  # the delta view: ΔW = s·B·A, the base only checked
+    assert alone.base is None and checked.view == "delta" and checked.base == str(base / "model.safetensors")
+    assert checked.to_dict()["base"] == checked.base
+    assert [r.name for r in checked.layers] == [r.name for r in alone.layers]
+    for name, evals in alone.spectra.items():
+        assert np.array_equal(checked.spectra[name], evals)
+    with pytest.raises(TbdiagError, match="is not a layer of the base model"):
+        analyze(adapter, base=SAMPLES / "cnn_trained.safetensors", view="delta")
 
 def test_plans_cover_deltas_and_randomized_analyses(finetuned):
     from tbdiag.analysis.options import AnalyzeOptions

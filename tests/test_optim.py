@@ -495,17 +495,18 @@ def test_adopting_a_scheduler_when_the_layout_cannot_tell():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     timm = TimmLike(opt)
-    tb = TempBalance(model, opt, apply_scale=False, initial={})
-    tb.adopt_scheduler(timm)
+    with pytest.raises(TbdiagError, match=r"scheduler \(TimmLike\) was built over this SGD before TempBalance"):
+        TempBalance(model, opt, apply_scale=False, initial={})
+    TempBalance(model, opt, apply_scale=False, initial={}, schedulers=[timm])
     assert len(timm.base_values) == len(opt.param_groups) and timm.state_dict()["base_values"] == [0.1]
     one = mlp(n_hidden=1)  # one group holding two units and an empty one: split, still two groups
     opt2 = torch.optim.SGD([{"params": list(one.parameters())}, {"params": [], "lr": 0.5}], lr=0.1)
-    timm2 = TimmLike(opt2)
     tb2 = TempBalance(one, opt2, initial={})
+    timm2 = TimmLike(opt2)
     assert len(opt2.param_groups) == 2 and tb2._layout.origin == [0, 0]
     with pytest.raises(TbdiagError, match="cannot tell whether this scheduler was built before"):
         tb2.adopt_scheduler(timm2)
-    assert timm2.base_values == [0.1, 0.5]
+    assert timm2.base_values == [0.1, 0.1]
 
 
 def test_a_checkpoint_taken_after_a_raising_step_holds_the_unscaled_rate_and_decay():

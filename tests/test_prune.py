@@ -559,3 +559,15 @@ def test_what_a_folder_copy_leaves_out_is_named_and_unreadable_files_are_refused
     res = cli(src, "--sparsity", "0.5", "--allocation", "uniform", "--out", tmp_path / "out3")
     assert res.exit_code == 2 and res.stderr.startswith(f"error: {src / 'a' / 'b'}: cannot be read (Permission denied)")
     assert len(res.stderr.splitlines()) == 1 and not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
+
+
+def test_key_prunes_the_tensors_below_it_in_a_safetensors_file(tmp_path):
+    state = mlp_state()
+    src = saved(tmp_path, {**{f"ema.{k}": v.clone() for k, v in state.items()}, **{f"model.{k}": v for k, v in state.items()}})
+    result = prune(src, tmp_path / "out.safetensors", sparsity=0.5, allocation="uniform", key="ema")
+    out = load_file(tmp_path / "out.safetensors")
+    assert out.keys() == {*(f"ema.{k}" for k in state), *(f"model.{k}" for k in state)}
+    pruned = [r for r in result.layers]
+    assert pruned and all(r.n_pruned == zeros(out[f"ema.{r.name}.weight"]) > 0 for r in pruned)
+    for k, v in state.items():
+        assert torch.equal(out[f"model.{k}"], v)  # outside the key: copied as it was

@@ -117,8 +117,8 @@ def test_a_scheduler_built_before_and_not_passed_is_refused_and_passing_it_works
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
-    message = refused(model, opt, r"a learning-rate scheduler was built over this SGD before TempBalance \(its groups "
-                                  r"carry initial_lr\) and was not passed to it; pass it as schedulers=\[\.\.\.\]")
+    message = refused(model, opt, r"a learning-rate scheduler \(LambdaLR\) was built over this SGD before TempBalance "
+                                  r"and was not passed to it; pass it as schedulers=\[\.\.\.\]")
     tb = TempBalance(model, opt, schedulers=[sched], initial={"2.0": 2.0})
     seen = []
     opt.register_step_pre_hook(lambda o, a, k: seen.append({g["name"]: g["lr"] for g in o.param_groups}))
@@ -128,6 +128,52 @@ def test_a_scheduler_built_before_and_not_passed_is_refused_and_passing_it_works
     assert [s["2.0"] for s in seen] == pytest.approx([0.2, 0.1, 0.05]) and seen[2]["1.0"] == pytest.approx(0.025)
     assert tb.multipliers["2.0"] == 2.0 and "--" not in message
 
+
+def test_a_plateau_scheduler_built_before_is_refused_and_passing_it_works():
+    """ReduceLROnPlateau leaves no mark on the optimizer; it is found as an object built over it."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=0)
+    refused(model, opt, r"a learning-rate scheduler \(ReduceLROnPlateau\) was built over this SGD")
+    TempBalance(model, opt, schedulers=[plateau], initial={"2.0": 2.0})
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append({g["name"]: g["lr"] for g in o.param_groups}))
+    for loss in (1.0, 2.0, 3.0):  # no better after the first: every group's rate halves, the multipliers kept
+        opt.step()
+        plateau.step(loss)
+    assert [s["2.0"] for s in seen] == pytest.approx([0.2, 0.2, 0.1]) and seen[2]["default"] == pytest.approx(0.05)
+
+
+def test_schedulers_driven_by_a_passed_one_or_gone_are_not_refused():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gone = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    del gone
+    warm = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.5, total_iters=2)
+    cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    chain = torch.optim.lr_scheduler.SequentialLR(opt, [warm, cos], milestones=[2])
+    TempBalance(model, opt, schedulers=[chain], initial={"2.0": 2.0})
+    seen = []
+    opt.register_step_pre_hook(lambda o, a, k: seen.append({g["name"]: g["lr"] for g in o.param_groups}))
+    for _ in range(3):
+        opt.step()
+        chain.step()
+    assert [s["2.0"] for s in seen] == pytest.approx([2 * 0.05, 2 * 0.075, 2 * 0.1])
+
+
+def test_a_timm_style_scheduler_built_before_is_refused():
+    class Cosine:  # timm.scheduler.Scheduler's attributes: optimizer, base_values, step(epoch)
+        def __init__(self, optimizer):
+            self.optimizer, self.base_values = optimizer, [g["lr"] for g in optimizer.param_groups]
+
+        def step(self, epoch):
+            pass
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = Cosine(opt)
+    refused(model, opt, r"scheduler \(Cosine\) was built over this SGD")
+    assert sched.base_values == [0.1]
 
 def test_a_loaded_optimizer_state_with_initial_lr_is_no_scheduler():
     """Groups carry initial_lr after loading a checkpoint of a scheduled run, but no scheduler was built over

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tbdiag.cli.common import (FLAG, OVERWRITE_HELP, Estimator, Fit, Outputs, Precision, choices, err_console, out_console,
+from tbdiag.cli.common import (FLAG, KEY_HELP, OVERWRITE_HELP, Estimator, Fit, Outputs, Precision, choices, err_console, out_console,
                                user_errors)
 
 FIT, LAYERS, INPUT, COMPUTE, OUTPUT = "Power-law fit", "Layers", "Input", "Compute", "Output"
@@ -31,7 +31,7 @@ def analyze_command(
     exclude: Annotated[Optional[list[str]], typer.Option(metavar="GLOB", help="Drop layers matching this glob (repeatable).", rich_help_panel=LAYERS)] = None,
     embeddings: Annotated[bool, typer.Option("--embeddings", metavar=FLAG, help="Analyse embedding matrices too.", rich_help_panel=LAYERS)] = False,
     split_qkv: Annotated[bool, typer.Option("--split-qkv", metavar=FLAG, help="Analyse fused q/k/v matrices as three parts.", rich_help_panel=LAYERS)] = False,
-    key: Annotated[Optional[str], typer.Option(metavar="NAME", help="Entry of a nested checkpoint holding the weights, e.g. 'ema'.", rich_help_panel=INPUT)] = None,
+    key: Annotated[Optional[str], typer.Option(metavar="NAME", help=KEY_HELP, rich_help_panel=INPUT)] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", metavar=FLAG, help="Allow full unpickling and TorchScript: runs code from the file; trusted files only.", rich_help_panel=INPUT)] = False,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.", rich_help_panel=COMPUTE)] = "auto",
     precision: Annotated[Precision, typer.Option(metavar=choices(Precision), help="Eigensolver precision.", rich_help_panel=COMPUTE)] = Precision.float64,

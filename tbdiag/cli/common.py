@@ -96,6 +96,7 @@ class Unit(str, Enum):
 
 
 OVERWRITE_HELP = "Replace an existing checkpoint named as an output (refused without it)."
+KEY_HELP = "Entry of a nested checkpoint holding the weights, e.g. 'ema'; in a safetensors file, the name prefix of the tensors to read."
 
 
 def choices(enum: type[Enum]) -> str:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from tbdiag.allocation.allocators import DEFAULT_FITS
-from tbdiag.cli.common import (FLAG, OVERWRITE_HELP, STDOUT, Fit, Unit, choices, err_console, out_console, require, require_finite,
+from tbdiag.cli.common import (FLAG, KEY_HELP, OVERWRITE_HELP, STDOUT, Fit, Unit, choices, err_console, out_console, require, require_finite,
                                safe, user_errors)
 
 ALLOC, LAYERS, FIT, INPUT, OUTPUT = "Allocation", "Layers", "Alpha fit", "Input", "Output"
@@ -30,7 +30,7 @@ def prune_command(
     min_evals: Annotated[int, typer.Option(metavar="N", help="Layers with fewer eigenvalues stay dense (N ≥ 2).", rich_help_panel=LAYERS)] = 50,
     fit: Annotated[Fit, typer.Option(metavar=choices(Fit), help="Estimator of alpha (AlphaPruning fits peak).", rich_help_panel=FIT)] = Fit(DEFAULT_FITS["sparsity"]),
     peak_quirk: Annotated[bool, typer.Option("--peak-quirk", metavar=FLAG, help="peak: reproduce the reference implementation's lower bound.", rich_help_panel=FIT)] = False,
-    key: Annotated[Optional[str], typer.Option(metavar="NAME", help="Entry of a nested checkpoint holding the weights.", rich_help_panel=INPUT)] = None,
+    key: Annotated[Optional[str], typer.Option(metavar="NAME", help=KEY_HELP, rich_help_panel=INPUT)] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", metavar=FLAG, help="Allow full unpickling (trusted files only).", rich_help_panel=INPUT)] = False,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N (for the alphas).", rich_help_panel=INPUT)] = "auto",
     out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="NEW", help="Write the pruned checkpoint here: a safetensors file, or for a model folder a new folder with its config and tokenizer files (a single-file folder may also go to a .safetensors file).", rich_help_panel=OUTPUT)] = None,

@@ -4,14 +4,13 @@ per-layer allocation from them (weight decay, sparsity, LoRA ranks)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from enum import Enum
 
-from tbdiag.cli.common import (FLAG, OVERWRITE_HELP, Fit, MapName, Metric, Outputs, Unit, choices, out_console, require,
+from tbdiag.cli.common import (FLAG, KEY_HELP, OVERWRITE_HELP, Fit, MapName, Metric, Outputs, Unit, choices, out_console, require,
                                require_finite, safe, user_errors)
 
 MAP, INPUT, ALLOC = "TempBalance map", "Input", "Other targets"
@@ -35,7 +34,7 @@ def recommend_command(
     min_evals: Annotated[int, typer.Option(metavar="N", help="Layers with fewer eigenvalues keep multiplier 1 (N ≥ 2).", rich_help_panel=MAP)] = 50,
     fit: Annotated[Optional[Fit], typer.Option(metavar=choices(Fit), help="Estimator (default: median, TempBalance's; peak for --target sparsity, AlphaPruning's and prune's).", rich_help_panel=MAP, show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(metavar="LR", help="Base learning rate (> 0): also show and write each layer's lr.", rich_help_panel=MAP)] = None,
-    key: Annotated[Optional[str], typer.Option(metavar="NAME", help="Entry of a nested checkpoint holding the weights.", rich_help_panel=INPUT)] = None,
+    key: Annotated[Optional[str], typer.Option(metavar="NAME", help=KEY_HELP, rich_help_panel=INPUT)] = None,
     trust_pickle: Annotated[bool, typer.Option("--trust-pickle", metavar=FLAG, help="Allow full unpickling (trusted files only).", rich_help_panel=INPUT)] = False,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N.", rich_help_panel=INPUT)] = "auto",
     out: Annotated[Optional[str], typer.Option("--out", "-o", metavar="FILE", help="Write the JSON here ('-': stdout): tbdiag.multipliers/v1, or tbdiag.allocation/v1 for other targets.")] = None,

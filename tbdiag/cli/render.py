@@ -14,6 +14,7 @@ from rich.text import Text
 from tbdiag.analysis.core import Analysis
 from tbdiag.cli.common import safe
 from tbdiag.esd.metrics import BANDS_FIT, OVER_TRAINED_BELOW, UNDER_TRAINED_ABOVE, band_flags
+from tbdiag.finetune.lora import LORA_FORMAT
 
 
 def fmt(x: float, digits: int = 3) -> str:
@@ -59,7 +60,9 @@ def _count(n: int | None) -> str:
 def _view_text(a: Analysis) -> str:
     """What the rows describe, when not the checkpoint's own weights."""
     if a.view == "delta":
-        return f"  ΔW = W − W_base, base {a.base}" if a.base else "  ΔW = s·B·A (LoRA updates)"
+        if a.format == LORA_FORMAT:
+            return "  ΔW = s·B·A (LoRA updates)" + (f", checked against base {a.base}" if a.base else "")
+        return f"  ΔW = W − W_base, base {a.base}"
     if a.view == "merged":
         return f"  W_base + ΔW, base {a.base}"
     return ""
@@ -91,7 +94,8 @@ def summary_text(a: Analysis) -> Text:
 
 def plan_table(plan) -> Table:  # noqa: ANN001 - tbdiag.analysis.plan.Plan, imported lazily
     """The analysis plan: one row per layer with its read size and estimated time, and totals."""
-    what = {"delta": f", ΔW against {plan.base}" if plan.base else ", ΔW", "merged": f", merged into {plan.base}"}
+    delta = ", ΔW" if plan.base is None or plan.format == LORA_FORMAT else f", ΔW against {plan.base}"
+    what = {"delta": delta, "merged": f", merged into {plan.base}"}
     table = Table(title=safe(f"plan: {plan.source}{what.get(plan.view, '')} ({plan.format}, {len(plan.layers)} "
                              f"layer{'s' if len(plan.layers) != 1 else ''}, device {plan.device})"),
                   title_justify="left", header_style="bold", show_footer=True)

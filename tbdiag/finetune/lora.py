@@ -46,6 +46,7 @@ PREFIX = "base_model.model."
 # or an embedding's lora_embedding_A/_B (no .weight).
 LORA_KEY = re.compile(rf"^(?:{re.escape(PREFIX)})?(?P<module>.+)\.lora_(?:(?P<part>[AB])(?:\.[^.]+)?\.weight"
                       r"|embedding_(?P<embedding>[AB])(?:\.[^.]+)?)$")
+LORA_FORMAT = "peft-lora"  # the format of an analysis (and a plan) read from a PEFT LoRA adapter folder
 
 
 @dataclass(frozen=True)
@@ -196,28 +197,34 @@ class LowRankSpec(LayerSpec):
         return float(m + n) * self.n_evals * (self.layer.rank if self.layer else 0)
 
 
-def adapter_specs(adapter: Adapter, base_refs: dict[str, TensorRef] | None, *, include: tuple[str, ...] = (),
-                  exclude: tuple[str, ...] = ()) -> tuple[list[LayerSpec], dict[str, int]]:
-    """Specs of the adapted layers: ΔW (low rank) without ``base_refs``, W + ΔW with them (base layer name →
-    its weight), and then the weights of ``modules_to_save`` (with ``base_refs`` only; module docstring).
+def adapter_specs(adapter: Adapter, base_refs: dict[str, TensorRef] | None, *, merge: bool | None = None,
+                  include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> tuple[list[LayerSpec], dict[str, int]]:
+    """Specs of the adapted layers: ΔW (low rank), or W + ΔW when ``merge`` (the default when ``base_refs``, base
+    layer name → its weight, are given), and then the weights of ``modules_to_save`` (merged only; module
+    docstring). Every adapted layer is checked against ``base_refs`` when they are given, merged or not.
 
     Raises:
-        TbdiagError: an adapted layer missing from the base, or of another shape there.
+        TbdiagError: an adapted layer missing from the base, or of another shape there; ``merge`` without a base.
     """
+    merge = base_refs is not None if merge is None else merge
+    if merge and base_refs is None:
+        raise TbdiagError(f"{adapter.source}: merging the adapter needs the base model's weights")
     specs: list[LayerSpec] = []
     skipped = {"excluded": 0, "adapter_other": len(adapter.other), "modules_to_save": 0}
     for layer in adapter.layers:
+        base = None if base_refs is None else _base_layer(adapter.source, layer, base_refs.get(layer.name))
         if not selected(layer.name, include, exclude):
             skipped["excluded"] += 1
-        elif base_refs is None:
+        elif base is not None and merge:
+            ref = dataclasses.replace(base, load=_merged(base, layer), load_rows=None)
+            specs.append(LayerSpec(layer.name, layer.kind, layer.shape, ref, layer.name))
+        else:
             ref = TensorRef(layer.name, layer.shape, torch.float64, load=layer.delta)
             specs.append(LowRankSpec(layer.name, layer.kind, layer.shape, ref, layer.name, layer=layer))
-        else:
-            specs.append(_merged_spec(adapter.source, layer, base_refs.get(layer.name)))
-    saved, saved_skipped = plan_layers(Checkpoint(adapter.source, "peft-lora", adapter.saved), include=include,
+    saved, saved_skipped = plan_layers(Checkpoint(adapter.source, LORA_FORMAT, adapter.saved), include=include,
                                        exclude=exclude, include_embeddings=True)
     skipped["excluded"] += saved_skipped["excluded"]
-    if base_refs is not None:
+    if merge:
         specs += saved
     elif saved:
         skipped["modules_to_save"] = len(saved)
@@ -234,15 +241,15 @@ def _names(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f", … (+{len(names) - 3})" if len(names) > 3 else "")
 
 
-def _merged_spec(source: str, layer: AdapterLayer, base: TensorRef | None) -> LayerSpec:
+def _base_layer(source: str, layer: AdapterLayer, base: TensorRef | None) -> TensorRef:
+    """The base model's weight of an adapted layer, checked to be there and of the layer's shape."""
     if base is None:
         raise TbdiagError(f"{source}: adapted layer {layer.name} is not a layer of the base model; pass the "
                           "base model the adapter was trained on")
     if tuple(base.shape) != layer.shape:
         raise TbdiagError(f"{source}: {layer.name} is {list(layer.shape)} in the adapter but {list(base.shape)} in "
                           "the base model; pass the base model the adapter was trained on")
-    ref = dataclasses.replace(base, load=_merged(base, layer), load_rows=None)
-    return LayerSpec(layer.name, layer.kind, layer.shape, ref, layer.name)
+    return base
 
 
 def _merged(base: TensorRef, layer: AdapterLayer) -> Callable[[], torch.Tensor]:

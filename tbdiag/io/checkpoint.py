@@ -24,7 +24,7 @@ import torch
 from tbdiag.errors import CheckpointError
 from tbdiag.io.st_reader import DTYPES, read_header, tensor_loader, unreadable
 from tbdiag.io.state_dicts import mapping_refs, module_refs, torch_load
-from tbdiag.io.tensors import Checkpoint, TensorRef, clean_name
+from tbdiag.io.tensors import Checkpoint, TensorRef, name_under
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,9 @@ def open_checkpoint(source: Any, *, key: str | None = None, trust_pickle: bool =
 
     Args:
         source: a file or folder path, a mapping of tensors (possibly nested), or a ``torch.nn.Module``.
-        key: dotted path of the entry that holds the weights in a nested checkpoint (e.g. ``ema``);
-            found automatically when omitted.
+        key: dotted path of the entry that holds the weights in a nested checkpoint (e.g. ``ema``), or the
+            name prefix of the tensors to read in a safetensors file (``ema`` → ``ema.*``, read without it);
+            found automatically when omitted (a safetensors file: every tensor).
         trust_pickle: allow arbitrary unpickling and TorchScript. Only for files from a trusted origin.
 
     Raises:
@@ -211,7 +212,7 @@ def open_file(path: Path, key: str | None = None, trust_pickle: bool = False) ->
     those); for readers that know what the file is, such as an adapter's factors."""
     fmt = sniff(path)
     if fmt == "safetensors":
-        return Checkpoint(str(path), fmt, tuple(_safetensors_refs(path)))
+        return Checkpoint(str(path), fmt, tuple(_safetensors_refs(path, key)))
     if fmt == "torchscript":
         if not trust_pickle:
             raise CheckpointError(f"{path}: a TorchScript archive, which loads by running its code; re-run with "
@@ -224,16 +225,22 @@ def open_file(path: Path, key: str | None = None, trust_pickle: bool = False) ->
     return Checkpoint(str(path), fmt, tuple(mapping_refs(obj, key, str(path))))
 
 
-def _safetensors_refs(path: Path) -> list[TensorRef]:
+def _safetensors_refs(path: Path, key: str | None = None) -> list[TensorRef]:
+    """The tensors of a safetensors file, those below ``key`` only when it is given (`name_under`)."""
     header, metadata, start = read_header(path)
     refs = []
     for k in sorted(header, key=_order_key(metadata)):
-        info = header[k]
+        info, name = header[k], name_under(k, key)
+        if name is None:
+            continue
         if info.get("dtype") not in DTYPES:
             log.info("%s: skipping %s of unsupported dtype %s", path, k, info.get("dtype"))
             continue
         load, load_rows = tensor_loader(path, info, start)
-        refs.append(TensorRef(clean_name(k), tuple(info["shape"]), DTYPES[info["dtype"]], load=load, load_rows=load_rows))
+        refs.append(TensorRef(name, tuple(info["shape"]), DTYPES[info["dtype"]], load=load, load_rows=load_rows))
+    if key and not any(name_under(k, key) is not None for k in header):
+        raise CheckpointError(f"{path}: no tensor named '{key}.…' in the file; check the key",
+                              cli={"check the key": "check --key"})
     return refs
 
 

@@ -22,6 +22,15 @@ def clean_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 
+def name_under(name: str, key: str | None) -> str | None:
+    """The clean name of a flat checkpoint's tensor (safetensors) below ``key``, the dotted entry a nested one
+    would keep it under (``ema`` → ``ema.fc.weight`` is ``fc.weight``); None when it is not below ``key``."""
+    if not key:
+        return clean_name(name)
+    prefix = key + "."
+    return clean_name(name[len(prefix):]) if name.startswith(prefix) else None
+
+
 @dataclass(frozen=True)
 class TensorRef:
     """One named tensor of a checkpoint, not yet read.

@@ -230,7 +230,7 @@ def _write_folder(tmp: Path, ckpt: Checkpoint, layout: Layout, cuts: Cuts, writt
         part = open_checkpoint(shard, key=key, trust_pickle=trust_pickle)
         names = None if st else tied_names(shard, part.tensors, key=key, trust_pickle=trust_pickle)
         fill(tmp / rel, lambda dst, part=part, shard=shard, names=names:
-             written.update(_write_file(dst, part, shard, cuts, names=names)))
+             written.update(_write_file(dst, part, shard, cuts, names=names, key=key)))
         refs = {t.name: t for t in part.tensors}
         for name, source in names or [(t.name, t.name) for t in part.tensors]:
             weight_map[name] = rel.as_posix()
@@ -249,7 +249,7 @@ def _write_file(dst: Path, ckpt: Checkpoint, src: Path, cuts: Cuts, *, names: li
     """One file of pruned weights: a safetensors input copied with its layout, a PyTorch one under every
     name it holds (``names``: found here unless given)."""
     if ckpt.format.startswith("safetensors"):
-        return copy_safetensors(src, dst, cuts)
+        return copy_safetensors(src, dst, cuts, key)
     if names is None:
         names = tied_names(src, ckpt.tensors, key=key, trust_pickle=trust_pickle)
     return write_refs(dst, ckpt.tensors, cuts, names)

@@ -21,12 +21,12 @@ from typing import BinaryIO
 
 import torch
 
-from tbdiag.io.checkpoint import _order_key, clean_name, order_metadata, sniff
+from tbdiag.io.checkpoint import _order_key, order_metadata, sniff
 from tbdiag.errors import TbdiagError
 from tbdiag.pruning.magnitude import Counts, prune_slices_
 from tbdiag.io.st_reader import DTYPES, read_header, tensor_loader
 from tbdiag.io.state_dicts import _flatten, select_state_dict, torch_load
-from tbdiag.io.tensors import TensorRef, numel
+from tbdiag.io.tensors import TensorRef, clean_name, name_under, numel
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +42,10 @@ def header_bytes(header: dict) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def copy_safetensors(src: Path, dst: Path, cuts: Cuts) -> dict[str, Counts]:
-    """``src`` with the same tensor entries and data offsets; the tensors in ``cuts`` (by their clean names:
-    ``module.`` prefixes stripped, as the reader names them) pruned, every other one's bytes copied; the
-    reader's order recorded in ``tbdiag_order``. Returns the zero counts of the pruned tensors."""
+def copy_safetensors(src: Path, dst: Path, cuts: Cuts, key: str | None = None) -> dict[str, Counts]:
+    """``src`` with the same tensor entries and data offsets; the tensors in ``cuts`` (by the names the reader
+    gave them: ``module.`` prefixes stripped, below ``key`` when given, `name_under`) pruned, every other one's
+    bytes copied; the reader's order recorded in ``tbdiag_order``. Returns the zero counts of the pruned tensors."""
     header, metadata, start = read_header(src)
     order = sorted(header, key=_order_key(metadata))
     physical = sorted(header, key=lambda k: header[k]["data_offsets"][0])
@@ -55,7 +55,7 @@ def copy_safetensors(src: Path, dst: Path, cuts: Cuts) -> dict[str, Counts]:
         fout.write(header_bytes(new_header))
         for k in physical:
             begin, end = header[k]["data_offsets"]
-            name = clean_name(k)
+            name = name_under(k, key)
             if name in cuts:
                 load, _ = tensor_loader(src, header[k], start)
                 tensor = load()

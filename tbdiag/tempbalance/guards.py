@@ -7,6 +7,7 @@ and its groups untouched, so the same objects can be retried once the cause is f
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -84,18 +85,49 @@ def _shown(x: Any) -> str:
 
 
 def check_schedulers(optimizer: torch.optim.Optimizer, schedulers: Sequence[Any]) -> None:
-    """Refuse an optimizer over which torch built a scheduler (it patches ``optimizer.step`` and writes
-    ``initial_lr`` into the groups) when no scheduler is passed: after the split it would fail inside torch
-    (its lists no longer match the groups). ``initial_lr`` alone (a loaded optimizer state, timm's schedulers)
-    is only reported."""
-    if schedulers or not any("initial_lr" in g for g in optimizer.param_groups):
-        return
-    if hasattr(optimizer.step, "_wrapped_by_lr_sched"):
-        raise TbdiagError(f"TempBalance: a learning-rate scheduler was built over this {type(optimizer).__name__} "
-                          "before TempBalance (its groups carry initial_lr) and was not passed to it; pass it as "
+    """Refuse an optimizer over which a live scheduler was built and not passed (`built_over`): after the split
+    it would fail inside torch (its per-group lists no longer match the groups) or undo the rates. Groups that
+    carry ``initial_lr`` with no scheduler alive (a loaded optimizer state) are only reported."""
+    passed = _with_children(schedulers)
+    unpassed = [s for s in built_over(optimizer) if id(s) not in passed]
+    if unpassed:
+        names = ", ".join(type(s).__name__ for s in unpassed)
+        raise TbdiagError(f"TempBalance: a learning-rate scheduler ({names}) was built over this "
+                          f"{type(optimizer).__name__} before TempBalance and was not passed to it; pass it as "
                           "schedulers=[...] so it follows the split groups, or build it after TempBalance")
-    log.warning("TempBalance: the optimizer's groups carry initial_lr (a loaded state, or a scheduler such as "
-                "timm's built before); pass any scheduler built over them as schedulers=[...]")
+    if not schedulers and any("initial_lr" in g for g in optimizer.param_groups):
+        log.warning("TempBalance: the optimizer's groups carry initial_lr (a loaded state, or a scheduler built "
+                    "before); pass any scheduler built over them as schedulers=[...]")
+
+
+def built_over(optimizer: torch.optim.Optimizer) -> list[Any]:
+    """The live schedulers whose ``optimizer`` is this one: torch's (ReduceLROnPlateau too, which leaves no mark
+    on the optimizer) and timm's (``base_values``), found among the objects that refer to it."""
+    gc.collect()  # a scheduler that is garbage steps nothing
+    found: dict[int, Any] = {}
+    for ref in gc.get_referrers(optimizer):  # an instance, or its __dict__
+        owners = [o for o in gc.get_referrers(ref) if getattr(o, "__dict__", None) is ref] if isinstance(ref, dict) \
+            else [ref]
+        for o in owners:
+            if getattr(o, "optimizer", None) is optimizer and (isinstance(o, SCHEDULER_TYPES)
+                                                                 or hasattr(o, "base_values")):
+                found[id(o)] = o
+    return list(found.values())
+
+
+SCHEDULER_TYPES = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+
+
+def _with_children(schedulers: Iterable[Any]) -> set[int]:
+    """Ids of the schedulers passed and of those they drive (SequentialLR's, ChainedScheduler's, a wrapper's)."""
+    ids: set[int] = set()
+    todo = list(schedulers)
+    while todo:
+        s = todo.pop()
+        if id(s) not in ids:
+            ids.add(id(s))
+            todo += [*(getattr(s, "_schedulers", None) or ()), *([s.scheduler] if hasattr(s, "scheduler") else [])]
+    return ids
 
 
 def held_elsewhere(model: nn.Module, optimizer: Any, others: Iterable[Any]) -> set[str]:
