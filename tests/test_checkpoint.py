@@ -79,6 +79,12 @@ def test_key_selects_a_prefix_of_a_safetensors_file(tmp_path, tiny_state):
     assert rows_by_name(ema)["fc1"].lambda_max == pytest.approx(4 * rows_by_name(every)["model.fc1"].lambda_max)
     with pytest.raises(TbdiagError, match="no tensor named 'mod.…'"):
         analyze(p, key="mod")  # a prefix of names, not of characters
+    state = {**{f"model.{k}": v.contiguous() for k, v in tiny_state.items()},
+             **{f"ema.{k}": 2 * v for k, v in tiny_state.items()}}
+    folder = write_sharded_safetensors(tmp_path / "hf", state)  # ema.* only in the second shard
+    assert {r.name for r in analyze(folder, key="ema").layers} == {r.name for r in ema.layers}
+    with pytest.raises(TbdiagError, match="hf: no tensor named 'mod.…'"):
+        analyze(folder, key="mod")
 
 def test_clean_name():
     assert clean_name("module.layer1.0.conv1.weight") == "layer1.0.conv1.weight"

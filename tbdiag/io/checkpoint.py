@@ -88,14 +88,14 @@ def _open_folder(folder: Path, key: str | None, trust_pickle: bool) -> Checkpoin
         index = folder / index_name
         if index.is_file():
             files = _index_shards(folder, index)
-            return _merge(str(folder), fmt, [open_file(f, key, trust_pickle) for f in files])
+            return _check_key(_merge(str(folder), fmt, [_read_file(f, key, trust_pickle) for f in files]), key)
     try:
         shards, fmt = _folder_shards(folder)
     except OSError as exc:
         raise unreadable(folder, exc) from None
     if len(shards) == 1:
         return open_file(shards[0], key, trust_pickle)
-    return _merge(str(folder), fmt, [open_file(f, key, trust_pickle) for f in shards])
+    return _check_key(_merge(str(folder), fmt, [_read_file(f, key, trust_pickle) for f in shards]), key)
 
 
 def _index_shards(folder: Path, index: Path) -> list[Path]:
@@ -210,6 +210,10 @@ def sniff(path: Path) -> str:
 def open_file(path: Path, key: str | None = None, trust_pickle: bool = False) -> Checkpoint:
     """One checkpoint file read as it is, by its content (no folder or adapter rules: `open_checkpoint` applies
     those); for readers that know what the file is, such as an adapter's factors."""
+    return _check_key(_read_file(path, key, trust_pickle), key)
+
+
+def _read_file(path: Path, key: str | None, trust_pickle: bool) -> Checkpoint:
     fmt = sniff(path)
     if fmt == "safetensors":
         return Checkpoint(str(path), fmt, tuple(_safetensors_refs(path, key)))
@@ -238,10 +242,15 @@ def _safetensors_refs(path: Path, key: str | None = None) -> list[TensorRef]:
             continue
         load, load_rows = tensor_loader(path, info, start)
         refs.append(TensorRef(name, tuple(info["shape"]), DTYPES[info["dtype"]], load=load, load_rows=load_rows))
-    if key and not any(name_under(k, key) is not None for k in header):
-        raise CheckpointError(f"{path}: no tensor named '{key}.…' in the file; check the key",
-                              cli={"check the key": "check --key"})
     return refs
+
+
+def _check_key(ckpt: Checkpoint, key: str | None) -> Checkpoint:
+    """A safetensors file or folder read below ``key`` must hold some tensor there (in one of its shards)."""
+    if key and ckpt.format.startswith("safetensors") and not ckpt.tensors:
+        raise CheckpointError(f"{ckpt.source}: no tensor named '{key}.…'; check the key",
+                              cli={"check the key": "check --key"})
+    return ckpt
 
 
 ORDER_METADATA = "tbdiag_order"  # safetensors metadata: JSON list of tensor names in model order
