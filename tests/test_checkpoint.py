@@ -86,6 +86,19 @@ def test_key_selects_a_prefix_of_a_safetensors_file(tmp_path, tiny_state):
     with pytest.raises(TbdiagError, match="hf: no tensor named 'mod.…'"):
         analyze(folder, key="mod")
 
+
+def test_key_below_a_wrapper_prefix_and_names_that_clean_alike(tmp_path, tiny_state, caplog):
+    p = tmp_path / "wrapped.safetensors"
+    save_file({f"module.ema.{k}": v.contiguous() for k, v in tiny_state.items()}, p)
+    expected = {r.name for r in analyze(tiny_state).layers}
+    assert {r.name for r in analyze(p, key="ema").layers} == {r.name for r in analyze(p, key="module.ema").layers} \
+        == expected
+    twice = tmp_path / "twice.safetensors"
+    save_file({"fc.weight": torch.ones(64, 32), "_orig_mod.fc.weight": torch.zeros(64, 32)}, twice)
+    refs = open_checkpoint(twice).tensors
+    assert [t.name for t in refs] == ["fc.weight"] and torch.equal(refs[0].load(), torch.zeros(64, 32))  # name order
+    assert "tensor fc.weight appears twice (also as fc.weight); keeping the first" in caplog.text
+
 def test_clean_name():
     assert clean_name("module.layer1.0.conv1.weight") == "layer1.0.conv1.weight"
     assert clean_name("module.module._orig_mod.fc.weight") == "fc.weight"

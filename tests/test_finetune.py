@@ -246,7 +246,7 @@ def test_lora_merged_view_and_cli(lora, tmp_path):
     res = run("analyze", adapter, "--base", base, "--both", "--plan")  # planned as analysed: both views
     assert res.exit_code == 0, res.output
     titles = [line for line in res.stdout.splitlines() if line.startswith("plan: ")]
-    assert len(titles) == 2 and "ΔW (peft-lora, 9 layers" in titles[0] and "merged into" in titles[1]
+    assert len(titles) == 2 and "ΔW checked against" in titles[0] and "merged into" in titles[1]
     assert f"mergedinto{base}" in "".join(res.stdout.split())  # the title wraps at the table's width
     assert run("analyze", adapter, "--plan").exit_code == 0
 

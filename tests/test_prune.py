@@ -27,7 +27,7 @@ from tbdiag.errors import TbdiagError
 from tbdiag.pruning.magnitude import prune_smallest_
 from tbdiag.pruning.core import prune
 from tbdiag.io.st_reader import read_header
-from tests.conftest import write_bin_shards
+from tests.conftest import write_bin_shards, write_sharded_safetensors
 
 runner = CliRunner()
 
@@ -571,3 +571,23 @@ def test_key_prunes_the_tensors_below_it_in_a_safetensors_file(tmp_path):
     assert pruned and all(r.n_pruned == zeros(out[f"ema.{r.name}.weight"]) > 0 for r in pruned)
     for k, v in state.items():
         assert torch.equal(out[f"model.{k}"], v)  # outside the key: copied as it was
+
+
+def test_key_prunes_a_sharded_folder_where_one_shard_holds_the_prefix(tmp_path):
+    state = mlp_state()
+    flat = {**{f"ema.{k}": v.clone() for k, v in state.items()}, **{f"model.{k}": v for k, v in state.items()}}
+    folder = write_sharded_safetensors(tmp_path / "hf", flat)  # ema.* in the first shard only
+    result = prune(folder, tmp_path / "out", sparsity=0.5, allocation="uniform", key="ema")
+    out = {k: v for f in sorted((tmp_path / "out").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert out.keys() == flat.keys() and result.n_pruned == sum(zeros(v) for k, v in out.items() if k.startswith("ema."))
+    assert all(torch.equal(out[f"model.{k}"], v) for k, v in state.items()) and result.n_pruned > 0
+
+
+def test_of_two_tensors_with_one_clean_name_only_the_one_analysed_is_pruned(tmp_path):
+    state = mlp_state()
+    twin = torch.randn(64, 96)
+    src = saved(tmp_path, {**state, "_orig_mod.fc2.weight": twin})  # read first: names sort before fc0
+    result = prune(src, tmp_path / "out.safetensors", sparsity=0.5, allocation="uniform", include_first_last=True)
+    out = load_file(tmp_path / "out.safetensors")
+    fc2 = next(r for r in result.layers if r.name == "fc2")
+    assert zeros(out["_orig_mod.fc2.weight"]) == fc2.n_pruned > 0 and torch.equal(out["fc2.weight"], state["fc2.weight"])

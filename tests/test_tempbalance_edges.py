@@ -175,6 +175,47 @@ def test_a_timm_style_scheduler_built_before_is_refused():
     refused(model, opt, r"scheduler \(Cosine\) was built over this SGD")
     assert sched.base_values == [0.1]
 
+
+def test_a_scheduler_over_accelerates_wrapper_is_found():
+    from accelerate import Accelerator
+
+    model = mlp()
+    opt = Accelerator(cpu=True).prepare_optimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    refused(model, opt.optimizer, r"scheduler \(LambdaLR\) was built over this SGD")
+    with pytest.raises(TbdiagError, match=r"scheduler \(LambdaLR\) was built over this SGD"):
+        TempBalance(model, opt)
+    TempBalance(model, opt, schedulers=[sched], initial={"2.0": 2.0})
+
+
+def test_a_refusal_keeps_no_scheduler_alive():
+    """A REPL keeps the last traceback: once deleted as the message says, the scheduler is gone."""
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    with pytest.raises(TbdiagError) as info:
+        TempBalance(model, opt)
+    kept = info.value.__traceback__
+    del sched
+    TempBalance(model, opt, initial={})
+    assert kept is not None
+
+
+def test_objects_that_refer_to_the_optimizer_but_schedule_nothing_are_not_refused():
+    from unittest import mock
+
+    class Raising:
+        optimizer = property(lambda self: 1 / 0)
+
+        def __init__(self, opt):
+            self.opt = opt
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    holders = [Raising(opt), mock.MagicMock(optimizer=opt), {"optimizer": opt}]
+    TempBalance(model, opt, initial={})
+    assert len(holders) == 3
+
 def test_a_loaded_optimizer_state_with_initial_lr_is_no_scheduler():
     """Groups carry initial_lr after loading a checkpoint of a scheduled run, but no scheduler was built over
     this optimizer: accepted, and a scheduler built afterwards drives the split groups."""

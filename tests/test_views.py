@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from tbdiag import TbdiagError, analyze
@@ -175,6 +175,24 @@ def llama_adapter(tmp_path_factory):
     base, merged = _perturbed_adapter(llama(0), config, root)
     return root / "adapter", root / "base", base, merged
 
+
+
+def test_an_adapted_head_tied_to_the_embedding_is_checked_and_merged_with_it(tmp_path):
+    """A tied model saves lm_head once, as model.embed_tokens: the adapter's lm_head is found there."""
+    from peft import LoraConfig
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    _, merged = _perturbed_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]), tmp_path)
+    assert "lm_head.weight" not in load_file(tmp_path / "base" / "model.safetensors")
+    delta = analyze(tmp_path / "adapter", base=tmp_path / "base")
+    assert delta.base == str(tmp_path / "base" / "model.safetensors") and "lm_head" in {r.name for r in delta.layers}
+    both = analyze(tmp_path / "adapter", base=tmp_path / "base", view="merged", keep_spectra=True)
+    assert torch.allclose(torch.from_numpy(both.spectra["lm_head"]), sq_evals(merged["lm_head.weight"]), rtol=1e-5)
+    with pytest.raises(TbdiagError, match="no entries to choose from with key 'ema'; leave the key out"):
+        analyze(tmp_path / "adapter", key="ema")
 
 def test_lora_embedding_and_rslora_updates_equal_pefts_merge(llama_adapter, caplog):
     caplog.set_level(logging.INFO, "tbdiag.finetune.lora")

@@ -175,16 +175,19 @@ def _plan_adapter(folder: Any, options: AnalyzeOptions, base: Any, view: str) ->
     if view == "weights":
         raise TbdiagError(f"{folder}: a LoRA adapter holds no full weights; analyse its updates (delta) or, with the "
                           "base model, the merged weights")
+    if options.key:
+        raise TbdiagError(f"{folder}: a LoRA adapter has no entries to choose from with key {options.key!r}; "
+                          "leave the key out", cli={"leave the key out": "leave --key out"})
     adapter = open_adapter(folder)
     if view == "merged" and base is None:
         raise TbdiagError(f"{folder}: merging the adapter needs the base model it was trained on; pass it as base")
-    base_refs = base_source = None
+    base_specs = base_source = None
     if base is not None:  # merged: W + ΔW; delta: ΔW alone, each adapted layer checked against the base
         base_ckpt = open_checkpoint(base, trust_pickle=options.trust_pickle)
         # every matrix of the base, whatever the filters: they apply to the adapter's layers
-        base_refs = {s.name: s.ref for s in plan_layers(base_ckpt, include_embeddings=True)[0]}
+        base_specs = plan_layers(base_ckpt, include_embeddings=True)[0]
         base_source = base_ckpt.source
-    specs, skipped = adapter_specs(adapter, base_refs, merge=view == "merged", include=options.include,
+    specs, skipped = adapter_specs(adapter, base_specs, merge=view == "merged", include=options.include,
                                    exclude=options.exclude)
     n_params = sum(math.prod(t.shape) for layer in adapter.layers for t in (layer.a, layer.b))
     return Planned(adapter.source, LORA_FORMAT, n_params, specs, skipped, base_source, view)

@@ -197,22 +197,23 @@ class LowRankSpec(LayerSpec):
         return float(m + n) * self.n_evals * (self.layer.rank if self.layer else 0)
 
 
-def adapter_specs(adapter: Adapter, base_refs: dict[str, TensorRef] | None, *, merge: bool | None = None,
+def adapter_specs(adapter: Adapter, base: list[LayerSpec] | None, *, merge: bool | None = None,
                   include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> tuple[list[LayerSpec], dict[str, int]]:
-    """Specs of the adapted layers: ΔW (low rank), or W + ΔW when ``merge`` (the default when ``base_refs``, base
-    layer name → its weight, are given), and then the weights of ``modules_to_save`` (merged only; module
-    docstring). Every adapted layer is checked against ``base_refs`` when they are given, merged or not.
+    """Specs of the adapted layers: ΔW (low rank), or W + ΔW when ``merge`` (the default when the ``base``
+    model's layers are given, embeddings included), and then the weights of ``modules_to_save`` (merged only;
+    module docstring). Every adapted layer is checked against ``base`` when it is given, merged or not.
 
     Raises:
         TbdiagError: an adapted layer missing from the base, or of another shape there; ``merge`` without a base.
     """
-    merge = base_refs is not None if merge is None else merge
-    if merge and base_refs is None:
+    merge = base is not None if merge is None else merge
+    if merge and base is None:
         raise TbdiagError(f"{adapter.source}: merging the adapter needs the base model's weights")
+    base_specs = None if base is None else {s.name: s for s in base}
     specs: list[LayerSpec] = []
     skipped = {"excluded": 0, "adapter_other": len(adapter.other), "modules_to_save": 0}
     for layer in adapter.layers:
-        base = None if base_refs is None else _base_layer(adapter.source, layer, base_refs.get(layer.name))
+        base = None if base_specs is None else _base_layer(adapter.source, layer, _base_ref(layer, base_specs))
         if not selected(layer.name, include, exclude):
             skipped["excluded"] += 1
         elif base is not None and merge:
@@ -239,6 +240,18 @@ def adapter_specs(adapter: Adapter, base_refs: dict[str, TensorRef] | None, *, m
 
 def _names(names: list[str]) -> str:
     return ", ".join(names[:3]) + (f", … (+{len(names) - 3})" if len(names) > 3 else "")
+
+
+def _base_ref(layer: AdapterLayer, base: dict[str, LayerSpec]) -> TensorRef | None:
+    """The base weight of an adapted layer by name; for an output head the base file does not hold (tied to
+    the input embedding, saved once), the one base embedding matrix of its shape."""
+    if layer.name in base:
+        return base[layer.name].ref
+    tied = [s for s in base.values() if s.kind == "embedding" and tuple(s.ref.shape) == layer.shape]
+    if len(tied) == 1:
+        log.info("%s: not in the base; taken as tied to %s (same shape, saved once)", layer.name, tied[0].name)
+        return tied[0].ref
+    return None
 
 
 def _base_layer(source: str, layer: AdapterLayer, base: TensorRef | None) -> TensorRef:

@@ -88,14 +88,14 @@ def _open_folder(folder: Path, key: str | None, trust_pickle: bool) -> Checkpoin
         index = folder / index_name
         if index.is_file():
             files = _index_shards(folder, index)
-            return _check_key(_merge(str(folder), fmt, [_read_file(f, key, trust_pickle) for f in files]), key)
+            return _check_key(_merge(str(folder), fmt, [open_shard(f, key, trust_pickle) for f in files]), key)
     try:
         shards, fmt = _folder_shards(folder)
     except OSError as exc:
         raise unreadable(folder, exc) from None
     if len(shards) == 1:
         return open_file(shards[0], key, trust_pickle)
-    return _check_key(_merge(str(folder), fmt, [_read_file(f, key, trust_pickle) for f in shards]), key)
+    return _check_key(_merge(str(folder), fmt, [open_shard(f, key, trust_pickle) for f in shards]), key)
 
 
 def _index_shards(folder: Path, index: Path) -> list[Path]:
@@ -210,10 +210,11 @@ def sniff(path: Path) -> str:
 def open_file(path: Path, key: str | None = None, trust_pickle: bool = False) -> Checkpoint:
     """One checkpoint file read as it is, by its content (no folder or adapter rules: `open_checkpoint` applies
     those); for readers that know what the file is, such as an adapter's factors."""
-    return _check_key(_read_file(path, key, trust_pickle), key)
+    return _check_key(open_shard(path, key, trust_pickle), key)
 
 
-def _read_file(path: Path, key: str | None, trust_pickle: bool) -> Checkpoint:
+def open_shard(path: Path, key: str | None = None, trust_pickle: bool = False) -> Checkpoint:
+    """`open_file` for one file of a sharded checkpoint: a safetensors shard may hold nothing below ``key``."""
     fmt = sniff(path)
     if fmt == "safetensors":
         return Checkpoint(str(path), fmt, tuple(_safetensors_refs(path, key)))
@@ -233,10 +234,15 @@ def _safetensors_refs(path: Path, key: str | None = None) -> list[TensorRef]:
     """The tensors of a safetensors file, those below ``key`` only when it is given (`name_under`)."""
     header, metadata, start = read_header(path)
     refs = []
+    seen: set[str] = set()
     for k in sorted(header, key=_order_key(metadata)):
         info, name = header[k], name_under(k, key)
         if name is None:
             continue
+        if name in seen:  # e.g. fc.weight and _orig_mod.fc.weight: one name, as for state dicts
+            log.warning("%s: tensor %s appears twice (also as %s); keeping the first", path, name, k)
+            continue
+        seen.add(name)
         if info.get("dtype") not in DTYPES:
             log.info("%s: skipping %s of unsupported dtype %s", path, k, info.get("dtype"))
             continue

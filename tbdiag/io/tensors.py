@@ -28,7 +28,10 @@ def name_under(name: str, key: str | None) -> str | None:
     if not key:
         return clean_name(name)
     prefix = key + "."
-    return clean_name(name[len(prefix):]) if name.startswith(prefix) else None
+    for candidate in (name, clean_name(name)):  # ``module.ema.fc.weight``: below ``module.ema`` and ``ema``
+        if candidate.startswith(prefix):
+            return clean_name(candidate[len(prefix):])
+    return None
 
 
 @dataclass(frozen=True)

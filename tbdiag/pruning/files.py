@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tbdiag.io.checkpoint import _folder_shards, _index_shards  # the reader's own rules, not copies
-from tbdiag.io.checkpoint import ST_INDEX, TORCH_INDEX, open_checkpoint
+from tbdiag.io.checkpoint import ST_INDEX, TORCH_INDEX, open_shard
 from tbdiag.errors import TbdiagError
 from tbdiag.io.outputs import READ_SUFFIXES, check_outputs, fill, replace_all, temporary_beside, usual_mode
 from tbdiag.pruning.magnitude import Counts, expected_counts
@@ -227,7 +227,7 @@ def _write_folder(tmp: Path, ckpt: Checkpoint, layout: Layout, cuts: Cuts, writt
         if not st:
             rel = rel.with_name(rel.name.replace("pytorch_model", "model", 1)).with_suffix(".safetensors")
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        part = open_checkpoint(shard, key=key, trust_pickle=trust_pickle)
+        part = open_shard(shard, key=key, trust_pickle=trust_pickle)
         names = None if st else tied_names(shard, part.tensors, key=key, trust_pickle=trust_pickle)
         fill(tmp / rel, lambda dst, part=part, shard=shard, names=names:
              written.update(_write_file(dst, part, shard, cuts, names=names, key=key)))

@@ -48,6 +48,9 @@ def copy_safetensors(src: Path, dst: Path, cuts: Cuts, key: str | None = None) -
     bytes copied; the reader's order recorded in ``tbdiag_order``. Returns the zero counts of the pruned tensors."""
     header, metadata, start = read_header(src)
     order = sorted(header, key=_order_key(metadata))
+    first: dict[str, str] = {}  # name → the entry the reader kept under it (the first in its order)
+    for k in order:
+        first.setdefault(name_under(k, key), k)
     physical = sorted(header, key=lambda k: header[k]["data_offsets"][0])
     new_header = {"__metadata__": {**metadata, **order_metadata(order)}, **{k: header[k] for k in physical}}
     counts: dict[str, Counts] = {}
@@ -56,7 +59,7 @@ def copy_safetensors(src: Path, dst: Path, cuts: Cuts, key: str | None = None) -
         for k in physical:
             begin, end = header[k]["data_offsets"]
             name = name_under(k, key)
-            if name in cuts:
+            if name in cuts and first.get(name) == k:
                 load, _ = tensor_loader(src, header[k], start)
                 tensor = load()
                 counts[name] = prune_slices_(tensor, cuts[name])

@@ -154,7 +154,7 @@ class TempBalance:
             raise TbdiagError("the optimizer holds none of this model's parameters; build it over the model "
                               "TempBalance is given (model.parameters(), or its param groups)")
         check_scalable(original, opt.defaults, self.target, type(opt).__name__)
-        check_schedulers(opt, schedulers)
+        check_schedulers(optimizer, schedulers)
         if missing:
             log.info("TempBalance: %d trainable parameters are not in the optimizer (e.g. %s)", len(missing), missing[0])
         opt.param_groups, origin = split_by_unit(original, unit_of)

@@ -84,35 +84,70 @@ def _shown(x: Any) -> str:
     return f"tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) and x.ndim else repr(x)
 
 
-def check_schedulers(optimizer: torch.optim.Optimizer, schedulers: Sequence[Any]) -> None:
-    """Refuse an optimizer over which a live scheduler was built and not passed (`built_over`): after the split
-    it would fail inside torch (its per-group lists no longer match the groups) or undo the rates. Groups that
-    carry ``initial_lr`` with no scheduler alive (a loaded optimizer state) are only reported."""
+def check_schedulers(optimizer: Any, schedulers: Sequence[Any]) -> None:
+    """Refuse an optimizer (as given: wrappers such as accelerate's included) over which a live scheduler was
+    built and not passed (`built_over`): after the split it would fail inside torch (its per-group lists no
+    longer match the groups) or undo the rates. Groups that carry ``initial_lr`` with no scheduler alive (a
+    loaded optimizer state) are only reported."""
     passed = _with_children(schedulers)
-    unpassed = [s for s in built_over(optimizer) if id(s) not in passed]
-    if unpassed:
-        names = ", ".join(type(s).__name__ for s in unpassed)
-        raise TbdiagError(f"TempBalance: a learning-rate scheduler ({names}) was built over this "
-                          f"{type(optimizer).__name__} before TempBalance and was not passed to it; pass it as "
+    names = [type(s).__name__ for s in built_over(optimizer) if id(s) not in passed]  # names: no object kept alive
+    inner = inner_optimizer(optimizer)
+    if names:
+        raise TbdiagError(f"TempBalance: a learning-rate scheduler ({', '.join(names)}) was built over this "
+                          f"{type(inner).__name__} before TempBalance and was not passed to it; pass it as "
                           "schedulers=[...] so it follows the split groups, or build it after TempBalance")
-    if not schedulers and any("initial_lr" in g for g in optimizer.param_groups):
+    if not schedulers and any("initial_lr" in g for g in inner.param_groups):
         log.warning("TempBalance: the optimizer's groups carry initial_lr (a loaded state, or a scheduler built "
                     "before); pass any scheduler built over them as schedulers=[...]")
 
 
-def built_over(optimizer: torch.optim.Optimizer) -> list[Any]:
-    """The live schedulers whose ``optimizer`` is this one: torch's (ReduceLROnPlateau too, which leaves no mark
-    on the optimizer) and timm's (``base_values``), found among the objects that refer to it."""
-    gc.collect()  # a scheduler that is garbage steps nothing
+def built_over(optimizer: Any) -> list[Any]:
+    """The live schedulers over this optimizer, any optimizer it wraps (``.optimizer``) or any optimizer that
+    wraps it (accelerate's): torch's (ReduceLROnPlateau too, which leaves no mark on the optimizer) and
+    timm's (a ``base_values`` list), found among the objects that refer to them. One scan of the heap; again,
+    after a collection, when one is found (a scheduler that is garbage steps nothing)."""
+    levels = [optimizer]
+    while isinstance(getattr(levels[-1], "optimizer", None), torch.optim.Optimizer) and len(levels) < 8:
+        levels.append(levels[-1].optimizer)
+    found = _schedulers_referring(levels)
+    if found:
+        del found
+        gc.collect()
+        found = _schedulers_referring(levels)
+    return found
+
+
+def _schedulers_referring(levels: list[Any]) -> list[Any]:
     found: dict[int, Any] = {}
-    for ref in gc.get_referrers(optimizer):  # an instance, or its __dict__
-        owners = [o for o in gc.get_referrers(ref) if getattr(o, "__dict__", None) is ref] if isinstance(ref, dict) \
-            else [ref]
-        for o in owners:
-            if getattr(o, "optimizer", None) is optimizer and (isinstance(o, SCHEDULER_TYPES)
-                                                                 or hasattr(o, "base_values")):
-                found[id(o)] = o
+    for _ in range(8):  # each round adds the optimizers that wrap one met so far
+        ids = {id(o) for o in levels}
+        holders = [o for o in _holders(levels) if id(_attribute(o, "optimizer")) in ids]
+        found.update((id(o), o) for o in holders if _is_scheduler(o))
+        wrappers = [o for o in holders if isinstance(o, torch.optim.Optimizer) and id(o) not in ids]
+        if not wrappers:
+            break
+        levels = levels + wrappers
     return list(found.values())
+
+
+def _holders(targets: list[Any]) -> list[Any]:
+    """The objects that refer to any of ``targets``: each instance, found itself or through its ``__dict__``."""
+    refs = gc.get_referrers(*targets)
+    dicts = [r for r in refs if isinstance(r, dict)]
+    ids = {id(d) for d in dicts}
+    owners = [o for o in gc.get_referrers(*dicts) if id(_attribute(o, "__dict__")) in ids] if dicts else []
+    return [r for r in refs if not isinstance(r, dict)] + owners
+
+
+def _attribute(o: Any, name: str) -> Any:
+    try:  # any object may refer to the optimizer: one whose attributes raise is not a scheduler
+        return object.__getattribute__(o, name)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _is_scheduler(o: Any) -> bool:
+    return isinstance(o, SCHEDULER_TYPES) or isinstance(_attribute(o, "base_values"), list)
 
 
 SCHEDULER_TYPES = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
