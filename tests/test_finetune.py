@@ -342,6 +342,23 @@ def test_diff_compares_like_with_like(tmp_path):
     one_line_error(run("diff", trained, SAMPLES / "mlp_legacy.pth"), "have no layer in common")
 
 
+
+def test_diff_reads_checkpoints_below_the_key_it_is_given(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    trained = load_file(SAMPLES / "cnn_trained.safetensors")
+    both = tmp_path / "both.safetensors"
+    save_file({**{f"ema.{k}": v for k, v in trained.items()}, **{f"model.{k}": 0.5 * v for k, v in trained.items()}}, both)
+    saved = tmp_path / "ema.json"
+    assert run("analyze", both, "--key", "ema", "--json", saved, "-q").exit_code == 0
+    one_line_error(run("diff", saved, both), "have no layer in common")  # the JSON's key is not the file's
+    res = run("diff", saved, both, "--key", "model", "--json", "-", "-q")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["layers"]
+    assert {r["name"] for r in rows if r["status"] == ["ok", "ok"]} == {"features.3", "features.6", "fc"}
+    assert all(r["delta"]["alpha"] == pytest.approx(0, abs=1e-9) for r in rows if r["status"] == ["ok", "ok"])
+
+
 @pytest.fixture(scope="module")
 def conv_lora(tmp_path_factory):
     """A small CNN and a LoRA adapter on its convolutions and its head, trained for three steps."""

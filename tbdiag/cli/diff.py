@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from tbdiag.cli.common import FLAG, OVERWRITE_HELP, Fit, Outputs, choices, err_console, out_console, require, user_errors
+from tbdiag.cli.common import FLAG, KEY_HELP, OVERWRITE_HELP, Fit, Outputs, choices, err_console, out_console, require, user_errors
 
 
 def diff_command(
@@ -15,6 +15,7 @@ def diff_command(
     b: Annotated[str, typer.Argument(metavar="B", help="The one to compare to (e.g. the fine-tuned model).", show_default=False)],
     fit: Annotated[Optional[Fit], typer.Option(metavar=choices(Fit), help="Estimator for checkpoints analysed here (default: the fit of a JSON input, else ks); a checkpoint beside an analysis JSON is analysed with that analysis' options.", show_default=False)] = None,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="auto, cpu, cuda or cuda:N (checkpoints analysed here).")] = "auto",
+    key: Annotated[Optional[str], typer.Option(metavar="NAME", help=KEY_HELP + " For checkpoints analysed here (default: found anew).")] = None,
     top: Annotated[int, typer.Option(metavar="N", help="Rows in the table (0: all); the JSON always has all.")] = 0,
     json_out: Annotated[Optional[str], typer.Option("--json", metavar="FILE", help="Write the tbdiag.diff/v1 JSON here ('-' for stdout).")] = None,
     html: Annotated[Optional[str], typer.Option("--html", metavar="FILE", help="Write the comparison report of A and B here.")] = None,
@@ -29,7 +30,7 @@ def diff_command(
         if html == "-":
             raise TbdiagError("--html -: an HTML report goes to a file; name one")
         outputs = Outputs.check({"--json": json_out, "--html": html}, [a, b], overwrite=overwrite)
-        analyses = _load_both(a, b, fit.value if fit is not None else None, device, keep_spectra=html is not None)
+        analyses = _load_both(a, b, fit.value if fit is not None else None, device, key, keep_spectra=html is not None)
         from tbdiag.finetune.diff import diff
         from tbdiag.analysis.export import jsonable
 
@@ -56,7 +57,7 @@ def diff_command(
             (err_console if outputs.stdout else out_console).print(table)
 
 
-def _load_both(a: str, b: str, fit: str | None, device: str, keep_spectra: bool) -> list:
+def _load_both(a: str, b: str, fit: str | None, device: str, key: str | None, keep_spectra: bool) -> list:
     """A and B: analysis JSONs (one analysis each) as they are; checkpoints analysed here, with the options of
     the JSON beside them (so that both sides are measured alike) or with ``fit`` (default ks)."""
     import dataclasses
@@ -74,5 +75,5 @@ def _load_both(a: str, b: str, fit: str | None, device: str, keep_spectra: bool)
                 raise TbdiagError(f"{path}: holds {len(analyses)} analyses; write each to its own file and pass one")
             found[path] = analyses[0]
     like = next(iter(found.values())).options if found else AnalyzeOptions(fit=fit or "ks")
-    options = dataclasses.replace(like, fit=fit or like.fit, device=device, key=None)  # the entry is found anew
+    options = dataclasses.replace(like, fit=fit or like.fit, device=device, key=key)  # not the JSON's: another file
     return [found[p] if p in found else analyze(p, options, keep_spectra=keep_spectra) for p in (a, b)]
