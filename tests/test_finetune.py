@@ -84,6 +84,9 @@ def test_randomize_permutes_each_slice_and_layer_apart_reproducibly():
     assert permutation(0, "l1", 0, 8).tolist() == [0, 7, 1, 6, 4, 2, 3, 5]  # crc32-seeded: stable across runs
     assert permutation(0, "l1", 1, 8).tolist() == [7, 2, 6, 0, 5, 4, 3, 1]
     assert permutation(7, "l1", 0, 8).tolist() == [7, 2, 0, 3, 4, 1, 5, 6]
+    assert permutation(2 ** 32 - 1, "l1", 0, 8).tolist() != permutation(0, "l1", 0, 8).tolist()  # the largest seed
+    with pytest.raises(TbdiagError, match=r"seed 4294967296: must be a whole number from 0 to 2\^32 − 1"):
+        analyze({"l1.weight": torch.ones(4, 4)}, randomize=True, seed=2 ** 32)  # would repeat seed 0
     torch.manual_seed(5)
     m = torch.randn(12, 6)
     conv = m[:, :, None, None].expand(12, 6, 2, 2).contiguous()  # four identical kernel slices

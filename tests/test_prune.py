@@ -591,3 +591,14 @@ def test_of_two_tensors_with_one_clean_name_only_the_one_analysed_is_pruned(tmp_
     out = load_file(tmp_path / "out.safetensors")
     fc2 = next(r for r in result.layers if r.name == "fc2")
     assert zeros(out["_orig_mod.fc2.weight"]) == fc2.n_pruned > 0 and torch.equal(out["fc2.weight"], state["fc2.weight"])
+
+
+@pytest.mark.parametrize("allocation", ["alpha", "uniform"])
+def test_weights_without_values_are_refused_and_nothing_is_written(tmp_path, allocation):
+    src = tmp_path / "meta.pt"
+    torch.save({k: torch.empty(v.shape, device="meta") for k, v in mlp_state().items()}, src)
+    with pytest.raises(TbdiagError, match=r"meta.pt: tensor fc\d.\w+ has no values \(it is on the meta device\)"):
+        prune(src, tmp_path / "out.safetensors", sparsity=0.5, allocation=allocation)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.pt"]
+    with pytest.raises(TbdiagError, match="tensor fc0.weight has no values"):
+        tbdiag.analyze(src)

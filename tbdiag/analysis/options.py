@@ -96,8 +96,8 @@ class AnalyzeOptions:
             raise TbdiagError("randomize compares the full ESD with its shuffled twin; it does not apply to the "
                               f"{self.estimator} estimator: use the full estimator",
                               cli={"randomize": "--randomize", "the full estimator": "--estimator full"})
-        if not 0 <= self.seed < 2 ** 63:
-            raise TbdiagError(f"seed {self.seed}: must be a whole number from 0 to 2^63 − 1", cli={"seed ": "--seed "})
+        if not 0 <= self.seed < 2 ** 32:  # the permutations' generator reads 32 bits (`tbdiag.esd.randomize`)
+            raise TbdiagError(f"seed {self.seed}: must be a whole number from 0 to 2^32 − 1", cli={"seed ": "--seed "})
 
     def fit_kwargs(self) -> dict[str, Any]:
         """Arguments of the chosen estimator."""

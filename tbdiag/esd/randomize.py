@@ -36,8 +36,9 @@ MAX_TRAPS = 10  # traps listed with their entries per layer (num_traps counts th
 
 
 def _generator(seed: int, name: str, index: int) -> torch.Generator:
-    """The generator of one slice's permutation: from the seed, the layer name and the slice index."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(f"{name}\0{index}".encode())) % (2 ** 63))
+    """The generator of one slice's permutation: from the seed, the layer name and the slice index, folded to the
+    32 bits torch's CPU generator reads (each seed below 2^32 gives a layer its own permutations: 1_000_003 is odd)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(f"{name}\0{index}".encode())) % (2 ** 32))
 
 
 def permutation(seed: int, name: str, index: int, numel: int) -> torch.Tensor:

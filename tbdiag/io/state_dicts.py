@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -101,8 +101,18 @@ def mapping_refs(obj: Any, key: str | None, where: str) -> list[TensorRef]:
             log.info("%s: %s shares its storage with an earlier tensor; analysed once", where, name)
             continue
         views.add(view)
-        refs.append(TensorRef(name, tuple(t.shape), t.dtype, load=lambda t=t: t))
+        refs.append(TensorRef(name, tuple(t.shape), t.dtype, load=_loader(t, name, where)))
     return refs
+
+
+def _loader(t: torch.Tensor, name: str, where: str) -> Callable[[], torch.Tensor]:
+    """A tensor as it is; one on the meta device (shapes, no values: planned, never read) refused when read."""
+    def load() -> torch.Tensor:
+        if t.device.type == "meta":
+            raise CheckpointError(f"{where}: tensor {name} has no values (it is on the meta device); load or "
+                                  "initialise the weights before analysing or pruning them")
+        return t
+    return load
 
 
 def module_refs(module: torch.nn.Module) -> list[TensorRef]:
@@ -114,7 +124,7 @@ def module_refs(module: torch.nn.Module) -> list[TensorRef]:
                 continue
             seen.add(id(p))
             name = clean_name(f"{mname}.{pname}" if mname else pname)
-            refs.append(TensorRef(name, tuple(p.shape), p.dtype, load=lambda p=p: p.detach(),
+            refs.append(TensorRef(name, tuple(p.shape), p.dtype, load=_loader(p.detach(), name, "<module>"),
                                   kind_hint=hint if pname.startswith("weight") or pname.endswith("_weight") else None,
                                   transposed=transposed and pname == "weight"))
     return refs
