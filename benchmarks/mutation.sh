@@ -4,6 +4,9 @@
 #   benchmarks/mutation.sh                     # every module, one after the other
 #   benchmarks/mutation.sh maps powerlaw       # only these (short names: ORDER below)
 #   MUTATION_JOBS=2 benchmarks/mutation.sh     # parallel test workers (default 1)
+#   benchmarks/mutation.sh --survivors maps    # after adding tests: the last run's survivors of these modules
+#                                              # again, against the gap tests only (they survived the rest), and
+#                                              # the mutants not tested yet (functions changed since) against all
 #
 # The configuration (files mutated, tests run, fork-server isolation for torch) is `[tool.mutmut]` in
 # pyproject.toml. mutmut copies the package into mutants/ (git-ignored) and, for every mutant, runs only the
@@ -47,6 +50,8 @@ declare -A MODULE=(
     [recommended]=tbdiag.report.recommended
 )
 ORDER=(maps powerlaw metrics selection spectrum layers allocators optim mp randomize delta lora lora_config diff magnitude prune prune_results prune_files prune_tensors recommend balancer guards logs hf lightning export outputs recommended)
+survivors=0
+[ "${1:-}" = "--survivors" ] && { survivors=1; shift; }
 selected=("$@")
 [ ${#selected[@]} -eq 0 ] && selected=("${ORDER[@]}")
 for m in "${selected[@]}"; do
@@ -54,7 +59,29 @@ for m in "${selected[@]}"; do
 done
 
 start=$(date +%s)
-for m in "${selected[@]}"; do
+runs=("${selected[@]}")
+if [ $survivors = 1 ]; then
+    # from the last run's mutants/**/*.py.meta: survivors (mutants/survivors.txt) and mutants not tested yet
+    "$PYTHON" - $(for m in "${selected[@]}"; do printf '%s ' "${MODULE[$m]}"; done) <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+killed_codes = {1, 3, 24, -24, 36, 152, 255}
+survived, untested = [], []
+for module in sys.argv[1:]:
+    codes = json.loads((Path("mutants") / (module.replace(".", "/") + ".py.meta")).read_text())["exit_code_by_key"]
+    survived += [k for k, c in codes.items() if c is not None and c not in killed_codes]
+    untested += [k for k, c in codes.items() if c is None]
+Path("mutants/survivors.txt").write_text("".join(k + "\n" for k in survived))
+Path("mutants/rerun.txt").write_text("".join(k + "\n" for k in survived + untested))
+print(f"=== {len(survived)} survivors again, {len(untested)} mutants not tested yet")
+EOF
+    MUTATION_SURVIVORS="$PWD/mutants/survivors.txt" nice -n 15 "$PYTHON" -m mutmut run --max-children "$JOBS" \
+        $(cat mutants/rerun.txt) > mutants/run-survivors.log 2>&1 || { tail -n 20 mutants/run-survivors.log; exit 1; }
+    runs=()
+fi
+for m in "${runs[@]}"; do
     t0=$(date +%s)
     echo "=== ${MODULE[$m]}"
     mkdir -p mutants

@@ -2,7 +2,8 @@
 
 While mutmut tests a mutant (``MUTANT_UNDER_TEST`` names it), keep only the tests relevant to the mutated
 module (`RELEVANT`), leave out the slow integration tests (`SLOW`), and run the rest fastest first (the
-durations mutmut recorded), so that a killed mutant usually dies in its first test. The plain test suite,
+durations mutmut recorded), so that a killed mutant usually dies in its first test. A mutant that survived an
+earlier run (listed in ``$MUTATION_SURVIVORS``) meets only the tests written against survivors (`GAPS`). The plain test suite,
 mutmut's statistics run and its clean run see every test: the plugin does nothing outside a mutant.
 """
 
@@ -57,6 +58,12 @@ SLOW = {  # ≥ 1.5 s each on a 2-core machine: what they check of the math core
 }
 
 
+def _survivors() -> set[str]:
+    """Mutants named in ``$MUTATION_SURVIVORS`` (a file, one name a line: `benchmarks/mutation.sh --survivors`)."""
+    path = os.environ.get("MUTATION_SURVIVORS")
+    return set(Path(path).read_text().split()) if path else set()
+
+
 def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
     mutant = os.environ.get("MUTANT_UNDER_TEST", "")
     if "__mutmut_" not in mutant:
@@ -64,6 +71,8 @@ def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001
     files = RELEVANT.get(mutant.rsplit(".", 1)[0])
     if files is None:
         return
+    if mutant in _survivors():  # it survived every other test already: only the tests written since can kill it
+        files = GAPS
     stats = Path("mutmut-stats.json")
     durations = json.loads(stats.read_text())["duration_by_test"] if stats.exists() else {}
     keep = [it for it in items if it.nodeid.split("::")[0] in files and it.nodeid not in SLOW]
