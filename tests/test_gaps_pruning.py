@@ -447,3 +447,21 @@ def test_an_output_folder_whose_parent_is_not_writable_is_refused_by_name(tmp_pa
     message = f"{out}: folder {out.parent} is not writable; choose another path"
     with pytest.raises(TbdiagError, match=f"^{re.escape(message)}$"):
         prune(src, out, sparsity=0.5, allocation="uniform")
+
+
+def test_a_write_that_fails_names_the_output_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    src = tmp_path / "in.safetensors"
+    save_file({"fc1.weight": torch.randn(64, 64), "fc2.weight": torch.randn(64, 64)}, src)
+
+    def disk_full(source, dst, cuts, key=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(tbdiag.pruning.files, "copy_safetensors", disk_full)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(TbdiagError) as info:
+        prune(src, out, sparsity=0.5, allocation="uniform", include_first_last=True, min_evals=2,
+              allocation_json=tmp_path / "a.json")
+    assert str(info.value).startswith(f"{out}: cannot write (No space left on device); nothing was written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]

@@ -918,3 +918,12 @@ def test_lightning_a_fresh_run_with_several_optimizers_reports_no_resume(caplog)
         cb.on_fit_start(trainer, gan)
         cb.on_train_start(trainer, gan)
     assert caplog.records == [] and cb.tempbalance.updates == 0
+
+
+def test_every_scheduler_passed_is_taken_as_passed_not_only_the_first():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    warm = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
+    tb = TempBalance(model, opt, schedulers=[warm, plateau], initial={"2.0": 2.0})
+    assert tb.multipliers["2.0"] == 2.0
