@@ -407,3 +407,18 @@ def test_conv_lora_updates_pool_r_eigenvalues_per_kernel_position(conv_lora):
     direct = analyze({k: v for k, v in merged.items()}, keep_spectra=True)
     for name in ("0", "2", "5"):
         assert torch.allclose(torch.from_numpy(m.spectra[name]), torch.from_numpy(direct.spectra[name]), rtol=1e-5)
+
+
+def test_adapter_specs_merge_by_default_with_a_base_and_refuse_a_merge_without(lora):
+    from tbdiag.esd.layers import plan_layers
+    from tbdiag.finetune.lora import LowRankSpec, adapter_specs, open_adapter
+    from tbdiag.io.checkpoint import open_checkpoint
+
+    adapter_dir, base, _ = lora
+    adapter = open_adapter(adapter_dir)
+    base_specs = plan_layers(open_checkpoint(base), include_embeddings=True)[0]
+    merged, _ = adapter_specs(adapter, base_specs)
+    checked, _ = adapter_specs(adapter, base_specs, merge=False)
+    assert not any(isinstance(s, LowRankSpec) for s in merged) and all(isinstance(s, LowRankSpec) for s in checked)
+    with pytest.raises(TbdiagError, match="merging the adapter needs the base model's weights"):
+        adapter_specs(adapter, None, merge=True)
