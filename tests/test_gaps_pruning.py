@@ -465,3 +465,28 @@ def test_a_write_that_fails_names_the_output_and_leaves_nothing(tmp_path, monkey
               allocation_json=tmp_path / "a.json")
     assert str(info.value).startswith(f"{out}: cannot write (No space left on device); nothing was written")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def test_a_checkpoint_that_needs_unpickling_is_refused_unless_trusted(tmp_path):
+    src = tmp_path / "module.pt"
+    torch.save(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), src)
+    with pytest.raises(TbdiagError, match="trust_pickle=True"):
+        prune(src, tmp_path / "out.safetensors", sparsity=0.5, allocation="uniform")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_plan_without_output_names_no_output(tmp_path):
+    src = saved(tmp_path, mlp_state())
+    result = prune(src, None, sparsity=0.5, allocation="uniform")
+    assert result.out is None and result.n_pruned > 0
+
+
+def test_nothing_to_prune_names_the_flags_that_widen_the_choice(tmp_path):
+    from typer.testing import CliRunner
+
+    from tbdiag.cli import app
+
+    src = tmp_path / "two.safetensors"
+    save_file({"fc0.weight": torch.randn(64, 64), "fc1.weight": torch.randn(10, 64)}, src)
+    res = CliRunner().invoke(app, ["prune", str(src), "--sparsity", "0.5", "--out", str(tmp_path / "o.safetensors")])
+    assert res.exit_code == 2 and "--include-first-last" in res.output and "lower --min-evals" in res.output
