@@ -94,10 +94,8 @@ def summary_text(a: Analysis) -> Text:
 
 def plan_table(plan) -> Table:  # noqa: ANN001 - tbdiag.analysis.plan.Plan, imported lazily
     """The analysis plan: one row per layer with its read size and estimated time, and totals."""
-    delta = ", ΔW" if plan.base is None else f", ΔW against {plan.base}"
-    if plan.base is not None and plan.format == LORA_FORMAT:
-        delta = f", ΔW checked against {plan.base}"
-    what = {"delta": delta, "merged": f", merged into {plan.base}"}
+    against = "checked against" if plan.format == LORA_FORMAT else "against"  # an adapter's ΔW is s·B·A
+    what = {"delta": f", ΔW {against} {plan.base}" if plan.base else ", ΔW", "merged": f", merged into {plan.base}"}
     table = Table(title=safe(f"plan: {plan.source}{what.get(plan.view, '')} ({plan.format}, {len(plan.layers)} "
                              f"layer{'s' if len(plan.layers) != 1 else ''}, device {plan.device})"),
                   title_justify="left", header_style="bold", show_footer=True)

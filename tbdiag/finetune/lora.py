@@ -213,11 +213,11 @@ def adapter_specs(adapter: Adapter, base: list[LayerSpec] | None, *, merge: bool
     specs: list[LayerSpec] = []
     skipped = {"excluded": 0, "adapter_other": len(adapter.other), "modules_to_save": 0}
     for layer in adapter.layers:
-        base = None if base_specs is None else _base_layer(adapter.source, layer, _base_ref(layer, base_specs))
+        weight = None if base_specs is None else _base_layer(adapter.source, layer, _base_ref(layer, base_specs))
         if not selected(layer.name, include, exclude):
             skipped["excluded"] += 1
-        elif base is not None and merge:
-            ref = dataclasses.replace(base, load=_merged(base, layer), load_rows=None)
+        elif merge:
+            ref = dataclasses.replace(weight, load=_merged(weight, layer), load_rows=None)
             specs.append(LayerSpec(layer.name, layer.kind, layer.shape, ref, layer.name))
         else:
             ref = TensorRef(layer.name, layer.shape, torch.float64, load=layer.delta)

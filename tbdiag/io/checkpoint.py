@@ -231,24 +231,35 @@ def open_shard(path: Path, key: str | None = None, trust_pickle: bool = False) -
 
 
 def _safetensors_refs(path: Path, key: str | None = None) -> list[TensorRef]:
-    """The tensors of a safetensors file, those below ``key`` only when it is given (`name_under`)."""
+    """The tensors of a safetensors file, those below ``key`` only when it is given (`safetensors_entries`)."""
     header, metadata, start = read_header(path)
     refs = []
-    seen: set[str] = set()
-    for k in sorted(header, key=_order_key(metadata)):
-        info, name = header[k], name_under(k, key)
-        if name is None:
-            continue
-        if name in seen:  # e.g. fc.weight and _orig_mod.fc.weight: one name, as for state dicts
-            log.warning("%s: tensor %s appears twice (also as %s); keeping the first", path, name, k)
-            continue
-        seen.add(name)
+    for name, k in safetensors_entries(header, metadata, key, where=path).items():
+        info = header[k]
         if info.get("dtype") not in DTYPES:
             log.info("%s: skipping %s of unsupported dtype %s", path, k, info.get("dtype"))
             continue
         load, load_rows = tensor_loader(path, info, start)
         refs.append(TensorRef(name, tuple(info["shape"]), DTYPES[info["dtype"]], load=load, load_rows=load_rows))
     return refs
+
+
+def safetensors_entries(header: dict, metadata: dict | None, key: str | None,
+                        where: Path | None = None) -> dict[str, str]:
+    """The reader's names of a safetensors file's entries (`name_under` ``key``), in its order, each with the entry
+    it reads: the first of entries whose names clean alike (``fc.weight``, ``_orig_mod.fc.weight``), as for state
+    dicts; the others are reported when ``where`` is given."""
+    kept: dict[str, str] = {}
+    for k in sorted(header, key=_order_key(metadata)):
+        name = name_under(k, key)
+        if name is None:
+            continue
+        if name in kept:
+            if where is not None:
+                log.warning("%s: tensor %s appears twice (also as %s); keeping the first", where, name, k)
+            continue
+        kept[name] = k
+    return kept
 
 
 def _check_key(ckpt: Checkpoint, key: str | None) -> Checkpoint:

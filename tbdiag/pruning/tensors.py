@@ -21,12 +21,12 @@ from typing import BinaryIO
 
 import torch
 
-from tbdiag.io.checkpoint import _order_key, order_metadata, sniff
+from tbdiag.io.checkpoint import _order_key, order_metadata, safetensors_entries, sniff
 from tbdiag.errors import TbdiagError
 from tbdiag.pruning.magnitude import Counts, prune_slices_
 from tbdiag.io.st_reader import DTYPES, read_header, tensor_loader
 from tbdiag.io.state_dicts import _flatten, select_state_dict, torch_load
-from tbdiag.io.tensors import TensorRef, clean_name, name_under, numel
+from tbdiag.io.tensors import TensorRef, clean_name, numel
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,11 @@ def header_bytes(header: dict) -> bytes:
 
 def copy_safetensors(src: Path, dst: Path, cuts: Cuts, key: str | None = None) -> dict[str, Counts]:
     """``src`` with the same tensor entries and data offsets; the tensors in ``cuts`` (by the names the reader
-    gave them: ``module.`` prefixes stripped, below ``key`` when given, `name_under`) pruned, every other one's
+    gave them: ``module.`` prefixes stripped, below ``key`` when given, `safetensors_entries`) pruned, every other one's
     bytes copied; the reader's order recorded in ``tbdiag_order``. Returns the zero counts of the pruned tensors."""
     header, metadata, start = read_header(src)
     order = sorted(header, key=_order_key(metadata))
-    first: dict[str, str] = {}  # name → the entry the reader kept under it (the first in its order)
-    for k in order:
-        first.setdefault(name_under(k, key), k)
+    pruned = {k: name for name, k in safetensors_entries(header, metadata, key).items() if name in cuts}
     physical = sorted(header, key=lambda k: header[k]["data_offsets"][0])
     new_header = {"__metadata__": {**metadata, **order_metadata(order)}, **{k: header[k] for k in physical}}
     counts: dict[str, Counts] = {}
@@ -58,8 +56,8 @@ def copy_safetensors(src: Path, dst: Path, cuts: Cuts, key: str | None = None) -
         fout.write(header_bytes(new_header))
         for k in physical:
             begin, end = header[k]["data_offsets"]
-            name = name_under(k, key)
-            if name in cuts and first.get(name) == k:
+            name = pruned.get(k)
+            if name is not None:
                 load, _ = tensor_loader(src, header[k], start)
                 tensor = load()
                 counts[name] = prune_slices_(tensor, cuts[name])

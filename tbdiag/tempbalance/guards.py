@@ -142,7 +142,9 @@ def _holders(targets: list[Any]) -> list[Any]:
 def _attribute(o: Any, name: str) -> Any:
     try:  # any object may refer to the optimizer: one whose attributes raise is not a scheduler
         return object.__getattribute__(o, name)
-    except Exception:  # noqa: BLE001
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - a property of any user class may raise anything
         return None
 
 
