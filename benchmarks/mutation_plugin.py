@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 GAPS = ("tests/test_mutation_gaps.py", "tests/test_gaps_pruning.py", "tests/test_gaps_finetune.py",
-        "tests/test_gaps_tempbalance.py", "tests/test_gaps_outputs.py")  # tests written against survivors
+        "tests/test_gaps_tempbalance.py", "tests/test_gaps_outputs.py", "tests/test_gaps_files.py")  # tests written against survivors
 RELEVANT = {
     "tbdiag.allocation.maps": ("tests/test_tempbalance.py", *GAPS),
     "tbdiag.esd.powerlaw": ("tests/test_powerlaw.py", "tests/test_metrics.py", *GAPS),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import os
 import json
@@ -490,3 +491,136 @@ def test_nothing_to_prune_names_the_flags_that_widen_the_choice(tmp_path):
     save_file({"fc0.weight": torch.randn(64, 64), "fc1.weight": torch.randn(10, 64)}, src)
     res = CliRunner().invoke(app, ["prune", str(src), "--sparsity", "0.5", "--out", str(tmp_path / "o.safetensors")])
     assert res.exit_code == 2 and "--include-first-last" in res.output and "lower --min-evals" in res.output
+
+
+# --- core -----------------------------------------------------------------------------------------------------
+
+
+def test_prune_and_allocate_defaults_are_the_documented_ones(tmp_path):
+    from tbdiag.io.checkpoint import open_checkpoint
+    from tbdiag.pruning.core import allocate
+    from tbdiag.pruning.results import PruneOptions
+
+    src = saved(tmp_path, mlp_state())
+    result = prune(src, sparsity=0.5)
+    assert result.options == PruneOptions(0.5, "alpha", 0.3, 0.99, "layer", False, 50, "peak", False)
+    allotted = allocate(open_checkpoint(src), result.options)  # the same device default as prune's
+    assert [(a.name, a.n_target) for a in allotted] == [(x.name, x.n_target) for x in result.layers]
+
+
+def test_the_device_reaches_the_fit_and_is_checked(tmp_path):
+    src = saved(tmp_path, mlp_state())
+    with pytest.raises(TbdiagError, match=r"^device cuda:99: "):
+        prune(src, sparsity=0.5, device="cuda:99")
+    assert prune(src, sparsity=0.5, device="cpu").layers == prune(src, sparsity=0.5).layers
+
+
+def quirk_state() -> dict[str, torch.Tensor]:
+    """fc1 (100 × 50, 50 eigenvalues) is a Marchenko–Pastur matrix whose peak fit the lower-bound quirk changes."""
+    g = torch.Generator().manual_seed(2)
+    fc1 = torch.randn(100, 50, generator=g, dtype=torch.float64)
+    return {"fc0.weight": torch.randn(50, 50, dtype=torch.float64), "fc1.weight": fc1,
+            "fc2.weight": torch.randn(50, 100, dtype=torch.float64), "fc3.weight": torch.randn(10, 50, dtype=torch.float64)}
+
+
+def test_the_peak_lower_bound_quirk_reaches_the_fit(tmp_path):
+    src = saved(tmp_path, quirk_state())
+    for quirk in (False, True):
+        want = {r.name: r.alpha for r in tbdiag.analyze(src, fit="peak", peak_lower_bound_quirk=quirk).layers}
+        got = prune(src, sparsity=0.5, peak_lower_bound_quirk=quirk)
+        assert {x.name: x.alpha for x in got.layers} == {"fc1": want["fc1"], "fc2": want["fc2"]}
+    plain = prune(src, sparsity=0.5).layers[0].alpha
+    assert prune(src, sparsity=0.5, peak_lower_bound_quirk=True).layers[0].alpha != pytest.approx(plain)
+
+
+def test_a_fit_without_a_number_is_named_not_finite(tmp_path, monkeypatch):
+    import tbdiag.pruning.core as core
+
+    src = saved(tmp_path, mlp_state())
+    real = core.measure_layers
+
+    def nan_fc2(specs, options):
+        return [dataclasses.replace(r, alpha=math.nan) if r.name == "fc2" else r for r in real(specs, options)]
+
+    monkeypatch.setattr(core, "measure_layers", nan_fc2)
+    result = prune(src, sparsity=0.5)
+    assert {x.name: x.status for x in result.layers} == {"fc1": "ok", "fc2": "not_finite", "fc3": "ok"}
+    assert [x.name for x in result.fallbacks] == ["fc2"]
+
+
+def test_uniform_layers_are_marked_uniform_and_a_zero_target_prunes_nothing(tmp_path):
+    src = saved(tmp_path, mlp_state())
+    result = prune(src, tmp_path / "out.safetensors", sparsity=0.0, allocation="uniform")
+    assert [x.status for x in result.layers] == ["uniform"] * 3
+    assert [x.n_target for x in result.layers] == [0, 0, 0] and result.n_pruned == 0
+    assert all(int((t == 0).sum()) == 0 for t in load_file(tmp_path / "out.safetensors").values())
+
+
+def test_max_sparsity_caps_the_alpha_allocation(tmp_path, monkeypatch):
+    src = saved(tmp_path, mlp_state())
+    fixed_alphas(monkeypatch, {"fc1": 1.0, "fc2": 2.0, "fc3": 9.0})
+    capped = prune(src, sparsity=0.5, epsilon=0.9, max_sparsity=0.6)
+    assert max(x.sparsity for x in capped.layers) == pytest.approx(0.6)
+    assert max(x.sparsity for x in prune(src, sparsity=0.5, epsilon=0.9).layers) > 0.7
+
+
+def test_the_result_names_its_output(tmp_path):
+    src = saved(tmp_path, mlp_state())
+    out = tmp_path / "out.safetensors"
+    result = prune(src, out, sparsity=0.5, allocation="uniform")
+    assert result.out == str(out)
+
+
+def test_an_existing_checkpoint_is_replaced_only_with_overwrite(tmp_path):
+    src = saved(tmp_path, mlp_state())
+    victim = saved(tmp_path, {"keep.weight": torch.ones(3, 3)}, "victim.safetensors")
+    with pytest.raises(TbdiagError, match="overwrite=True"):
+        prune(src, victim, sparsity=0.5, allocation="uniform")
+    assert list(load_file(victim)) == ["keep.weight"]
+    result = prune(src, victim, sparsity=0.5, allocation="uniform", overwrite=True)
+    assert sorted(load_file(victim)) == sorted(mlp_state()) and result.n_pruned > 0
+
+
+def test_a_plan_of_a_pytorch_file_needs_no_safetensors_dtypes(tmp_path):
+    state = {**mlp_state(), "z": torch.zeros(2, dtype=torch.complex64)}
+    torch.save(state, tmp_path / "ckpt.pt")
+    result = prune(tmp_path / "ckpt.pt", None, sparsity=0.5, allocation="uniform")
+    assert [x.name for x in result.layers] == ["fc1", "fc2", "fc3"] and result.out is None
+
+
+def test_fp8_weights_are_refused_by_name_before_anything_is_written(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    state = {f"fc{i}.weight": torch.randn(256, 256, generator=g) for i in range(3)}
+    state["fc1.weight"] = torch.randn(256, 384, generator=g).to(torch.float8_e4m3fn)
+    state["fc1.weight_scale_inv"] = torch.rand(2, 3, generator=g) + 0.5
+    src = saved(tmp_path, state)
+    message = (f"{src}: fc1.weight is torch.float8_e4m3fn; pruning FP8 weights is not supported: "
+               "dequantise the checkpoint first")
+    with pytest.raises(TbdiagError, match=f"^{re.escape(message)}$"):
+        prune(src, tmp_path / "out.safetensors", sparsity=0.5, include_first_last=True, allocation="uniform")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_nothing_to_prune_says_why_and_how_in_library_words(tmp_path):
+    src = tmp_path / "two.safetensors"
+    save_file({"fc0.weight": torch.randn(64, 64), "fc1.weight": torch.randn(10, 64)}, src)
+    with pytest.raises(TbdiagError) as err:
+        prune(src, sparsity=0.5, min_evals=20)
+    assert str(err.value) == (f"{src}: no layer to prune (Linear/Conv weights with ≥ 20 eigenvalues, input and output "
+                              "layers left dense); include the first and last layers, lower the eigenvalue minimum, "
+                              "or pass a model checkpoint")
+    assert err.value.cli == {"include the first and last layers": "--include-first-last",
+                             "lower the eigenvalue minimum": "lower --min-evals"}
+
+
+def test_prune_logs_its_fallbacks_and_its_realised_mean(tmp_path, monkeypatch, caplog):
+    src = saved(tmp_path, mlp_state())
+    fixed_alphas(monkeypatch, {"fc1": math.nan, "fc2": 2.0, "fc3": math.nan})
+    with caplog.at_level("INFO", logger="tbdiag.pruning.core"):
+        result = prune(src, sparsity=0.5)
+    messages = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "tbdiag.pruning.core"]
+    assert messages == [
+        ("WARNING", f"{src}: alpha not finite for 2 of 3 layers, allocated without it: "
+                    f"{result.fallback_notes()[0]}; {result.fallback_notes()[1]}"),
+        ("INFO", f"{src}: 3 layers, realised mean sparsity {result.realised_mean:.6f} (target 0.5)")]
+    assert [n.split(":")[0] for n in result.fallback_notes()] == ["fc1 (zero_matrix)", "fc3 (zero_matrix)"]

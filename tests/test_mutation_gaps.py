@@ -951,3 +951,115 @@ def test_peft_patterns_pin_each_module_and_keep_alpha_over_r():
         peft_patterns({"a.x": 4}, names)
     assert str(info.value) == (r"LoRA key ^a\.x$: matches 0 modules of the model, not one; the ranks were computed "
                                "for another model or naming (pass the model the adapter will wrap)")
+
+
+# --- mp.py ------------------------------------------------------------------------------------------------------
+
+
+def test_mp_fit_and_js_distance_raise_no_numpy_warnings():
+    """The MP density is evaluated at x = 0 (divide) and outside the bulk (sqrt of a negative); js_distance takes
+    log 0 for empty bins: both are masked, and must not reach the user as RuntimeWarnings."""
+    import warnings
+
+    from tbdiag.esd.mp import _mp_density, js_distance
+
+    g = np.random.default_rng(0)
+    w = g.standard_normal((120, 100))
+    ev = np.linalg.eigvalsh(w.T @ w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit = mp_fit(ev, 120, 100)
+        density = _mp_density(np.array([0.0, 0.5, 10.0]), 1.2, np.array([1.0]))
+        distance = js_distance(np.array([0.0, 1.0, 3.0]), np.array([2.0, 0.0, 2.0]))
+    assert math.isfinite(fit.sigma) and density[0, 0] == 0.0 and density[0, 2] == 0.0 and density[0, 1] > 0
+    # p = (0, ¼, ¾), q = (½, 0, ½), m = (p + q)/2 = (¼, ⅛, ⅝)
+    kl_p, kl_q = 0.25 * math.log(0.25 / 0.125) + 0.75 * math.log(0.75 / 0.625), 0.5 * math.log(2) + 0.5 * math.log(0.8)
+    assert distance == pytest.approx(math.sqrt((kl_p + kl_q) / 2), rel=1e-12)
+
+
+def test_js_distance_of_float32_inputs_is_computed_in_float64():
+    from tbdiag.esd.mp import js_distance
+
+    g = np.random.default_rng(1)
+    p, q = g.random(1000).astype(np.float32), g.random(1000).astype(np.float32)
+    want = js_distance(p.astype(np.float64), q.astype(np.float64))
+    assert js_distance(p, q) == want and js_distance(p, q.astype(np.float64)) == want
+    assert js_distance(p.astype(np.float64), q) == want
+
+
+def test_quarter_circle_residual_from_three_sums_equals_the_direct_sums():
+    from tbdiag.esd.mp import _Residual
+
+    g = np.random.default_rng(2)
+    sv = np.linalg.svd(g.standard_normal((200, 200)) / math.sqrt(200), compute_uv=False)
+    residual = _Residual(sv, 1.0)
+    sigma = np.array([0.6, 1.0, 1.3])
+    c = 1 / (np.pi * sigma[:, None] ** 2)
+    direct = ((c * np.sqrt(np.clip(4 - residual.x ** 2, 0, None)) - residual.y) ** 2).sum(axis=1)
+    np.testing.assert_allclose(residual(sigma), direct, rtol=1e-9, atol=0)
+
+
+def test_a_spike_that_hides_the_bulk_from_the_kde_grid_gives_no_mp_fit():
+    """4,000 eigenvalues near 0.5 and one of 10⁴: the KDE's 1000 points are 2.5 apart (in mean-1 units), wider
+    than its bandwidth, and keep no point; the fit is nan rather than the grid's first σ."""
+    from tbdiag.esd.mp import NO_FIT, _Residual, fit_sigma
+
+    g = np.random.default_rng(0)
+    ev = np.concatenate([g.uniform(0.3, 0.7, 3999), [1e4]])
+    assert len(_Residual(ev / ev.mean(), 2.0).x) == 0
+    assert math.isnan(fit_sigma(ev / ev.mean(), 2.0))
+    assert mp_fit(ev, 8000, 4000) == NO_FIT and mp_fit(ev, 8000, 4000).num_spikes is None
+    kept = np.concatenate([g.uniform(0.3, 0.7, 1999), [1e4]])  # 2,000: the grid keeps the spike's point
+    assert len(_Residual(kept / kept.mean(), 2.0).x) == 1 and math.isfinite(mp_fit(kept, 4000, 2000).sigma)
+
+
+def test_mp_fit_of_float32_eigenvalues_is_computed_in_float64():
+    g = np.random.default_rng(3)
+    w = g.standard_normal((150, 100))
+    ev = np.linalg.eigvalsh(w.T @ w).astype(np.float32)
+    assert mp_fit(ev, 150, 100) == mp_fit(ev.astype(np.float64), 150, 100)
+
+
+def test_a_sigma_whose_edges_miss_the_peak_costs_the_penalty_at_every_point():
+    from tbdiag.esd.mp import PENALTY, _Residual, fit_sigma
+
+    g = np.random.default_rng(4)
+    w = g.standard_normal((200, 100))
+    ev = np.linalg.eigvalsh(w.T @ w)
+    residual = _Residual(ev / ev.mean(), 2.0)
+    tiny, fine = 0.01, fit_sigma(ev / ev.mean(), 2.0)  # λ₊ of σ = 0.01 lies left of the peak
+    got = residual(np.array([tiny, fine]))
+    assert got[0] == PENALTY ** 2 * len(residual.x) == 1e6 * len(residual.x)
+    assert got[1] < 1e6
+
+
+def test_nelder_mead_expands_doubling_steps_until_its_call_budget():
+    """From x0 = 1 towards a far minimum: simplex (1, 1.05), the better point first; each iteration reflects and
+    expands (2 calls), the best point moving by 2d while the step d doubles: 1.05 → 1.15 → 1.35 → 1.75 → 2.55."""
+    from tbdiag.esd.mp import nelder_mead_1d
+
+    calls: list[float] = []
+
+    def far(x):
+        calls.append(float(x[0]))
+        return (x - 1e3) ** 2
+
+    for budget, best in ((9, 2.55), (10, 2.55), (11, 4.15)):
+        calls.clear()
+        assert nelder_mead_1d(far, 1.0, max_calls=budget) == pytest.approx(best, rel=1e-12)
+        assert len(calls) == budget + (budget % 2)  # 2 calls per iteration: stops at the first even count ≥ budget
+    assert calls[:4] == pytest.approx([1.0, 1.05, 1.1, 1.15], rel=1e-12)
+    counted: list[float] = []
+    nelder_mead_1d(lambda x: counted.append(float(x[0])) or -x, 1.0)  # unbounded below: expands until the budget
+    assert len(counted) == 200  # the default budget
+    calls.clear()
+    assert nelder_mead_1d(far, 0.0, max_calls=9) == pytest.approx(0.00775, rel=1e-9)  # x0 = 0: second point 0.00025
+    assert calls[:2] == [0.0, 0.00025]
+
+
+def test_nelder_mead_keeps_the_start_first_on_a_tie_and_converges_from_zero():
+    from tbdiag.esd.mp import nelder_mead_1d
+
+    cubic = lambda x: (x - 1) * (x - 1.05) * (x - 3)  # noqa: E731 - f(1) = f(1.05) = 0
+    assert nelder_mead_1d(cubic, 1.0, max_calls=4) == pytest.approx(0.9, rel=1e-12)  # best 1: reflect 0.95, expand 0.9
+    assert nelder_mead_1d(lambda x: (x - 1) ** 2, 0.0) == pytest.approx(1.0, abs=1e-4)

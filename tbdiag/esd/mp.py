@@ -13,7 +13,9 @@ eigenvalues λ of WᵀW, Q = N/M ≥ 1:
   points of density ≤ 0.01 are left out) by least squares: a grid of σ from 0.05·s to 2·s in steps of
   0.01·s, with s = √(max λ̃)/(1 + 1/√Q), then Nelder–Mead from the best grid point. A σ whose upper edge
   λ₊ lies left of the density's peak or beyond the last point, or whose lower edge lies right of the peak,
-  is penalised. For Q = 1 the quarter-circle law is fitted to the singular values √λ̃ instead.
+  is penalised. For Q = 1 the quarter-circle law is fitted to the singular values √λ̃ instead. When no KDE point
+  is left (one eigenvalue so far above the rest that the grid's spacing, (max λ̃ + 0.5)/999, exceeds the
+  bandwidth and misses the bulk) there is nothing to fit: every MP field is ``nan`` (``num_spikes`` None).
 - **Bulk edge (``mp_bulk_max``)** λ₊ = σ²(1 + 1/√Q)², reported in tbdiag's eigenvalue units (λ₊ · Σλ/n).
   (With Q' = M/N ≤ 1 this is σ²(1 + √Q')².)
 - **Spikes (``num_spikes``)**: eigenvalues above the edge plus a Tracy–Widom margin,
@@ -88,15 +90,13 @@ class _Residual:
         y = kde_triangular(to_fit, x, KDE_BANDWIDTH)
         keep = y > DENSITY_FLOOR
         self.x, self.y, self.q = x[keep], y[keep], q
-        self.peak = self.x[np.argmax(self.y)] if len(self.y) else math.nan
+        self.peak = self.x[np.argmax(self.y)] if len(self.y) else math.nan  # callers check len(x) first
         with np.errstate(invalid="ignore"):  # quarter circle of singular values: √(4 − x²), 0 beyond 2
             circle = np.nan_to_num(np.sqrt(4 - self.x ** 2))
         self.sums = (float(circle @ circle), float(circle @ self.y), float(self.y @ self.y))
 
     def __call__(self, sigma: np.ndarray) -> np.ndarray:
-        """Residuals of every σ of a 1-D array."""
-        if not len(self.x):
-            return np.zeros(len(sigma))
+        """Residuals of every σ of a 1-D array (at least one KDE point kept)."""
         if self.q == 1:
             return self.grid(sigma)
         b = (sigma * (1 + math.sqrt(1 / self.q))) ** 2
@@ -128,8 +128,7 @@ def nelder_mead_1d(f, x0: float, xatol: float = 1e-4, fatol: float = 1e-4, max_c
     fs = [fx(sim[0]), fx(sim[1])]
     if fs[1] < fs[0]:
         sim, fs = sim[::-1], fs[::-1]
-    iterations = 1
-    while calls < max_calls and iterations < max_calls:
+    while calls < max_calls:  # every iteration makes two calls, so this also bounds the iterations
         if abs(sim[1] - sim[0]) <= xatol and abs(fs[0] - fs[1]) <= fatol:
             break
         best, worst = sim[0], sim[1]
@@ -155,17 +154,19 @@ def nelder_mead_1d(f, x0: float, xatol: float = 1e-4, fatol: float = 1e-4, max_c
             else:
                 sim[1] = best + 0.5 * (worst - best)
                 fs[1] = fx(sim[1])
-        iterations += 1
         if fs[1] < fs[0]:
             sim, fs = sim[::-1], fs[::-1]
     return sim[0]
 
 
 def fit_sigma(scaled: np.ndarray, q: float) -> float:
-    """σ of the MP law (quarter circle for Q = 1) best fitting eigenvalues of mean 1 (grid, then Nelder–Mead)."""
+    """σ of the MP law (quarter circle for Q = 1) best fitting eigenvalues of mean 1 (grid, then Nelder–Mead);
+    ``nan`` when the KDE keeps no point."""
     s = math.sqrt(float(np.max(scaled)) / (1 + 1 / math.sqrt(q)) ** 2)
     grid = np.arange(0.05 * s, 2.0 * s, 0.01 * s)
     residual = _Residual(np.sqrt(scaled) if q == 1 else scaled, q)
+    if not len(residual.x):
+        return math.nan
     start = float(grid[int(np.argmin(residual(grid)))])
     return nelder_mead_1d(residual, start)
 
@@ -179,10 +180,12 @@ def mp_fit(evals: np.ndarray, n: int, m: int) -> MPFit:
         m: the smaller side.
     """
     q = n / m
-    total = float(np.sum(evals))
-    scale = len(evals) / total  # eigenvalues × scale have mean 1
-    scaled = np.asarray(evals, dtype=np.float64) * scale
+    evals = np.asarray(evals, dtype=np.float64)
+    scale = len(evals) / float(np.sum(evals))  # eigenvalues × scale have mean 1
+    scaled = evals * scale
     sigma = fit_sigma(scaled, q)
+    if math.isnan(sigma):
+        return NO_FIT
     bulk_max = (sigma * (1 + 1 / math.sqrt(q))) ** 2
     threshold = spike_threshold(bulk_max, q, m)
     return MPFit(sigma=sigma, bulk_max=bulk_max / scale, num_spikes=int(np.count_nonzero(scaled > threshold)),
