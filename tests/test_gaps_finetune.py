@@ -619,3 +619,53 @@ def test_randomize_computes_the_shuffled_esd_at_the_chosen_precision():
     in_float64 = analyze(w, randomize=True, keep_spectra=True).rand_spectra["f"]
     relative = abs(in_float32 / in_float64 - 1).max()
     assert 0 < relative < 1e-4  # the same shuffle, solved in float32
+
+
+def _fc_adapter_and_base(tmp_path):
+    """An adapter on fc (s = 1/2), its base weights, and both factors."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(5)
+    a, b = torch.randn(2, 8), torch.randn(16, 2)
+    folder = _adapter(tmp_path / "ad", {"fc.lora_A.weight": a, "fc.lora_B.weight": b}, lora_alpha=1)
+    base = {"fc.weight": torch.randn(16, 8)}
+    save_file(base, tmp_path / "base.safetensors")
+    return folder, tmp_path / "base.safetensors", a, b, base
+
+
+def test_adapter_specs_merge_by_default_only_with_a_base_and_keep_the_layer(tmp_path):
+    from tbdiag.esd.layers import LayerSpec, plan_layers
+    from tbdiag.finetune.lora import LowRankSpec, adapter_specs, open_adapter
+    from tbdiag.io.checkpoint import open_checkpoint
+
+    folder, base_path, a, b, base = _fc_adapter_and_base(tmp_path)
+    adapter = open_adapter(folder)
+    base_specs = plan_layers(open_checkpoint(base_path), include_embeddings=True)[0]
+    delta = 0.5 * b.double() @ a.double()
+    (merged,), _ = adapter_specs(adapter, base_specs)
+    assert type(merged) is LayerSpec and (merged.name, merged.kind, merged.shape, merged.tensor) == (
+        "fc", "linear", (16, 8), "fc")
+    assert torch.allclose(merged.ref.load(), base["fc.weight"] + delta.float(), rtol=1e-6, atol=1e-7)
+    (low,), _ = adapter_specs(adapter, None)  # no base: the update alone, low rank
+    assert type(low) is LowRankSpec and (low.name, low.kind, low.shape, low.tensor) == ("fc", "linear", (16, 8), "fc")
+    assert low.layer is adapter.layers[0] and low.n_evals == 2
+    assert (low.ref.name, tuple(low.ref.shape), low.ref.dtype) == ("fc", (16, 8), torch.float64)
+    assert torch.allclose(low.ref.load().double(), delta, rtol=1e-6, atol=1e-7)
+    with pytest.raises(TbdiagError) as info:
+        adapter_specs(adapter, None, merge=True)
+    assert str(info.value) == f"{folder}: merging the adapter needs the base model's weights"
+
+
+def test_adapter_head_missing_from_the_base_is_logged_as_tied_to_the_embedding(tmp_path, caplog):
+    import logging
+
+    from safetensors.torch import save_file
+
+    folder = _adapter(tmp_path / "ad", _pair("lm_head", (2, 16), (96, 2)))
+    torch.manual_seed(6)
+    save_file({"embed_tokens.weight": torch.randn(96, 16)}, tmp_path / "base.safetensors")
+    with caplog.at_level(logging.INFO, logger="tbdiag.finetune.lora"):
+        m = analyze(folder, base=tmp_path / "base.safetensors", view="merged")
+    assert [r.name for r in m.layers] == ["lm_head"]
+    assert [r.getMessage() for r in caplog.records if r.name == "tbdiag.finetune.lora"] == [
+        "lm_head: not in the base; taken as tied to embed_tokens (same shape, saved once)"]

@@ -927,3 +927,76 @@ def test_every_scheduler_passed_is_taken_as_passed_not_only_the_first():
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt)
     tb = TempBalance(model, opt, schedulers=[warm, plateau], initial={"2.0": 2.0})
     assert tb.multipliers["2.0"] == 2.0
+
+
+# --- guards, hf, lightning: more survivors ---------------------------------------------------------------------
+
+
+def test_a_scheduler_over_the_optimizer_a_wrapper_holds_is_found_through_the_wrapper():
+    """TempBalance given accelerate's wrapper looks through ``.optimizer``: a scheduler built over the inner one
+    is found there (and only that one)."""
+    from tbdiag.tempbalance.guards import built_over
+
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    found = built_over(SimpleNamespace(optimizer=opt))
+    assert len(found) == 1 and found[0] is sched
+
+
+def test_hf_train_begin_without_a_model_names_the_hook_in_full(tmp_path):
+    cb = hf_callback()
+    with pytest.raises(TbdiagError) as info:
+        cb.on_train_begin(SimpleNamespace(output_dir=str(tmp_path)), trainer_state(), None, model=mlp())
+    assert str(info.value) == "TempBalanceCallback: the Trainer passed no model or optimizer to on_train_begin"
+
+
+def test_hf_without_a_scheduler_a_loaded_state_with_initial_lr_is_reported(tmp_path, caplog):
+    cb = hf_callback()
+    model = mlp()
+    with caplog.at_level(logging.WARNING, logger="tbdiag.tempbalance.guards"):
+        cb.on_train_begin(SimpleNamespace(output_dir=str(tmp_path)), trainer_state(), None, model=model,
+                          optimizer=loaded_optimizer(model.parameters()), lr_scheduler=None)
+    assert tempbalance_warnings(caplog) == [
+        "TempBalance: the optimizer's groups carry initial_lr (a loaded state, or a scheduler built before); pass "
+        "any scheduler built over them as schedulers=[...]"]
+
+
+def test_hf_the_saved_state_is_json_indented_by_one_with_a_final_newline(tmp_path):
+    cb = hf_callback(every=2)
+    hf_begin(cb, tmp_path)
+    (tmp_path / "checkpoint-2").mkdir()
+    cb.on_save(SimpleNamespace(output_dir=str(tmp_path)), trainer_state(2), None)
+    text = (tmp_path / "checkpoint-2" / "tbdiag_tempbalance.json").read_text(encoding="utf-8")
+    assert text == json.dumps(cb.tb.state_dict(), indent=1) + "\n" and text.startswith('{\n "')
+
+
+def test_lightning_the_old_log_rates_option_is_refused_with_its_replacement():
+    with pytest.raises(TbdiagError) as info:
+        lightning_callback(log_rates=True)
+    assert str(info.value) == "TempBalanceCallback: log_rates is now log: log='summary' (default), 'groups' or None"
+
+
+def test_lightning_a_scheduler_that_names_no_optimizer_is_taken_as_this_ones():
+    """A custom scheduler without ``.optimizer`` (Lightning steps it through lr_scheduler_step) is adapted to the
+    split groups: its per-group list gets one entry per split group."""
+    cb = lightning_callback(initial={"2.0": 2.0})
+    module = LoggedMLP()
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    custom = SimpleNamespace(base_lrs=[0.1])
+    trainer = fake_trainer(opt)
+    trainer.lr_scheduler_configs = [SimpleNamespace(scheduler=custom)]
+    cb.on_fit_start(trainer, module)
+    assert len(opt.param_groups) > 1 and custom.base_lrs == [0.1] * len(opt.param_groups)
+
+
+def test_lightning_a_second_fit_after_a_resumed_one_starts_from_the_initial_multipliers():
+    saved = TempBalance(mlp(1), lambda g: torch.optim.SGD(g, lr=0.1), every=2, per="update")
+    saved.step_update(3)
+    cb = lightning_callback(every=2, per="update", initial={"2.0": 2.0})
+    cb.load_state_dict(saved.state_dict())
+    lightning_start(cb, global_step=7)
+    assert cb.tempbalance.multipliers == saved.multipliers  # the first fit resumed
+    lightning_start(cb)  # trainer.fit again, on a new model: nothing pending any more
+    tb = cb.tempbalance
+    assert tb.multipliers["2.0"] == 2.0 and (tb.updates, tb.n_balances) == (0, 0)

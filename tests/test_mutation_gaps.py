@@ -1063,3 +1063,44 @@ def test_nelder_mead_keeps_the_start_first_on_a_tie_and_converges_from_zero():
     cubic = lambda x: (x - 1) * (x - 1.05) * (x - 3)  # noqa: E731 - f(1) = f(1.05) = 0
     assert nelder_mead_1d(cubic, 1.0, max_calls=4) == pytest.approx(0.9, rel=1e-12)  # best 1: reflect 0.95, expand 0.9
     assert nelder_mead_1d(lambda x: (x - 1) ** 2, 0.0) == pytest.approx(1.0, abs=1e-4)
+
+
+def _nm_trace(f, x0: float, max_calls: int) -> tuple[float, list[float]]:
+    from tbdiag.esd.mp import nelder_mead_1d
+
+    points: list[float] = []
+
+    def fx(x):
+        points.append(float(x[0]))
+        return np.array([f(float(x[0]))])
+
+    return nelder_mead_1d(fx, x0, max_calls=max_calls), points
+
+
+def test_nelder_mead_trace_through_expansion_reflection_and_inside_contraction():
+    """f = (x − 2)² from 1, by hand: three expansions (1.15, 1.35, 1.75), an expansion refused for its
+    reflection (2.15 kept, 2.55 worse), two inside contractions (1.95, then 2.05, tied with 1.95: no swap)."""
+    best, points = _nm_trace(lambda x: (x - 2.0) ** 2, 1.0, 14)
+    assert points == pytest.approx([1.0, 1.05, 1.1, 1.15, 1.25, 1.35, 1.55, 1.75, 2.15, 2.55, 2.55, 1.95, 1.75, 2.05],
+                                   rel=1e-12)
+    assert best == pytest.approx(1.95, rel=1e-12)
+
+
+def test_nelder_mead_ties_with_the_best_and_the_worst_point_contract():
+    """f = |x − 1.2|: after 1.15 (expansion), the reflection 1.25 ties with the best (0.05): no expansion, an
+    outside contraction to 1.2; then the reflection 1.25 ties with the worst: an inside contraction to 1.175."""
+    best, points = _nm_trace(lambda x: abs(x - 1.2), 1.0, 8)
+    assert points == pytest.approx([1.0, 1.05, 1.1, 1.15, 1.25, 1.2, 1.25, 1.175], rel=1e-12)
+    assert best == pytest.approx(1.2, rel=1e-12)
+
+
+@pytest.mark.parametrize("values, trace", [
+    ({0.95: 1.0, 0.975: 1.5, 1.025: 0.5}, [1.0, 1.05, 0.95, 0.975, 1.025]),  # outside contraction worse: shrink
+    ({0.95: 1.0, 0.975: 1.0}, [1.0, 1.05, 0.95, 0.975]),  # outside contraction as good as the reflection: kept
+    ({0.95: 3.0, 1.025: 2.0}, [1.0, 1.05, 0.95, 1.025, 1.025]),  # inside contraction not better: shrink
+])
+def test_nelder_mead_shrinks_towards_the_best_point_when_a_contraction_fails(values, trace):
+    """f(1) = 0 and f(1.05) = 2 (so the best stays 1), other values by hand; shrinking halves the distance to it."""
+    table = {1.0: 0.0, 1.05: 2.0, **values}
+    best, points = _nm_trace(lambda x: table.get(round(x, 9), 10.0), 1.0, len(trace))
+    assert points == pytest.approx(trace, rel=1e-12) and best == 1.0

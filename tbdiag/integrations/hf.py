@@ -102,7 +102,7 @@ class TempBalanceCallback(TrainerCallback):
             log.warning("TempBalance: resuming at step %d without %s (a checkpoint outside output_dir?); counting on "
                         "from the Trainer's step and rebalancing from the weights now", state.global_step, path)
             return None
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.tb is not None and self.updates > self._counted:  # a skipped (fp16 overflow) step counts nothing

@@ -101,7 +101,7 @@ def _open_folder(folder: Path, key: str | None, trust_pickle: bool) -> Checkpoin
 def _index_shards(folder: Path, index: Path) -> list[Path]:
     """The shard files a ``*.index.json`` names, each checked to be a file inside ``folder``."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except OSError as exc:
         raise unreadable(index, exc) from None
     except (ValueError, KeyError, TypeError) as exc:

@@ -54,7 +54,7 @@ def read_config(folder: Path) -> TrainConfig:
     if not path.is_file():
         raise TbdiagError(f"{folder}: not a training run (no config.json); pass the folder a training run wrote")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
         return TrainConfig(**raw)
     except (ValueError, TypeError, TbdiagError) as exc:
         raise TbdiagError(f"{path}: unreadable run config ({exc}); start a new run in another folder") from None
@@ -151,7 +151,7 @@ def _pointed_epoch(ck: Path) -> tuple[int | None, str | None]:
     if not pointer.exists():
         return None, None
     try:
-        doc = json.loads(pointer.read_text())
+        doc = json.loads(pointer.read_text(encoding="utf-8"))
         epoch = doc["epoch"]
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
             raise ValueError(f"epoch {epoch!r}")
