@@ -1104,3 +1104,30 @@ def test_nelder_mead_shrinks_towards_the_best_point_when_a_contraction_fails(val
     table = {1.0: 0.0, 1.05: 2.0, **values}
     best, points = _nm_trace(lambda x: table.get(round(x, 9), 10.0), 1.0, len(trace))
     assert points == pytest.approx(trace, rel=1e-12) and best == 1.0
+
+
+def _entropy_by_hand(ev: list[float], rank: int) -> float:
+    total = sum(ev)
+    p = [x / total + 1e-10 for x in ev]
+    return -sum(x * math.log(x) for x in p) / math.log(rank + 1e-10)
+
+
+def test_matrix_entropy_of_a_rank_two_spectrum_by_hand():
+    assert matrix_entropy(np.array([0.0, 0.0, 1.0, 3.0]), 4) == pytest.approx(
+        _entropy_by_hand([0.0, 0.0, 1.0, 3.0], 2), rel=1e-14)
+
+
+def test_matrix_entropy_rank_counts_singular_values_above_max_times_n_times_eps():
+    eps = np.finfo(np.float64).eps
+    # n = 1, σ_max = 1: a singular value of exactly ε (eigenvalue ε²) is at the threshold, not above it
+    assert matrix_entropy(np.array([eps * eps, 1.0, 1.0]), 1) == pytest.approx(
+        _entropy_by_hand([eps * eps, 1.0, 1.0], 2), rel=1e-14)
+    # n = 100: σ = 1e-14 is below 100·ε ≈ 2.2e-14 (it would count against ε/100)
+    assert matrix_entropy(np.array([1e-28, 1.0, 2.0, 3.0]), 100) == pytest.approx(
+        _entropy_by_hand([1e-28, 1.0, 2.0, 3.0], 3), rel=1e-14)
+
+
+def test_matrix_entropy_clips_negative_round_off_and_reads_float32_in_float64():
+    assert matrix_entropy(np.array([-1e-12, 1.0, 2.0, 3.0]), 4) == matrix_entropy(np.array([0.0, 1.0, 2.0, 3.0]), 4)
+    ev = np.random.default_rng(5).random(200).astype(np.float32)
+    assert matrix_entropy(ev, 300) == matrix_entropy(ev.astype(np.float64), 300)
