@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import re
 from functools import lru_cache
@@ -124,3 +126,74 @@ def test_refusals_name_the_cli_flags_of_their_parameters():
     with pytest.raises(TbdiagError) as err:
         recommend(llama(), min_evals=1000)
     assert err.value.cli_message().endswith("; --include-first-last or lower --min-evals")
+
+
+def test_a_multipliers_document_by_hand():
+    doc = recommend(llama(), metric="alpha_weighted", map="linear", min_ratio=0.5, max_ratio=1.5, lr=0.1)
+    rows = {r.name: r for r in llama().layers}
+    values = [rows[n].alpha_weighted for n in TUNED]
+    mult = unit_multipliers(TUNED, values, "linear", 0.5, 1.5)
+    assert {k: v for k, v in doc.items() if k != "layers"} == {
+        "schema": "tbdiag.multipliers/v1", "source": "<state dict>", "metric": "alpha_weighted", "map": "linear",
+        "min_ratio": 0.5, "max_ratio": 1.5, "unit": "layer", "fit": "ks", "lr": 0.1, "default_multiplier": 1.0}
+    assert doc["layers"] == {n: {"alpha": rows[n].alpha, "value": v, "multiplier": mult[n], "layers": [n],
+                                 "lr": 0.1 * mult[n]} for n, v in zip(TUNED, values)}
+    assert all("lr" not in e for e in recommend(llama())["layers"].values())
+
+
+def test_embeddings_of_an_analysis_are_never_tuned_nor_allocated():
+    analysis = tbdiag.analyze(llama_state(), include_embeddings=True)
+    assert "model.embed_tokens" in [r.name for r in analysis.layers]
+    assert "model.embed_tokens" not in recommend(analysis, include_first_last=True)["layers"]
+    assert "model.embed_tokens" not in allocation(analysis, "weight_decay", include_first_last=True)["layers"]
+    assert "lm_head" in recommend(analysis, include_first_last=True)["layers"]
+
+
+def test_a_unit_without_a_finite_alpha_is_written_as_null():
+    rows = tuple(dataclasses.replace(r, alpha=math.nan) if r.name == TUNED[0] else r for r in llama().layers)
+    analysis = dataclasses.replace(llama(), layers=rows)
+    assert recommend(analysis)["layers"][TUNED[0]]["alpha"] is None
+    assert allocation(analysis, "weight_decay")["layers"][TUNED[0]]["alpha"] is None
+    assert recommend(analysis)["layers"][TUNED[1]]["alpha"] == alphas_of([TUNED[1]])[0]
+
+
+HINT = "write one with tbdiag recommend"
+
+
+@pytest.mark.parametrize("doc, message", [
+    ([1, 2], "schema is 'list', not tbdiag.multipliers/v1; " + HINT),
+    ({"schema": "x" * 50}, "schema is '" + "x" * 40 + "', not tbdiag.multipliers/v1; " + HINT),
+    ({"layers": {}}, "schema is 'None', not tbdiag.multipliers/v1; " + HINT),
+    ({"schema": "tbdiag.allocation/v1", "target": "sparsity", "layers": {}},
+     "schema is 'tbdiag.allocation/v1', not tbdiag.multipliers/v1; " + HINT),
+    ({"schema": "tbdiag.multipliers/v1", "layers": [1]}, "'layers' is a list, not an object of groups; " + HINT),
+    ({"schema": "tbdiag.multipliers/v1", "layers": {"fc": 2.0}}, "multiplier of 'fc' is 'None', not a positive number; " + HINT),
+    ({"schema": "tbdiag.multipliers/v1", "layers": {"f" * 90: {"multiplier": -1}}},
+     f"multiplier of {'f' * 80!r} is '-1', not a positive number; " + HINT),
+    ({"schema": "tbdiag.multipliers/v1", "layers": {"fc": {"multiplier": "9" * 50}}},
+     f"multiplier of 'fc' is {'9' * 40!r}, not a positive number; " + HINT),
+    ({"schema": "tbdiag.multipliers/v1", "layers": {"fc": {"multiplier": True}}},
+     "multiplier of 'fc' is 'True', not a positive number; " + HINT),
+    ({"schema": "tbdiag.multipliers/v1", "layers": {"fc": {"multiplier": 10 ** 400}}},
+     "multiplier of 'fc' is '" + "1" + "0" * 39 + "', not a positive number; " + HINT),
+])
+def test_a_multipliers_file_that_cannot_be_loaded_is_refused_by_field(tmp_path, doc, message):
+    from tbdiag.allocation.recommend import load_multipliers
+
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(TbdiagError) as err:
+        load_multipliers(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_multipliers_load_from_a_recommendation_and_from_a_weight_decay_allocation(tmp_path):
+    from tbdiag.allocation.recommend import load_multipliers
+
+    (tmp_path / "m.json").write_text(json.dumps(recommend(llama())))
+    (tmp_path / "wd.json").write_text(json.dumps(allocation(llama(), "weight_decay", min_ratio=0.2)))
+    assert load_multipliers(tmp_path / "m.json") == {u: e["multiplier"] for u, e in recommend(llama())["layers"].items()}
+    wd = allocation(llama(), "weight_decay", min_ratio=0.2)["layers"]
+    assert load_multipliers(tmp_path / "wd.json") == {u: g["multiplier"] for u, g in wd.items()}
+    with pytest.raises(TbdiagError, match=f"^{re.escape(str(tmp_path / 'no.json'))}: no such file; {HINT}$"):
+        load_multipliers(tmp_path / "no.json")

@@ -33,8 +33,8 @@ def recommend(analysis: Analysis, *, map: str = "linear", min_ratio: float = 0.5
     if metric not in METRIC_FIELDS:
         raise TbdiagError(f"metric {metric!r}: use one of {', '.join(METRIC_FIELDS)}")
     tune = TuneOptions(unit=unit, include_first_last=include_first_last, min_evals=min_evals,
-                       include=tuple(include), exclude=tuple(exclude), split_qkv=analysis.options.split_qkv,
-                       embeddings=False)
+                       include=tuple(include), exclude=tuple(exclude))  # embeddings never (rows of an analysis
+    # made with include_embeddings are skipped, as TempBalance skips them)
     tuned = tuned_layers(analysis.layers, tune)
     if not tuned:
         raise _none_tuned(analysis, tune, "tune")
@@ -75,7 +75,7 @@ def allocation(analysis: Analysis, target: str, *, unit: str = "layer", include_
     if target == "lora_rank" and unit != "layer":
         raise TbdiagError("LoRA ranks are per module: use unit layer")
     tune = TuneOptions(unit=unit, include_first_last=include_first_last, min_evals=min_evals,
-                       include=tuple(include), exclude=tuple(exclude), split_qkv=analysis.options.split_qkv)
+                       include=tuple(include), exclude=tuple(exclude))
     tuned = tuned_layers(analysis.layers, tune)
     if not tuned:
         raise _none_tuned(analysis, tune, "allocate to")
