@@ -197,3 +197,87 @@ def test_multipliers_load_from_a_recommendation_and_from_a_weight_decay_allocati
     assert load_multipliers(tmp_path / "wd.json") == {u: g["multiplier"] for u, g in wd.items()}
     with pytest.raises(TbdiagError, match=f"^{re.escape(str(tmp_path / 'no.json'))}: no such file; {HINT}$"):
         load_multipliers(tmp_path / "no.json")
+
+
+# --- analysis/export.py ---------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def randomized() -> tbdiag.Analysis:
+    """Three layers, the middle one with a planted entry: one correlation trap with one entry."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 96, generator=g)
+    w[3, 5] = 40.0
+    state = {"a.weight": torch.randn(64, 64, generator=g), "b.weight": w, "c.weight": torch.randn(10, 64, generator=g)}
+    return tbdiag.analyze(state, randomize=True)
+
+
+def test_traps_are_read_back_exactly_and_left_out_of_the_csv():
+    from tbdiag.analysis.export import analysis_from_dict, to_csv, to_json
+
+    doc = json.loads(to_json([randomized()]))
+    assert doc["layers"][1]["traps"] == [{"eigenvalue": randomized().layers[1].traps[0]["eigenvalue"],
+                                          "entries": [{"slice": 0, "row": 3, "col": 5, "value": 40.0}]}]
+    back = analysis_from_dict(doc)
+    assert back.layers == randomized().layers and back.layers[1].traps[0]["entries"][0]["row"] == 3
+    del doc["layers"][1]["traps"][0]["entries"][0]["slice"]  # optional: slice 0
+    del doc["layers"][0]["traps"]  # optional: none (older files)
+    again = analysis_from_dict(doc)
+    assert again.layers[1].traps == randomized().layers[1].traps and again.layers[0].traps == ()
+    text = to_csv([randomized()])
+    assert "\r" not in text and text.count("\n") == 4 and "traps" not in text.splitlines()[0].split(",")
+    assert "entries" not in text and text.splitlines()[0].endswith(",num_traps")
+
+
+def test_a_csv_cell_of_nan_is_empty():
+    import csv
+
+    from tbdiag.analysis.export import to_csv
+
+    rows = tuple(dataclasses.replace(r, alpha=math.nan) if r.name == "b" else r for r in randomized().layers)
+    table = list(csv.DictReader(to_csv([dataclasses.replace(randomized(), layers=rows)]).splitlines()))
+    assert [r["alpha"] for r in table][1] == "" and table[0]["alpha"] == repr(rows[0].alpha)
+    assert table[1]["shape"] == "64x96" and table[1]["source"] == "<state dict>"
+
+
+DAMAGED = "the file is damaged or not written by tbdiag: analyse the checkpoint again"
+
+
+def _damage(edit):
+    doc = json.loads(__import__("tbdiag.analysis.export", fromlist=["to_json"]).to_json([randomized()]))
+    edit(doc)
+    return doc
+
+
+def _trap(doc):
+    return doc["layers"][1]["traps"][0]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["layers"][1].update(traps="x"), 'layers[1].traps is "x", not a list'),
+    (lambda d: d["layers"][1].update(traps=[3]), "layers[1].traps[0] is 3, not an object"),
+    (lambda d: _trap(d).pop("entries"), "layers[1].traps[0].entries is missing, not a list"),
+    (lambda d: _trap(d).update(entries=[[]]), "layers[1].traps[0].entries[0] is [], not an object"),
+    (lambda d: _trap(d)["entries"][0].update(row=-1), "layers[1].traps[0].entries[0].row is -1, not a whole number ≥ 0"),
+    (lambda d: _trap(d)["entries"][0].pop("col"), "layers[1].traps[0].entries[0].col is missing, not a whole number ≥ 0"),
+    (lambda d: _trap(d)["entries"][0].update(slice=1.5),
+     "layers[1].traps[0].entries[0].slice is 1.5, not a whole number ≥ 0"),
+    (lambda d: _trap(d)["entries"][0].update(value=None), "layers[1].traps[0].entries[0].value is null, not a number"),
+    (lambda d: _trap(d).update(eigenvalue="x"), 'layers[1].traps[0].eigenvalue is "x", not a number or null'),
+    (lambda d: d["layers"][0].update(name=7 * 10 ** 49), "layers[0].name is " + "7" + "0" * 39 + ", not a string"),
+])
+def test_damaged_traps_and_fields_are_named_word_for_word(edit, message):
+    from tbdiag.analysis.export import analysis_from_dict
+
+    with pytest.raises(TbdiagError) as err:
+        analysis_from_dict(_damage(edit), "run.json")
+    assert str(err.value) == f"run.json: {message}; {DAMAGED}"
+
+
+def test_a_null_trap_eigenvalue_reads_as_nan():
+    from tbdiag.analysis.export import analysis_from_dict
+
+    back = analysis_from_dict(_damage(lambda d: _trap(d).update(eigenvalue=None)))
+    assert math.isnan(back.layers[1].traps[0]["eigenvalue"])
