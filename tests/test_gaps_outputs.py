@@ -281,3 +281,67 @@ def test_a_null_trap_eigenvalue_reads_as_nan():
 
     back = analysis_from_dict(_damage(lambda d: _trap(d).update(eigenvalue=None)))
     assert math.isnan(back.layers[1].traps[0]["eigenvalue"])
+
+
+# --- report/recommended.py ------------------------------------------------------------------------------------------
+
+
+def test_a_page_of_ks_alphas_shows_the_multipliers_recommend_gives_refitted_with_median():
+    from tbdiag.analysis.export import jsonable
+    from tbdiag.report.recommended import multipliers_view
+
+    page = tbdiag.analyze(llama_state(), keep_spectra=True)  # ks, the default fit
+    view = multipliers_view(page)
+    assert view == {"multipliers": jsonable(recommend(tbdiag.analyze(llama_state(), fit="median"))), "same": True,
+                    "note": "refitted with median from the eigenvalues of this page (its alphas are ks)"}
+
+
+def test_a_saved_ks_analysis_shows_its_own_fits_multipliers_and_says_so(tmp_path):
+    from tbdiag.analysis.export import jsonable, read_analyses, to_json
+    from tbdiag.report.recommended import multipliers_view
+
+    (tmp_path / "a.json").write_text(to_json([llama()]))
+    saved_page = read_analyses(tmp_path / "a.json")[0]
+    view = multipliers_view(saved_page)
+    assert view["multipliers"] == jsonable(recommend(saved_page)) and view["same"] is False
+    assert view["note"] == ("from this analysis' ks fit, NOT the numbers tbdiag recommend gives: it fits median, and a "
+                            "saved analysis keeps no eigenvalues to refit; run tbdiag recommend on the checkpoint for those")
+
+
+def test_a_median_page_with_other_options_names_them():
+    from tbdiag.report.recommended import differences, multipliers_view
+
+    page = tbdiag.analyze(llama_state(), fit="median", min_evals=20, xmin_pos=3.0)
+    assert differences(page) == ["xmin_pos 3.0 (recommend: 2.0)", "min_evals 20 (recommend: 10)"]
+    view = multipliers_view(page)
+    assert view["same"] is False and view["note"] == (
+        "from this analysis' median fit; this analysis also used xmin_pos 3.0 (recommend: 2.0), min_evals 20 "
+        "(recommend: 10), so tbdiag recommend's numbers differ")
+    plain = multipliers_view(tbdiag.analyze(llama_state(), fit="median"))
+    assert plain["same"] is True and plain["note"] == "from this analysis' median fit"
+
+
+def test_a_page_without_a_layer_to_tune_shows_why():
+    from tbdiag.report.recommended import multipliers_view
+
+    import torch
+
+    page = tbdiag.analyze({"a.weight": torch.randn(64, 64), "b.weight": torch.randn(64, 64)}, fit="median")
+    view = multipliers_view(page)
+    assert view == {"multipliers": None, "same": False, "note": (
+        "<state dict>: no layer to tune (Conv/Linear with ≥ 50 eigenvalues, input and output layers excluded); "
+        "include the first and last layers or lower the eigenvalue minimum")}
+
+
+def test_a_refit_keeps_each_layers_warning_the_skipped_layers_and_the_precision():
+    from tbdiag.report.recommended import refit
+
+    state = llama_state()
+    state["model.layers.1.mlp.up_proj.weight"][:, :8] = 0  # rank-deficient: zero eigenvalues and a warning
+    page = tbdiag.analyze(state, keep_spectra=True, precision="float32")
+    again = refit(page, "median")
+    direct = tbdiag.analyze(state, fit="median", precision="float32")
+    assert again.layers == direct.layers and again.options == direct.options
+    assert any(r.warning for r in again.layers)
+    assert again.summary == direct.summary
+    assert refit(dataclasses.replace(page, spectra={}), "median") is None
