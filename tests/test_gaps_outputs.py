@@ -345,3 +345,43 @@ def test_a_refit_keeps_each_layers_warning_the_skipped_layers_and_the_precision(
     assert any(r.warning for r in again.layers)
     assert again.summary == direct.summary
     assert refit(dataclasses.replace(page, spectra={}), "median") is None
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["layers"][0].update(alpha=10 ** 400), "layers[0].alpha is " + "1" + "0" * 39 + ", not a number within float range"),
+    (lambda d: d["layers"][0].update(n_evals=None), "layers[0].n_evals is null, not a whole number ≥ 0"),
+    (lambda d: d["layers"][0].update(n_tail="x"), 'layers[0].n_tail is "x", not a whole number ≥ 0 or null'),
+    (lambda d: d.update(n_params=-1), "n_params is -1, not a whole number ≥ 0 or null"),
+    (lambda d: d["layers"][0].update(num_spikes=-1), "layers[0].num_spikes is -1, not a whole number ≥ 0"),
+    (lambda d: d["layers"][0].update(warning=5), "layers[0].warning is 5, not a string or null"),
+    (lambda d: d["layers"][0].update(name=None), "layers[0].name is null, not a string"),
+    (lambda d: d["options"].update(randomize="yes"), 'options.randomize is "yes", not true or false'),
+    (lambda d: _trap(d)["entries"][0].pop("row"), "layers[1].traps[0].entries[0].row is missing, not a whole number ≥ 0"),
+    (lambda d: _trap(d)["entries"][0].pop("value"), "layers[1].traps[0].entries[0].value is missing, not a number"),
+    (lambda d: _trap(d).pop("eigenvalue"), "layers[1].traps[0].eigenvalue is missing, not a number or null"),
+])
+def test_damaged_fields_are_named_with_what_they_may_hold(edit, message):
+    from tbdiag.analysis.export import analysis_from_dict
+
+    with pytest.raises(TbdiagError) as err:
+        analysis_from_dict(_damage(edit), "run.json")
+    assert str(err.value) == f"run.json: {message}; {DAMAGED}"
+
+
+def test_optional_and_null_fields_read_as_their_documented_defaults():
+    from tbdiag.analysis.export import analysis_from_dict
+
+    def edit(d):
+        first, second, third = d["layers"]
+        first.update(warning="kept as written", n_tail=None, alpha=math.inf)
+        del first["alpha_err"]
+        second.pop("warning")
+        del second["n_tail"]
+        third.update(warning=None)
+        d["n_params"] = None
+
+    back = analysis_from_dict(_damage(edit))
+    first, second, third = back.layers
+    assert first.warning == "kept as written" and first.n_tail == 0 and math.isnan(first.alpha)
+    assert math.isnan(first.alpha_err) and second.warning == "" and second.n_tail == 0 and third.warning == ""
+    assert back.n_params == 0

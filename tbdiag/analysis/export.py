@@ -43,10 +43,10 @@ def to_csv(analyses: Sequence[Analysis]) -> str:
     writer.writeheader()
     for a in analyses:
         for row in a.to_dict()["layers"]:
-            row = jsonable(row)
-            row.pop("traps", None)
+            row = jsonable(row)  # nan → None, which csv writes as an empty cell
+            del row["traps"]
             row["shape"] = "x".join(str(s) for s in row["shape"])
-            writer.writerow({"source": a.source, **{k: ("" if v is None else v) for k, v in row.items()}})
+            writer.writerow({"source": a.source, **row})
     return buf.getvalue()
 
 
