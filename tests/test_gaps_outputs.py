@@ -385,3 +385,71 @@ def test_optional_and_null_fields_read_as_their_documented_defaults():
     assert first.warning == "kept as written" and first.n_tail == 0 and math.isnan(first.alpha)
     assert math.isnan(first.alpha_err) and second.warning == "" and second.n_tail == 0 and third.warning == ""
     assert back.n_params == 0
+
+
+def test_every_option_type_has_a_check_and_every_option_reads_back():
+    from tbdiag.analysis.export import _OPTION_TYPES, analysis_from_dict, to_json
+    from tbdiag.analysis.options import AnalyzeOptions
+
+    assert {f.type for f in AnalyzeOptions.__dataclass_fields__.values()} <= set(_OPTION_TYPES)
+    page = tbdiag.analyze(llama_state(), fit="median", include=("*mlp*",), key=None, xmin_pos=3.0, peak_bins=50)
+    back = analysis_from_dict(json.loads(to_json([page])))
+    assert back.options == page.options and back.options.include == ("*mlp*",)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["options"].update(min_evals="x"), 'options.min_evals is "x", not a whole number ≥ 0'),
+    (lambda d: d["options"].update(key=5), "options.key is 5, not a string"),
+    (lambda d: d["options"].update(include=["a", 3]), "options.include[1] is 3, not a string"),
+    (lambda d: d["options"].update(exclude="a"), 'options.exclude is "a", not a list'),
+    (lambda d: d["options"].update(xmin_pos=None), "options.xmin_pos is null, not a number"),
+    (lambda d: d["options"].update(precision=3), "options.precision is 3, not a string"),
+    (lambda d: d.pop("options"), "options is missing, not an object"),
+])
+def test_damaged_options_are_named_word_for_word(edit, message):
+    from tbdiag.analysis.export import analysis_from_dict
+
+    with pytest.raises(TbdiagError) as err:
+        analysis_from_dict(_damage(edit), "run.json")
+    assert str(err.value) == f"run.json: {message}; {DAMAGED}"
+
+
+def test_options_that_describe_no_analysis_say_why():
+    from tbdiag.analysis.export import analysis_from_dict
+
+    with pytest.raises(TbdiagError) as err:
+        analysis_from_dict(_damage(lambda d: d["options"].update(precision="float8")), "run.json")
+    assert str(err.value) == ("run.json: options do not describe an analysis (precision float8: use float64 or "
+                              f"float32); {DAMAGED}")
+
+
+def test_a_files_device_and_permissions_are_never_taken_and_absent_options_take_defaults():
+    from tbdiag.analysis.export import analysis_from_dict
+
+    def edit(d):
+        d["options"].update(device="cuda:7", trust_pickle=True, key=None)
+        del d["options"]["seed"], d["options"]["peak_bins"]
+
+    options = analysis_from_dict(_damage(edit)).options
+    assert options.device == "auto" and options.trust_pickle is False and options.key is None
+    assert options.seed == 0 and options.peak_bins == 100 and options.randomize is True
+
+
+@pytest.mark.parametrize("doc, found", [({"schema": "other/v9"}, "'other/v9'"), ([1], "'list'"), ({}, "None")])
+def test_a_document_of_another_schema_is_named(doc, found):
+    from tbdiag.analysis.export import analysis_from_dict
+
+    with pytest.raises(TbdiagError) as err:
+        analysis_from_dict(doc)
+    assert str(err.value) == (f"<json>: schema is {found}, not tbdiag.analysis/v1; pass an analysis JSON written "
+                              "by tbdiag")
+
+
+def test_the_skipped_layers_of_a_saved_summary_are_kept_and_a_malformed_one_dropped():
+    from tbdiag.analysis.export import analysis_from_dict
+
+    kept = analysis_from_dict(_damage(lambda d: d["summary"].update(skipped={"embed": "embedding"})))
+    assert kept.summary["skipped"] == {"embed": "embedding"}
+    assert analysis_from_dict(_damage(lambda d: d["summary"].update(skipped=[1]))).summary["skipped"] == {}
+    assert analysis_from_dict(_damage(lambda d: d.update(summary=3))).summary["skipped"] == {}
+    assert analysis_from_dict(_damage(lambda d: d["summary"].pop("skipped", None))).summary["skipped"] == {}

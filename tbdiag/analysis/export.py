@@ -71,7 +71,8 @@ def analysis_from_dict(doc: Any, where: str = "<json>") -> Analysis:
     if not layers:
         raise check.bad("layers", layers, "a list of layers (tbdiag never writes an analysis without layers)")
     rows = tuple(_row(check, r, f"layers[{i}]") for i, r in enumerate(layers))
-    skipped = doc["summary"].get("skipped", {}) if isinstance(doc.get("summary"), dict) else {}
+    saved = doc.get("summary")
+    skipped = saved.get("skipped") if isinstance(saved, dict) else None
     summary = dict(summarize(rows, options.fit), skipped=skipped if isinstance(skipped, dict) else {})
     view = check.text(doc.get("view", "weights"), "view")
     if view not in VIEWS:
@@ -187,31 +188,26 @@ def _options(check: _Fields, raw: dict) -> Any:
 
     if check.text(raw.get("fit", _MISSING), "options.fit") not in FITS:
         raise check.bad("options.fit", raw["fit"], f"one of {', '.join(FITS)}")
-    values: dict[str, Any] = {}
-    for name, field in AnalyzeOptions.__dataclass_fields__.items():
-        if name not in raw or name in USER_ONLY:
-            continue  # older documents: the default; a permission or a device is never taken from a file
-        value, here = raw[name], f"options.{name}"
-        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
-        if kind == "float":
-            values[name] = check.number(value, here, null=False)
-        elif kind == "int":
-            values[name] = check.count(value, here)
-        elif kind == "bool":
-            values[name] = check.flag(value, here)
-        elif kind == "str":
-            values[name] = check.text(value, here)
-        elif kind == "str | None":
-            values[name] = None if value is None else check.text(value, here)
-        elif kind.startswith("tuple[str"):
-            values[name] = tuple(check.text(v, f"{here}[{j}]") for j, v in enumerate(check.array(value, here)))
-        else:
-            values[name] = value
+    # absent (older documents): the default; a permission or a device is never taken from a file
+    values = {name: _OPTION_TYPES[field.type](check, raw[name], f"options.{name}")
+              for name, field in AnalyzeOptions.__dataclass_fields__.items() if name in raw and name not in USER_ONLY}
     try:
         return AnalyzeOptions(**values)
     except (TbdiagError, TypeError, ValueError) as exc:
         raise TbdiagError(f"{check.where}: options do not describe an analysis ({exc}); the file is damaged or "
                           "not written by tbdiag: analyse the checkpoint again") from None
+
+
+# How an option's value is checked, by the type `AnalyzeOptions` declares for it (a string: postponed annotations).
+_OPTION_TYPES: dict[str, Any] = {
+    "float": lambda check, value, what: check.number(value, what, null=False),
+    "int": lambda check, value, what: check.count(value, what),
+    "bool": lambda check, value, what: check.flag(value, what),
+    "str": lambda check, value, what: check.text(value, what),
+    "str | None": lambda check, value, what: None if value is None else check.text(value, what),
+    "tuple[str, ...]": lambda check, value, what: tuple(check.text(v, f"{what}[{j}]")
+                                                        for j, v in enumerate(check.array(value, what))),
+}
 
 
 def read_json(path: str | Path, hint: str) -> Any:
