@@ -453,3 +453,14 @@ def test_the_skipped_layers_of_a_saved_summary_are_kept_and_a_malformed_one_drop
     assert analysis_from_dict(_damage(lambda d: d["summary"].update(skipped=[1]))).summary["skipped"] == {}
     assert analysis_from_dict(_damage(lambda d: d.update(summary=3))).summary["skipped"] == {}
     assert analysis_from_dict(_damage(lambda d: d["summary"].pop("skipped", None))).summary["skipped"] == {}
+
+
+def test_the_view_of_a_document_is_checked_and_weights_when_absent():
+    from tbdiag.analysis.core import VIEWS
+    from tbdiag.analysis.export import analysis_from_dict
+
+    assert analysis_from_dict(_damage(lambda d: d.pop("view"))).view == "weights"
+    for view, shown, expected in ((3, "3", "a string"), ("x", '"x"', f"one of {', '.join(VIEWS)}")):
+        with pytest.raises(TbdiagError) as err:
+            analysis_from_dict(_damage(lambda d: d.update(view=view)), "run.json")
+        assert str(err.value) == f"run.json: view is {shown}, not {expected}; {DAMAGED}"
