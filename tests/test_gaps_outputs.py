@@ -464,3 +464,27 @@ def test_the_view_of_a_document_is_checked_and_weights_when_absent():
         with pytest.raises(TbdiagError) as err:
             analysis_from_dict(_damage(lambda d: d.update(view=view)), "run.json")
         assert str(err.value) == f"run.json: view is {shown}, not {expected}; {DAMAGED}"
+
+
+def test_a_documents_top_level_fields_read_back_with_their_defaults():
+    from tbdiag.analysis.export import analysis_from_dict
+
+    back = analysis_from_dict(_damage(lambda d: d.update(base="base.safetensors", view="delta", format="safetensors")))
+    assert (back.base, back.view, back.format) == ("base.safetensors", "delta", "safetensors")
+    assert back.n_params == randomized().n_params and back.timing == json.loads(json.dumps(randomized().timing))
+    bare = analysis_from_dict(_damage(lambda d: [d.pop(k) for k in ("base", "format", "n_params", "timing")]))
+    assert (bare.base, bare.format, bare.n_params, bare.timing) == (None, "?", 0, {})
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(base=3), "base is 3, not a string"),
+    (lambda d: d.update(format=3), "format is 3, not a string"),
+    (lambda d: d.update(timing=[1]), "timing is [1], not an object"),
+    (lambda d: d.pop("source"), "source is missing, not a string"),
+])
+def test_damaged_top_level_fields_are_named(edit, message):
+    from tbdiag.analysis.export import analysis_from_dict
+
+    with pytest.raises(TbdiagError) as err:
+        analysis_from_dict(_damage(edit), "run.json")
+    assert str(err.value) == f"run.json: {message}; {DAMAGED}"
