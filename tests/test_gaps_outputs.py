@@ -488,3 +488,59 @@ def test_damaged_top_level_fields_are_named(edit, message):
     with pytest.raises(TbdiagError) as err:
         analysis_from_dict(_damage(edit), "run.json")
     assert str(err.value) == f"run.json: {message}; {DAMAGED}"
+
+
+def test_an_analysis_json_has_one_line_per_top_level_key_and_per_layer_and_never_nan():
+    from tbdiag.analysis.export import _dump, to_json
+
+    lines = to_json([randomized()]).splitlines()
+    assert lines[0] == "{" and lines[-1] == "}" and lines[1].startswith(' "schema": ')
+    assert sum(line.startswith('  {"name": ') for line in lines) == 3
+    assert ' "layers": [' in lines and " ]," in lines
+    assert len(lines) == 2 + 3 + 2 + (len(json.loads("\n".join(lines))) - 1)
+    for doc in ({"x": math.nan}, {"layers": [{"alpha": math.inf}]}):
+        with pytest.raises(ValueError):
+            _dump(doc)
+
+
+def test_read_json_names_why_a_file_is_not_json(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from tbdiag.analysis.export import read_analyses, read_json
+
+    (tmp_path / "bad.json").write_text("{", encoding="utf-8")
+    with pytest.raises(TbdiagError) as err:
+        read_json(tmp_path / "bad.json", "do this")
+    assert str(err.value) == (f"{tmp_path / 'bad.json'}: not a JSON file (Expecting property name enclosed in double "
+                              "quotes: line 1 column 2 (char 1)); do this")
+    monkeypatch.setattr(Path, "read_text", lambda self, encoding=None: (_ for _ in ()).throw(OSError()))
+    with pytest.raises(TbdiagError) as err:
+        read_json(tmp_path / "bad.json", "do this")
+    assert str(err.value) == f"{tmp_path / 'bad.json'}: not a JSON file (OSError); do this"
+    monkeypatch.undo()
+    doc = json.loads(__import__("tbdiag.analysis.export", fromlist=["to_json"]).to_json([randomized()]))
+    (tmp_path / "two.json").write_text(json.dumps([doc, {"schema": "x"}]), encoding="utf-8")
+    with pytest.raises(TbdiagError) as err:
+        read_analyses(tmp_path / "two.json")
+    assert str(err.value) == (f"{tmp_path / 'two.json'}[1]: schema is 'x', not tbdiag.analysis/v1; pass an analysis "
+                              "JSON written by tbdiag")
+    with pytest.raises(TbdiagError) as err:
+        read_analyses(tmp_path / "none.json")
+    assert str(err.value) == f"{tmp_path / 'none.json'}: no such file; pass an analysis JSON written by tbdiag"
+
+
+def test_an_analysis_json_is_read_as_utf8_under_an_ascii_locale(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tbdiag.analysis.export import to_json
+
+    page = dataclasses.replace(randomized(), source="modèle.safetensors")
+    (tmp_path / "a.json").write_text(to_json([page]), encoding="utf-8")
+    code = "import sys; from tbdiag.analysis.export import read_analyses; print(ascii(read_analyses(sys.argv[1])[0].source))"
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.json")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ascii("modèle.safetensors")
