@@ -544,3 +544,105 @@ def test_an_analysis_json_is_read_as_utf8_under_an_ascii_locale(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ascii("modèle.safetensors")
+
+
+# --- io/outputs.py ----------------------------------------------------------------------------------------------------
+
+
+def test_an_existing_weights_file_with_an_upper_case_suffix_is_a_checkpoint_whatever_it_holds(tmp_path):
+    from tbdiag.io.outputs import check_outputs
+
+    victim = tmp_path / "notes.PT"
+    victim.write_text("not weights at all")
+    with pytest.raises(TbdiagError, match="is an existing checkpoint"):
+        check_outputs([victim], weights=[victim])
+    assert check_outputs([victim], weights=[victim], overwrite=True) == [victim.resolve()]
+    (tmp_path / "plain.json").write_text("{}")
+    assert check_outputs([tmp_path / "plain.json"]) == [(tmp_path / "plain.json").resolve()]
+
+
+def test_a_missing_input_does_not_stop_the_check_of_the_next_one(tmp_path):
+    from tbdiag.io.outputs import check_outputs
+
+    real = tmp_path / "real.json"
+    real.write_text("{}")
+    with pytest.raises(TbdiagError, match=r"is the input"):
+        check_outputs([real], [tmp_path / "missing.safetensors", real])
+
+
+def test_a_file_two_folders_down_in_an_input_folder_is_found_through_a_hard_link(tmp_path, monkeypatch):
+    import os
+    from pathlib import Path
+
+    from tbdiag.io.outputs import check_outputs
+
+    folder = tmp_path / "model"
+    (folder / "a" / "b").mkdir(parents=True)
+    (folder / "0-unreadable").mkdir()
+    deep = folder / "a" / "b" / "notes.txt"
+    deep.write_text("x")
+    link = tmp_path / "out.txt"
+    os.link(deep, link)
+    real = Path.iterdir
+
+    def iterdir(self):  # in name order; the first subfolder cannot be listed: the others are still searched
+        if self.name == "0-unreadable":
+            raise PermissionError(13, "Permission denied")
+        return iter(sorted(real(self)))
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with pytest.raises(TbdiagError) as err:
+        check_outputs([link], [folder])
+    assert str(err.value) == (f"{link}: is the same file as {deep}, part of the input {folder}; write the output to "
+                              "another file")
+
+
+def test_a_writer_that_removed_its_temporary_keeps_its_own_error(tmp_path):
+    from tbdiag.io.outputs import atomic_save
+
+    def write(tmp):
+        tmp.unlink()
+        raise ValueError("the writer's own failure")
+
+    with pytest.raises(ValueError, match="the writer's own failure"):
+        atomic_save(tmp_path / "out.json", write)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("filename, where", [(None, "output"), ("/elsewhere/x", "/elsewhere/x"), ("temp", "a.json")])
+def test_a_failed_write_names_the_output_it_was_writing(tmp_path, monkeypatch, filename, where):
+    import tbdiag.io.outputs as outputs
+
+    def fail(temps):
+        name = str(temps[0][1]) if filename == "temp" else filename
+        raise OSError(28, "No space left on device", name)
+
+    monkeypatch.setattr(outputs, "replace_all", fail)
+    with pytest.raises(TbdiagError) as err:
+        outputs.write_outputs([(tmp_path / "a.json", "{}"), (tmp_path / "b.json", "{}")])
+    where = str(tmp_path / "a.json") if filename == "temp" else where
+    assert str(err.value) == (f"{where}: cannot write (No space left on device); nothing was written; check the disk "
+                              "and the folder's permissions")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_rename_restores_the_previous_content_where_hard_links_are_impossible(tmp_path, monkeypatch):
+    import os
+
+    import tbdiag.io.outputs as outputs
+
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text("old a")
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(OSError(1, "Operation not permitted")))
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst) == str(second):
+            raise OSError(5, "Input/output error", str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(TbdiagError):
+        outputs.write_outputs([(first, "new a"), (second, "new b")])
+    assert first.read_text() == "old a" and not second.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]

@@ -84,17 +84,13 @@ def refuse_checkpoint(target: str, path: Path) -> None:
 
     if not path.is_file():
         return
-    if path.suffix.lower() in CHECKPOINT_SUFFIXES:
-        is_checkpoint = True
-    else:
+    if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
         try:
             sniff(path)
-            is_checkpoint = True
         except TbdiagError:
-            is_checkpoint = False
-    if is_checkpoint:
-        raise TbdiagError(f"{target}: is an existing checkpoint; write to another file, or allow overwrite=True "
-                          "to replace it", cli={"allow overwrite=True": "pass --overwrite"})
+            return  # not a checkpoint by its name nor by its content
+    raise TbdiagError(f"{target}: is an existing checkpoint; write to another file, or allow overwrite=True "
+                      "to replace it", cli={"allow overwrite=True": "pass --overwrite"})
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
