@@ -646,3 +646,22 @@ def test_a_failed_rename_restores_the_previous_content_where_hard_links_are_impo
         outputs.write_outputs([(first, "new a"), (second, "new b")])
     assert first.read_text() == "old a" and not second.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_outputs_inside_an_input_folder_are_refused_word_for_word_after_a_file_input(tmp_path):
+    from tbdiag.io.outputs import check_outputs
+
+    single = tmp_path / "single.safetensors"
+    single.write_bytes(b"x")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(TbdiagError) as err:
+        check_outputs([folder / "config.json"], [single, folder], overwrite=True)
+    assert str(err.value) == (f"{folder / 'config.json'}: is a file of the input folder {folder}, part of the input; "
+                              "write the output outside that folder")
+    with pytest.raises(TbdiagError) as err:
+        check_outputs([folder / "new.json"], [single, folder])
+    assert str(err.value) == (f"{folder / 'new.json'}: is inside the input folder {folder}, which reads files like it; "
+                              "write the output outside that folder")
+    assert check_outputs([folder / "report.html"], [single, folder]) == [(folder / "report.html").resolve()]
