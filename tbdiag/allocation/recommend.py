@@ -32,9 +32,9 @@ def recommend(analysis: Analysis, *, map: str = "linear", min_ratio: float = 0.5
     """
     if metric not in METRIC_FIELDS:
         raise TbdiagError(f"metric {metric!r}: use one of {', '.join(METRIC_FIELDS)}")
+    # embeddings never: the rows of an analysis made with include_embeddings are skipped, as TempBalance skips them
     tune = TuneOptions(unit=unit, include_first_last=include_first_last, min_evals=min_evals,
-                       include=tuple(include), exclude=tuple(exclude))  # embeddings never (rows of an analysis
-    # made with include_embeddings are skipped, as TempBalance skips them)
+                       include=tuple(include), exclude=tuple(exclude))
     tuned = tuned_layers(analysis.layers, tune)
     if not tuned:
         raise _none_tuned(analysis, tune, "tune")
