@@ -334,14 +334,18 @@ def test_a_page_without_a_layer_to_tune_shows_why():
 
 
 def test_a_refit_keeps_each_layers_warning_the_skipped_layers_and_the_precision():
+    from tbdiag.analysis.export import jsonable
     from tbdiag.report.recommended import refit
 
     state = llama_state()
     state["model.layers.1.mlp.up_proj.weight"][:, :8] = 0  # rank-deficient: zero eigenvalues and a warning
-    page = tbdiag.analyze(state, keep_spectra=True, precision="float32")
+    options = dict(precision="float32", xmin_pos=3.0, min_evals=40)  # k/v (32 eigenvalues) not fitted
+    page = tbdiag.analyze(state, keep_spectra=True, **options)
     again = refit(page, "median")
-    direct = tbdiag.analyze(state, fit="median", precision="float32")
-    assert again.layers == direct.layers and again.options == direct.options
+    direct = tbdiag.analyze(state, fit="median", **options)
+    assert math.isnan(again.layers[1].alpha) and math.isfinite(again.layers[0].alpha)
+    as_json = lambda a: [jsonable(dataclasses.asdict(r)) for r in a.layers]  # noqa: E731 - nan == nan
+    assert as_json(again) == as_json(direct) and again.options == direct.options
     assert any(r.warning for r in again.layers)
     assert again.summary == direct.summary
     assert refit(dataclasses.replace(page, spectra={}), "median") is None
@@ -665,3 +669,24 @@ def test_outputs_inside_an_input_folder_are_refused_word_for_word_after_a_file_i
     assert str(err.value) == (f"{folder / 'new.json'}: is inside the input folder {folder}, which reads files like it; "
                               "write the output outside that folder")
     assert check_outputs([folder / "report.html"], [single, folder]) == [(folder / "report.html").resolve()]
+
+
+def test_a_refit_counts_as_zero_what_analyze_counts_for_the_layers_larger_side():
+    """up_proj is 128 × 64: an eigenvalue of 100·ε·λ_max is below 128·ε·λ_max, a zero, as analyze counts it."""
+    import numpy as np
+
+    from tbdiag.report.recommended import refit
+
+    page = tbdiag.analyze(llama_state(), keep_spectra=True)
+    name = "model.layers.1.mlp.up_proj"
+    tail = np.sort(np.random.default_rng(0).uniform(1.0, 100.0, 50))
+
+    def alpha_with(smallest: float) -> float:
+        spectrum = np.concatenate([np.zeros(13), [smallest * tail[-1]], tail])
+        spectra = {**page.spectra, name: spectrum}
+        row = {r.name: r for r in refit(dataclasses.replace(page, spectra=spectra), "median").layers}[name]
+        return row.alpha
+
+    eps = np.finfo(np.float64).eps
+    assert alpha_with(100 * eps) == alpha_with(0.0)
+    assert alpha_with(1000 * eps) != alpha_with(0.0)
