@@ -44,7 +44,7 @@ def refit(a: Analysis, fit: str) -> Analysis | None:
         new = layer_result(r.name, r.kind, r.shape, evals, fit=fit, fit_kwargs=options.fit_kwargs(),
                            min_evals=options.min_evals, zero_rtol=zero_rtol)
         rows.append(dataclasses.replace(new, warning=r.warning))
-    summary = dict(summarize(rows, fit), skipped=a.summary.get("skipped", {}))
+    summary = dict(summarize(rows, fit), skipped=a.summary["skipped"])  # every analysis has it
     return dataclasses.replace(a, options=options, layers=tuple(rows), summary=summary)
 
 
