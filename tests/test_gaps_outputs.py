@@ -690,3 +690,103 @@ def test_a_refit_counts_as_zero_what_analyze_counts_for_the_layers_larger_side()
     eps = np.finfo(np.float64).eps
     assert alpha_with(100 * eps) == alpha_with(0.0)
     assert alpha_with(1000 * eps) != alpha_with(0.0)
+
+
+@pytest.mark.parametrize("target, message", [
+    ("", "an output path is empty; name a file"),
+    ("  ", "an output path is empty; name a file"),
+])
+def test_an_empty_output_path_is_refused(target, message):
+    from tbdiag.io.outputs import check_outputs
+
+    with pytest.raises(TbdiagError) as err:
+        check_outputs([target])
+    assert str(err.value) == message
+
+
+def test_check_outputs_refusals_name_the_target_as_given(tmp_path, monkeypatch):
+    import os
+
+    from tbdiag.io.outputs import check_outputs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    os.mkfifo(tmp_path / "pipe.json")
+    (tmp_path / "in.json").write_text("{}")
+    (tmp_path / "old.safetensors").write_bytes(b"x")
+    cases = [
+        (["sub"], [], "sub: is a folder; name a file (e.g. sub/out)"),
+        (["pipe.json"], [], "pipe.json: is not a regular file; name a regular file"),
+        (["a.json", "./a.json"], [], "./a.json: names the same file as a.json; give each output its own file"),
+        (["./in.json"], ["in.json"], "./in.json: is the input in.json; write the output to another file"),
+        (["w.pt"], [], "w.pt: is named like a checkpoint (.pt) but would hold text; give it a .json, .csv or .html name"),
+    ]
+    for targets, inputs, message in cases:
+        with pytest.raises(TbdiagError) as err:
+            check_outputs(targets, inputs)
+        assert str(err.value) == message
+    with pytest.raises(TbdiagError) as err:
+        check_outputs(["./old.safetensors"], weights=["./old.safetensors"])
+    assert str(err.value) == ("./old.safetensors: is an existing checkpoint; write to another file, or allow "
+                              "overwrite=True to replace it")
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+    import os
+
+    from tbdiag.io.outputs import check_outputs
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if mode & os.W_OK else real(path, mode))
+    with pytest.raises(TbdiagError) as err:
+        check_outputs([tmp_path / "a.json"])
+    assert str(err.value) == f"{tmp_path / 'a.json'}: folder {tmp_path} is not writable; choose another path"
+
+
+def test_a_temporary_is_a_hidden_file_beside_its_target_with_the_usual_mode(tmp_path):
+    import os
+
+    from tbdiag.io.outputs import temporary_beside
+
+    tmp = temporary_beside(tmp_path / "out.json")
+    assert tmp.parent == tmp_path and tmp.name.startswith(".out.json.") and tmp.name.endswith(".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert tmp.stat().st_mode & 0o777 == 0o666 & ~umask and tmp.stat().st_size == 0
+
+
+def test_a_temporary_that_cannot_be_made_is_named(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    from tbdiag.io.outputs import temporary_beside
+
+    with pytest.raises(TbdiagError) as err:
+        temporary_beside(tmp_path / "missing" / "out.json")
+    assert str(err.value) == (f"{tmp_path / 'missing' / 'out.json'}: folder {tmp_path / 'missing'} does not exist; "
+                              "create it or choose another path")
+    monkeypatch.setattr(tempfile, "mkstemp", lambda **k: (_ for _ in ()).throw(OSError(13, "Permission denied")))
+    with pytest.raises(TbdiagError) as err:
+        temporary_beside(tmp_path / "out.json")
+    assert str(err.value) == f"{tmp_path / 'out.json'}: cannot write in {tmp_path} (Permission denied); choose another path"
+    monkeypatch.undo()
+    monkeypatch.setattr(os, "chmod", lambda *a: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
+    with pytest.raises(PermissionError):
+        temporary_beside(tmp_path / "out.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_text_outputs_are_utf8_with_their_own_line_ends_under_an_ascii_locale(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from tbdiag.io.outputs import atomic_write, write_outputs; "
+            "atomic_write(sys.argv[1] + '/a.txt', 'mod\\u00e8le\\r\\nx\\n'); "
+            "write_outputs([(sys.argv[1] + '/b.txt', '\\u00e9\\n')])")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "a.txt").read_bytes() == "modèle\r\nx\n".encode("utf-8")
+    assert (tmp_path / "b.txt").read_bytes() == "é\n".encode("utf-8")

@@ -153,7 +153,7 @@ def usual_mode(mode: int) -> int:
 
 def temporary_beside(path: Path) -> Path:
     """An empty temporary file beside ``path`` with the usual permissions (mkstemp makes 0600)."""
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent  # "." for a bare name
     if not folder.is_dir():
         raise TbdiagError(f"{path}: folder {folder} does not exist; create it or choose another path")
     try:
