@@ -172,6 +172,8 @@ HINT = "write one with tbdiag recommend"
      f"multiplier of {'f' * 80!r} is '-1', not a positive number; " + HINT),
     ({"schema": "tbdiag.multipliers/v1", "layers": {"fc": {"multiplier": "9" * 50}}},
      f"multiplier of 'fc' is {'9' * 40!r}, not a positive number; " + HINT),
+    ({"schema": "tbdiag.multipliers/v1", "layers": {"fc": {"multiplier": 0}}},
+     "multiplier of 'fc' is '0', not a positive number; " + HINT),
     ({"schema": "tbdiag.multipliers/v1", "layers": {"fc": {"multiplier": True}}},
      "multiplier of 'fc' is 'True', not a positive number; " + HINT),
     ({"schema": "tbdiag.multipliers/v1", "layers": {"fc": {"multiplier": 10 ** 400}}},
@@ -790,3 +792,26 @@ def test_text_outputs_are_utf8_with_their_own_line_ends_under_an_ascii_locale(tm
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "a.txt").read_bytes() == "modèle\r\nx\n".encode("utf-8")
     assert (tmp_path / "b.txt").read_bytes() == "é\n".encode("utf-8")
+
+
+def test_stacked_experts_are_pruned_per_expert_but_decayed_and_adapted_per_stack():
+    """Sparsity: one unit per expert, as prune allocates; weight decay and LoRA: the stack's module (a parent of
+    the expert rows), which PEFT wraps."""
+    from tests.test_prune_edges import moe_state
+
+    moe = tbdiag.analyze(moe_state())
+    stacks = [f"model.layers.{b}.mlp.experts.down_proj" for b in range(2)]
+    experts = [f"{stacks[0]}.{e}" for e in range(4)]
+    assert list(allocation(moe, "sparsity", sparsity=0.5)["layers"])[1:5] == experts
+    assert list(allocation(moe, "weight_decay")["layers"]) == [
+        "model.layers.0.self_attn.q_proj", stacks[0], "model.layers.1.self_attn.q_proj", stacks[1]]
+    lora = allocation(moe, "lora_rank", budget=20)
+    assert list(lora["peft"]["rank_pattern"])[1] == f"^{re.escape(stacks[0])}$"
+    assert allocation(moe, "weight_decay")["layers"][stacks[0]]["layers"] == experts
+
+
+def test_lora_ranks_for_top_level_layers():
+    from tests.test_prune import mlp_state
+
+    doc = allocation(tbdiag.analyze(mlp_state()), "lora_rank", budget=6)
+    assert list(doc["peft"]["rank_pattern"]) == ["^fc1$", "^fc2$", "^fc3$"] and sum(doc["peft"]["rank_pattern"].values()) == 6

@@ -106,7 +106,7 @@ def allocation(analysis: Analysis, target: str, *, unit: str = "layer", include_
                                     int(parameters.get("r_min", 1)), _int_or_none(parameters.get("r_max")))
         for g, r in zip(groups.values(), ranks):
             g["rank"] = r
-        modules = {n.rsplit(".", 1)[0] for r in analysis.layers for n in _prefixes(r.name)}
+        modules = {m for r in analysis.layers for m in _prefixes(r.name)}  # a unit may be a row's parent
         doc["peft"] = allocate.peft_patterns(dict(zip(groups, ranks)), sorted(modules),
                                              lora_alpha=parameters.get("lora_alpha"),
                                              default_r=round(sum(ranks) / len(ranks)))
@@ -131,9 +131,10 @@ def _none_tuned(analysis: Analysis, tune: TuneOptions, what: str) -> TbdiagError
 
 
 def _prefixes(name: str) -> list[str]:
-    """Every dotted prefix of a layer name, itself included, each with a dummy last part for rsplit."""
+    """Every dotted prefix of a layer name, itself included: the modules holding it (``h.0.attn.c_attn`` for the
+    split row ``h.0.attn.c_attn.q``, the stack for an expert)."""
     parts = name.split(".")
-    return [".".join(parts[:i]) + ".x" for i in range(1, len(parts) + 1)]
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
 def _numel(shape: tuple[int, ...]) -> int:
