@@ -1079,7 +1079,7 @@ def _nm_trace(f, x0: float, max_calls: int) -> tuple[float, list[float]]:
 
 def test_nelder_mead_trace_through_expansion_reflection_and_inside_contraction():
     """f = (x − 2)² from 1, by hand: three expansions (1.15, 1.35, 1.75), an expansion refused for its
-    reflection (2.15 kept, 2.55 worse), two inside contractions (1.95, then 2.05, tied with 1.95: no swap)."""
+    reflection (2.15 kept, 2.55 worse), two inside contractions (1.95, then 2.05, no better in floating point: 1.95 stays first)."""
     best, points = _nm_trace(lambda x: (x - 2.0) ** 2, 1.0, 14)
     assert points == pytest.approx([1.0, 1.05, 1.1, 1.15, 1.25, 1.35, 1.55, 1.75, 2.15, 2.55, 2.55, 1.95, 1.75, 2.05],
                                    rel=1e-12)
@@ -1087,8 +1087,8 @@ def test_nelder_mead_trace_through_expansion_reflection_and_inside_contraction()
 
 
 def test_nelder_mead_ties_with_the_best_and_the_worst_point_contract():
-    """f = |x − 1.2|: after 1.15 (expansion), the reflection 1.25 ties with the best (0.05): no expansion, an
-    outside contraction to 1.2; then the reflection 1.25 ties with the worst: an inside contraction to 1.175."""
+    """f = |x − 1.2|: after 1.15 (expansion), the reflection 1.25 is no better than the best (0.05 up to rounding): an
+    outside contraction to 1.2; then the reflection 1.25 is no better than the worst: an inside contraction to 1.175."""
     best, points = _nm_trace(lambda x: abs(x - 1.2), 1.0, 8)
     assert points == pytest.approx([1.0, 1.05, 1.1, 1.15, 1.25, 1.2, 1.25, 1.175], rel=1e-12)
     assert best == pytest.approx(1.2, rel=1e-12)
@@ -1131,3 +1131,34 @@ def test_matrix_entropy_clips_negative_round_off_and_reads_float32_in_float64():
     assert matrix_entropy(np.array([-1e-12, 1.0, 2.0, 3.0]), 4) == matrix_entropy(np.array([0.0, 1.0, 2.0, 3.0]), 4)
     ev = np.random.default_rng(5).random(200).astype(np.float32)
     assert matrix_entropy(ev, 300) == matrix_entropy(ev.astype(np.float64), 300)
+
+
+@pytest.mark.parametrize("values, calls, best", [
+    ({0.95: 0.0, 0.975: -1.0}, [1.0, 1.05, 0.95, 0.975], 0.975),  # reflection ties the best: no expansion
+    ({0.95: -1.0, 0.9: -1.0}, [1.0, 1.05, 0.95, 0.9], 0.95),  # expansion only ties the reflection: reflection kept
+    ({0.95: 2.0, 1.025: 1.0}, [1.0, 1.05, 0.95, 1.025], 1.0),  # reflection ties the worst: inside contraction
+    ({0.95: 3.0, 1.025: 0.0}, [1.0, 1.05, 0.95, 1.025], 1.0),  # new point ties the best: the best stays first
+])
+def test_nelder_mead_breaks_exact_ties_towards_the_points_it_has(values, calls, best):
+    """f(1) = 0 and f(1.05) = 2 (the best is 1), other values by hand and exact, so that comparisons tie."""
+    table = {1.0: 0.0, 1.05: 2.0, **values}
+    got, points = _nm_trace(lambda x: table.get(round(x, 9), 10.0), 1.0, 4)
+    assert points == pytest.approx(calls, rel=1e-12) and got == best
+
+
+def test_nelder_mead_swaps_values_with_points():
+    """f(1) = 5, f(1.05) = 1: 1.05 first, with its value; the reflection 1.1 (3) lies between: outside contraction."""
+    table = {1.0: 5.0, 1.05: 1.0, 1.1: 3.0, 1.075: 2.0}
+    got, points = _nm_trace(lambda x: table.get(round(x, 9), 10.0), 1.0, 4)
+    assert points == pytest.approx([1.0, 1.05, 1.1, 1.075], rel=1e-12) and got == 1.05
+
+
+def test_nelder_mead_stops_when_both_tolerances_are_met_exactly():
+    from tbdiag.esd.mp import nelder_mead_1d
+
+    calls: list[float] = []
+    flat = lambda x: calls.append(float(x[0])) or 0 * x  # noqa: E731
+    assert nelder_mead_1d(flat, 0.0, xatol=0.00025) == 0.0 and len(calls) == 2  # |Δx| = xatol exactly
+    calls.clear()
+    step = lambda x: calls.append(float(x[0])) or (x > 0) * 0.5  # noqa: E731 - f(0) = 0, f(0.00025) = 0.5
+    assert nelder_mead_1d(step, 0.0, xatol=1.0, fatol=0.5) == 0.0 and len(calls) == 2  # |Δf| = fatol exactly
