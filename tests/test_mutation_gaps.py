@@ -1079,7 +1079,8 @@ def _nm_trace(f, x0: float, max_calls: int) -> tuple[float, list[float]]:
 
 def test_nelder_mead_trace_through_expansion_reflection_and_inside_contraction():
     """f = (x − 2)² from 1, by hand: three expansions (1.15, 1.35, 1.75), an expansion refused for its
-    reflection (2.15 kept, 2.55 worse), two inside contractions (1.95, then 2.05, no better in floating point: 1.95 stays first)."""
+    reflection (2.15 kept, 2.55 worse), two inside contractions (1.95, then 2.05, no better in floating point:
+    1.95 stays first)."""
     best, points = _nm_trace(lambda x: (x - 2.0) ** 2, 1.0, 14)
     assert points == pytest.approx([1.0, 1.05, 1.1, 1.15, 1.25, 1.35, 1.55, 1.75, 2.15, 2.55, 2.55, 1.95, 1.75, 2.05],
                                    rel=1e-12)
@@ -1087,8 +1088,9 @@ def test_nelder_mead_trace_through_expansion_reflection_and_inside_contraction()
 
 
 def test_nelder_mead_ties_with_the_best_and_the_worst_point_contract():
-    """f = |x − 1.2|: after 1.15 (expansion), the reflection 1.25 is no better than the best (0.05 up to rounding): an
-    outside contraction to 1.2; then the reflection 1.25 is no better than the worst: an inside contraction to 1.175."""
+    """f = |x − 1.2|: after 1.15 (expansion), the reflection 1.25 is no better than the best (0.05 up to
+    rounding): an outside contraction to 1.2; then the reflection 1.25 is no better than the worst: an inside
+    contraction to 1.175."""
     best, points = _nm_trace(lambda x: abs(x - 1.2), 1.0, 8)
     assert points == pytest.approx([1.0, 1.05, 1.1, 1.15, 1.25, 1.2, 1.25, 1.175], rel=1e-12)
     assert best == pytest.approx(1.2, rel=1e-12)
