@@ -7,6 +7,7 @@ import json
 import math
 import re
 from functools import lru_cache
+from pathlib import Path
 
 import pytest
 
@@ -510,8 +511,6 @@ def test_an_analysis_json_has_one_line_per_top_level_key_and_per_layer_and_never
 
 
 def test_read_json_names_why_a_file_is_not_json(tmp_path, monkeypatch):
-    from pathlib import Path
-
     from tbdiag.analysis.export import read_analyses, read_json
 
     (tmp_path / "bad.json").write_text("{", encoding="utf-8")
@@ -543,9 +542,12 @@ def test_an_analysis_json_is_read_as_utf8_under_an_ascii_locale(tmp_path):
     from tbdiag.analysis.export import to_json
 
     page = dataclasses.replace(randomized(), source="modèle.safetensors")
-    (tmp_path / "a.json").write_text(to_json([page]), encoding="utf-8")
+    text = to_json([page]).replace("\\u00e8", "è")  # tbdiag writes ASCII; an edited file may hold UTF-8
+    assert "modèle" in text
+    (tmp_path / "a.json").write_text(text, encoding="utf-8")
     code = "import sys; from tbdiag.analysis.export import read_analyses; print(ascii(read_analyses(sys.argv[1])[0].source))"
-    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": str(Path(tbdiag.__file__).resolve().parents[1])}  # this tbdiag, not another installed one
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.json")], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -578,7 +580,6 @@ def test_a_missing_input_does_not_stop_the_check_of_the_next_one(tmp_path):
 
 def test_a_file_two_folders_down_in_an_input_folder_is_found_through_a_hard_link(tmp_path, monkeypatch):
     import os
-    from pathlib import Path
 
     from tbdiag.io.outputs import check_outputs
 
@@ -786,7 +787,8 @@ def test_text_outputs_are_utf8_with_their_own_line_ends_under_an_ascii_locale(tm
     code = ("import sys; from tbdiag.io.outputs import atomic_write, write_outputs; "
             "atomic_write(sys.argv[1] + '/a.txt', 'mod\\u00e8le\\r\\nx\\n'); "
             "write_outputs([(sys.argv[1] + '/b.txt', '\\u00e9\\n')])")
-    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": str(Path(tbdiag.__file__).resolve().parents[1])}  # this tbdiag, not another installed one
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
@@ -815,3 +817,22 @@ def test_lora_ranks_for_top_level_layers():
 
     doc = allocation(tbdiag.analyze(mlp_state()), "lora_rank", budget=6)
     assert list(doc["peft"]["rank_pattern"]) == ["^fc1$", "^fc2$", "^fc3$"] and sum(doc["peft"]["rank_pattern"].values()) == 6
+
+
+def test_a_block_unit_sparsity_allocation_has_one_sparsity_per_block():
+    doc = allocation(llama(), "sparsity", sparsity=0.5, unit="block")
+    assert list(doc["layers"]) == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    assert doc["layers"]["model.layers.2"]["layers"] == TUNED[10:]
+
+
+def test_a_refit_to_any_fit_equals_a_direct_analysis_and_keeps_the_pages_warnings():
+    from tbdiag.analysis.export import jsonable
+    from tbdiag.report.recommended import refit
+
+    page = tbdiag.analyze(llama_state(), fit="median", keep_spectra=True)
+    as_json = lambda a: [jsonable(dataclasses.asdict(r)) for r in a.layers]  # noqa: E731 - nan == nan
+    again, direct = refit(page, "ks"), tbdiag.analyze(llama_state(), fit="ks")
+    assert as_json(again) == as_json(direct) and jsonable(again.summary) == jsonable(direct.summary)
+    noted = dataclasses.replace(page, layers=(dataclasses.replace(page.layers[0], warning="read from FP8"),
+                                              *page.layers[1:]))
+    assert refit(noted, "ks").layers[0].warning == "read from FP8"

@@ -78,7 +78,7 @@ def analysis_from_dict(doc: Any, where: str = "<json>") -> Analysis:
     if view not in VIEWS:
         raise check.bad("view", view, f"one of {', '.join(VIEWS)}")
     return Analysis(check.text(doc.get("source", _MISSING), "source"), check.text(doc.get("format", "?"), "format"),
-                    check.count(doc.get("n_params", 0), "n_params", null=0), options, rows, summary,
+                    check.count(doc.get("n_params"), "n_params", null=0), options, rows, summary,
                     check.mapping(doc.get("timing", {}), "timing"),
                     base=None if doc.get("base") is None else check.text(doc["base"], "base"),
                     view=view)
