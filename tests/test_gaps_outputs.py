@@ -534,12 +534,12 @@ def test_read_json_names_why_a_file_is_not_json(tmp_path, monkeypatch):
     assert str(err.value) == f"{tmp_path / 'none.json'}: no such file; pass an analysis JSON written by tbdiag"
 
 
-def test_an_analysis_json_is_read_as_utf8_under_an_ascii_locale(tmp_path):
+def test_an_analysis_json_is_read_as_utf8_here_and_under_an_ascii_locale(tmp_path):
     import os
     import subprocess
     import sys
 
-    from tbdiag.analysis.export import to_json
+    from tbdiag.analysis.export import read_analyses, to_json
 
     page = dataclasses.replace(randomized(), source="modèle.safetensors")
     text = to_json([page]).replace("\\u00e8", "è")  # tbdiag writes ASCII; an edited file may hold UTF-8
@@ -552,6 +552,7 @@ def test_an_analysis_json_is_read_as_utf8_under_an_ascii_locale(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ascii("modèle.safetensors")
+    assert read_analyses(tmp_path / "a.json")[0].source == "modèle.safetensors"  # in this process too
 
 
 # --- io/outputs.py ----------------------------------------------------------------------------------------------------
@@ -779,7 +780,7 @@ def test_a_temporary_that_cannot_be_made_is_named(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_text_outputs_are_utf8_with_their_own_line_ends_under_an_ascii_locale(tmp_path):
+def test_text_outputs_are_utf8_with_their_own_line_ends_here_and_under_an_ascii_locale(tmp_path):
     import os
     import subprocess
     import sys
@@ -794,6 +795,12 @@ def test_text_outputs_are_utf8_with_their_own_line_ends_under_an_ascii_locale(tm
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "a.txt").read_bytes() == "modèle\r\nx\n".encode("utf-8")
     assert (tmp_path / "b.txt").read_bytes() == "é\n".encode("utf-8")
+    from tbdiag.io.outputs import atomic_write, write_outputs
+
+    atomic_write(tmp_path / "c.txt", "modèle\r\nx\n")  # in this process too
+    write_outputs([(tmp_path / "d.txt", "é\n")])
+    assert (tmp_path / "c.txt").read_bytes() == (tmp_path / "a.txt").read_bytes()
+    assert (tmp_path / "d.txt").read_bytes() == (tmp_path / "b.txt").read_bytes()
 
 
 def test_stacked_experts_are_pruned_per_expert_but_decayed_and_adapted_per_stack():
