@@ -112,7 +112,8 @@ def test_recommend_targets_write_allocation_documents(tmp_path):
     sizes = [g["n_params"] for g in doc["layers"].values()]
     mean = sum(g["sparsity"] * g["n_params"] for g in doc["layers"].values()) / sum(sizes)
     assert mean == pytest.approx(0.6, abs=1e-12) and sizes == [784 * 128, 128 * 128, 128 * 10]
-    res = run("recommend", *common, "--target", "lora_rank", "--budget", "24", "--r-min", "2", "-o", tmp_path / "r.json")
+    res = run("recommend", *common, "--target", "lora_rank", "--budget", "24", "--r-min", "2", "--r-max", "10",
+              "-o", tmp_path / "r.json")  # net.5 is 128 × 10: no rank above 10
     doc = json.loads((tmp_path / "r.json").read_text())
     assert res.exit_code == 0 and sum(g["rank"] for g in doc["layers"].values()) == 24
     assert set(doc["peft"]["rank_pattern"]) == {"^net\\.1$", "^net\\.3$", "^net\\.5$"}

@@ -87,7 +87,7 @@ def make_bad_inputs(tmp: Path) -> dict[str, tuple[list, str]]:
         "no layers": ([tmp / "nolayers.safetensors"], "no layers"),
         "bad xmin": ([good, "--xmin-pos", "0.5"], "at least 1"),
         "nan xmin": ([good, "--xmin-pos", "nan"], "--xmin-pos nan: must be a finite number"),
-        "no peak bins": ([good, "--fit", "peak", "--peak-bins", "0"], "--peak-bins 0: needs at least 1 bin"),
+        "no peak bins": ([good, "--fit", "peak", "--peak-bins", "0"], "--peak-bins 0: needs 1 to 1,000,000 bins"),
         "inf conv norm": ([good, "--conv-norm", "inf"], "--conv-norm inf: must be a finite"),
         "zero conv norm": ([good, "--conv-norm", "0"], "--conv-norm 0.0: must be positive"),
         "min evals": ([good, "--min-evals", "1"], "--min-evals 1: must be at least 2 (a fit needs 2 eigenvalues)"),

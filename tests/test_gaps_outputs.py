@@ -843,3 +843,48 @@ def test_a_refit_to_any_fit_equals_a_direct_analysis_and_keeps_the_pages_warning
     noted = dataclasses.replace(page, layers=(dataclasses.replace(page.layers[0], warning="read from FP8"),
                                               *page.layers[1:]))
     assert refit(noted, "ks").layers[0].warning == "read from FP8"
+
+
+def test_a_lora_rank_above_what_its_matrix_holds_is_refused():
+    """The 15 tuned LLaMA layers are 64 × 64, 128 × 64 or 64 × 128: no LoRA update of theirs has rank above 64."""
+    with pytest.raises(TbdiagError) as err:
+        allocation(llama(), "lora_rank", budget=2000)
+    assert re.fullmatch(r"<state dict>: LoRA rank \d+ for model\.layers\.\d\.[a-z_.]+ is above 64, the largest rank "
+                        r"its matrix can hold; lower the budget, or cap every rank with r_max=64", str(err.value))
+    assert err.value.cli_message().endswith("cap every rank with --r-max 64")
+    ranks = [g["rank"] for g in allocation(llama(), "lora_rank", budget=960, r_max=64)["layers"].values()]
+    assert ranks == [64] * 15  # every layer at its bound: the largest budget there is
+    with pytest.raises(TbdiagError, match="is above 64"):
+        allocation(llama(), "lora_rank", budget=961)
+
+
+@pytest.mark.parametrize("bins", [0, 1_000_001, 10 ** 30])
+def test_peak_bins_beyond_a_million_are_refused_before_any_work(bins):
+    from tbdiag.analysis.export import analysis_from_dict
+    from tbdiag.analysis.options import AnalyzeOptions
+
+    with pytest.raises(TbdiagError, match=rf"^peak_bins {bins}: needs 1 to 1,000,000 bins \(the default is 100\)$"):
+        AnalyzeOptions(fit="peak", peak_bins=bins)
+    with pytest.raises(TbdiagError, match="options do not describe an analysis"):
+        analysis_from_dict(_damage(lambda d: d["options"].update(peak_bins=bins)))
+    assert AnalyzeOptions(fit="peak", peak_bins=1_000_000).peak_bins == 1_000_000
+
+
+def test_the_cli_prints_its_tables_under_an_ascii_locale(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from tests.test_prune import mlp_state
+
+    save_file(mlp_state(), tmp_path / "m.safetensors")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": str(Path(tbdiag.__file__).resolve().parents[1])}
+    for args in (["analyze", str(tmp_path / "m.safetensors")],
+                 ["diff", str(tmp_path / "m.safetensors"), str(tmp_path / "m.safetensors")]):
+        done = subprocess.run([sys.executable, "-c", "from tbdiag.cli import app; app()", *args], env=env,
+                              capture_output=True, timeout=300)
+        assert done.returncode == 0, done.stderr.decode("ascii", "replace")
+        assert b"fc2" in done.stdout and b"Traceback" not in done.stderr

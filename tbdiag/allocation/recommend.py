@@ -110,6 +110,7 @@ def allocation(analysis: Analysis, target: str, *, unit: str = "layer", include_
         doc["peft"] = allocate.peft_patterns(dict(zip(groups, ranks)), sorted(modules),
                                              lora_alpha=parameters.get("lora_alpha"),
                                              default_r=round(sum(ranks) / len(ranks)))
+        _check_rank_bounds(analysis.source, groups, rows, ranks)  # after the checks of the arguments
     return doc
 
 
@@ -128,6 +129,17 @@ def _none_tuned(analysis: Analysis, tune: TuneOptions, what: str) -> TbdiagError
                        + ("include the first and last layers or " if not tune.include_first_last else "")
                        + "lower the eigenvalue minimum", cli={"include the first and last layers": "--include-first-last",
                                                                "the eigenvalue minimum": "--min-evals"})
+
+
+def _check_rank_bounds(source: str, groups: dict, rows: dict, ranks: list[int]) -> None:
+    """A LoRA update of an out × in matrix (a convolution's: out × in·kh·kw) has rank at most min(out, in):
+    a larger rank only adds parameters. Refuse one (it comes from a budget too large for the layers)."""
+    for (unit, group), r in zip(groups.items(), ranks):
+        bound = min(min(rows[n].shape[0], math.prod(rows[n].shape[1:])) for n in group["layers"])
+        if r > bound:
+            raise TbdiagError(f"{source}: LoRA rank {r} for {unit} is above {bound}, the largest rank its matrix "
+                              f"can hold; lower the budget, or cap every rank with r_max={bound}",
+                              cli={"r_max=": "--r-max "})
 
 
 def _prefixes(name: str) -> list[str]:

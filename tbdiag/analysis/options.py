@@ -17,6 +17,7 @@ PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 # Options that are the user's, never a document's: a permission to run code from checkpoints, and where to
 # compute. A saved analysis never carries them into another run (`tbdiag.analysis.export`).
 USER_ONLY = ("trust_pickle", "device")
+MAX_PEAK_BINS = 1_000_000  # a histogram of the log-spectrum: more bins than eigenvalues only empties them
 FEWEST_EVALS = 2  # a power-law fit needs at least this many eigenvalues: every min_evals is checked against it
 FEWEST_EVALS_RULE = f"must be at least {FEWEST_EVALS} (a fit needs {FEWEST_EVALS} eigenvalues)"
 
@@ -79,7 +80,8 @@ class AnalyzeOptions:
             ("conv_norm", finite["conv_norm"], "must be a finite positive number (the reference uses 0.5)"),
             ("conv_norm", self.conv_norm > 0, "must be positive (the reference uses 0.5)"),
             ("min_evals", self.min_evals >= FEWEST_EVALS, FEWEST_EVALS_RULE),
-            ("peak_bins", self.peak_bins >= 1, "needs at least 1 bin (the default is 100)"),
+            ("peak_bins", 1 <= self.peak_bins <= MAX_PEAK_BINS,
+             f"needs 1 to {MAX_PEAK_BINS:,} bins (the default is 100)"),
             ("precision", self.precision in PRECISIONS, "use float64 or float32"),
             ("estimator", self.estimator in ("full", "farms"), "use full or farms"),
             ("farms_window", self.farms_window >= 0, "must be 0 (half the smaller side) or more"),

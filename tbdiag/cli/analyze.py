@@ -21,7 +21,7 @@ def analyze_command(
     xmin_pos: Annotated[float, typer.Option(metavar="X", help="median: xmin is the eigenvalue at index ⌊N / X⌋ (X ≥ 1).", rich_help_panel=FIT)] = 2.0,
     conv_norm: Annotated[float, typer.Option(metavar="X", help="Scale of conv kernel slices (eigenvalues × X, X > 0).", rich_help_panel=FIT)] = 0.5,
     min_evals: Annotated[int, typer.Option(metavar="N", help="Layers with fewer eigenvalues are measured, not fitted (N ≥ 2).", rich_help_panel=FIT)] = 10,
-    peak_bins: Annotated[int, typer.Option(metavar="N", help="peak: histogram bins over log10 eigenvalues (N ≥ 1).", rich_help_panel=FIT)] = 100,
+    peak_bins: Annotated[int, typer.Option(metavar="N", help="peak: histogram bins over log10 eigenvalues (1 ≤ N ≤ 1,000,000).", rich_help_panel=FIT)] = 100,
     peak_quirk: Annotated[bool, typer.Option("--peak-quirk", metavar=FLAG, help="peak: reproduce the reference implementation's lower bound.", rich_help_panel=FIT)] = False,
     estimator: Annotated[Estimator, typer.Option(metavar=choices(Estimator), help="ESD of the full matrix, or farms: pooled fixed-aspect-ratio windows.", rich_help_panel=FIT)] = Estimator.full,
     farms_window: Annotated[int, typer.Option(metavar="N", help="farms: window rows (0: half the smaller side).", rich_help_panel=FIT)] = 0,

@@ -22,6 +22,11 @@ STDOUT = "-"
 
 def _console(stderr: bool) -> Console:
     stream = sys.stderr if stderr else sys.stdout
+    try:  # tables use ± → ≥ …: a stream that cannot encode them (an ASCII locale) shows "?" instead of failing
+        "±→≥…─".encode(stream.encoding or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     # Piped output keeps full rows instead of wrapping at 80 columns.
     return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else 200)
 
