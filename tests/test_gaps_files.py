@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -15,6 +14,7 @@ import tbdiag.pruning.files
 from tbdiag.errors import TbdiagError
 from tbdiag.pruning.core import prune
 from tests.conftest import write_sharded_safetensors
+from tests.test_gaps_outputs import ascii_locale_env
 from tests.test_prune import mlp_state, saved
 
 
@@ -103,8 +103,7 @@ def test_a_utf8_shard_index_is_read_and_pruned_under_an_ascii_locale(tmp_path):
     index.write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
     code = ("import sys, tbdiag; from tbdiag.pruning.core import prune; "
             "r = prune(sys.argv[1], sys.argv[2], sparsity=0.5, allocation='uniform'); print(r.n_pruned)")
-    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
-           "PYTHONPATH": str(Path(tbdiag.__file__).resolve().parents[1])}  # this tbdiag, not another installed one
+    env = ascii_locale_env()
     done = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out")], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

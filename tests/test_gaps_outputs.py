@@ -249,9 +249,30 @@ DAMAGED = "the file is damaged or not written by tbdiag: analyse the checkpoint 
 
 
 def _damage(edit):
-    doc = json.loads(__import__("tbdiag.analysis.export", fromlist=["to_json"]).to_json([randomized()]))
+    """The randomized analysis' JSON document, edited in place by ``edit``."""
+    from tbdiag.analysis.export import to_json
+
+    doc = json.loads(to_json([randomized()]))
     edit(doc)
     return doc
+
+
+def ascii_locale_env() -> dict[str, str]:
+    """The environment of a subprocess under an ASCII locale, importing this tbdiag (the one under test, e.g. a
+    mutation run's copy), not another installed one."""
+    import os
+
+    return {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+            "PYTHONPATH": str(Path(tbdiag.__file__).resolve().parents[1])}
+
+
+def _refusal(edit) -> str:
+    """The one-line refusal of the randomized analysis' document damaged by ``edit``, read as ``run.json``."""
+    from tbdiag.analysis.export import analysis_from_dict
+
+    with pytest.raises(TbdiagError) as err:
+        analysis_from_dict(_damage(edit), "run.json")
+    return str(err.value)
 
 
 def _trap(doc):
@@ -272,11 +293,7 @@ def _trap(doc):
     (lambda d: d["layers"][0].update(name=7 * 10 ** 49), "layers[0].name is " + "7" + "0" * 39 + ", not a string"),
 ])
 def test_damaged_traps_and_fields_are_named_word_for_word(edit, message):
-    from tbdiag.analysis.export import analysis_from_dict
-
-    with pytest.raises(TbdiagError) as err:
-        analysis_from_dict(_damage(edit), "run.json")
-    assert str(err.value) == f"run.json: {message}; {DAMAGED}"
+    assert _refusal(edit) == f"run.json: {message}; {DAMAGED}"
 
 
 def test_a_null_trap_eigenvalue_reads_as_nan():
@@ -368,11 +385,7 @@ def test_a_refit_keeps_each_layers_warning_the_skipped_layers_and_the_precision(
     (lambda d: _trap(d).pop("eigenvalue"), "layers[1].traps[0].eigenvalue is missing, not a number or null"),
 ])
 def test_damaged_fields_are_named_with_what_they_may_hold(edit, message):
-    from tbdiag.analysis.export import analysis_from_dict
-
-    with pytest.raises(TbdiagError) as err:
-        analysis_from_dict(_damage(edit), "run.json")
-    assert str(err.value) == f"run.json: {message}; {DAMAGED}"
+    assert _refusal(edit) == f"run.json: {message}; {DAMAGED}"
 
 
 def test_optional_and_null_fields_read_as_their_documented_defaults():
@@ -414,11 +427,7 @@ def test_every_option_type_has_a_check_and_every_option_reads_back():
     (lambda d: d.pop("options"), "options is missing, not an object"),
 ])
 def test_damaged_options_are_named_word_for_word(edit, message):
-    from tbdiag.analysis.export import analysis_from_dict
-
-    with pytest.raises(TbdiagError) as err:
-        analysis_from_dict(_damage(edit), "run.json")
-    assert str(err.value) == f"run.json: {message}; {DAMAGED}"
+    assert _refusal(edit) == f"run.json: {message}; {DAMAGED}"
 
 
 def test_options_that_describe_no_analysis_say_why():
@@ -490,11 +499,7 @@ def test_a_documents_top_level_fields_read_back_with_their_defaults():
     (lambda d: d.pop("source"), "source is missing, not a string"),
 ])
 def test_damaged_top_level_fields_are_named(edit, message):
-    from tbdiag.analysis.export import analysis_from_dict
-
-    with pytest.raises(TbdiagError) as err:
-        analysis_from_dict(_damage(edit), "run.json")
-    assert str(err.value) == f"run.json: {message}; {DAMAGED}"
+    assert _refusal(edit) == f"run.json: {message}; {DAMAGED}"
 
 
 def test_an_analysis_json_has_one_line_per_top_level_key_and_per_layer_and_never_nan():
@@ -523,7 +528,7 @@ def test_read_json_names_why_a_file_is_not_json(tmp_path, monkeypatch):
         read_json(tmp_path / "bad.json", "do this")
     assert str(err.value) == f"{tmp_path / 'bad.json'}: not a JSON file (OSError); do this"
     monkeypatch.undo()
-    doc = json.loads(__import__("tbdiag.analysis.export", fromlist=["to_json"]).to_json([randomized()]))
+    doc = _damage(lambda d: None)
     (tmp_path / "two.json").write_text(json.dumps([doc, {"schema": "x"}]), encoding="utf-8")
     with pytest.raises(TbdiagError) as err:
         read_analyses(tmp_path / "two.json")
@@ -535,7 +540,6 @@ def test_read_json_names_why_a_file_is_not_json(tmp_path, monkeypatch):
 
 
 def test_an_analysis_json_is_read_as_utf8_here_and_under_an_ascii_locale(tmp_path):
-    import os
     import subprocess
     import sys
 
@@ -546,8 +550,7 @@ def test_an_analysis_json_is_read_as_utf8_here_and_under_an_ascii_locale(tmp_pat
     assert "modèle" in text
     (tmp_path / "a.json").write_text(text, encoding="utf-8")
     code = "import sys; from tbdiag.analysis.export import read_analyses; print(ascii(read_analyses(sys.argv[1])[0].source))"
-    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
-           "PYTHONPATH": str(Path(tbdiag.__file__).resolve().parents[1])}  # this tbdiag, not another installed one
+    env = ascii_locale_env()
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.json")], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -781,15 +784,13 @@ def test_a_temporary_that_cannot_be_made_is_named(tmp_path, monkeypatch):
 
 
 def test_text_outputs_are_utf8_with_their_own_line_ends_here_and_under_an_ascii_locale(tmp_path):
-    import os
     import subprocess
     import sys
 
     code = ("import sys; from tbdiag.io.outputs import atomic_write, write_outputs; "
             "atomic_write(sys.argv[1] + '/a.txt', 'mod\\u00e8le\\r\\nx\\n'); "
             "write_outputs([(sys.argv[1] + '/b.txt', '\\u00e9\\n')])")
-    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
-           "PYTHONPATH": str(Path(tbdiag.__file__).resolve().parents[1])}  # this tbdiag, not another installed one
+    env = ascii_locale_env()
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
@@ -871,7 +872,6 @@ def test_peak_bins_beyond_a_million_are_refused_before_any_work(bins):
 
 
 def test_the_cli_prints_its_tables_under_an_ascii_locale(tmp_path):
-    import os
     import subprocess
     import sys
 
@@ -880,8 +880,7 @@ def test_the_cli_prints_its_tables_under_an_ascii_locale(tmp_path):
     from tests.test_prune import mlp_state
 
     save_file(mlp_state(), tmp_path / "m.safetensors")
-    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
-           "PYTHONPATH": str(Path(tbdiag.__file__).resolve().parents[1])}
+    env = ascii_locale_env()
     for args in (["analyze", str(tmp_path / "m.safetensors")],
                  ["diff", str(tmp_path / "m.safetensors"), str(tmp_path / "m.safetensors")]):
         done = subprocess.run([sys.executable, "-c", "from tbdiag.cli import app; app()", *args], env=env,
